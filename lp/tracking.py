@@ -1,0 +1,193 @@
+"""Experiment trackers: a tiny metric-logger protocol with ``none`` and ``wandb`` back-ends.
+
+Selected with Hydra (``tracker=none`` / ``tracker=wandb``) and built with ``hydra.utils.instantiate``,
+passing the job dir and the resolved config at run time::
+
+    tracker = instantiate(cfg.tracker, dir=job_dir, config=OmegaConf.to_container(cfg, resolve=True))
+    log_result(tracker, result)
+    tracker.finish(result["status"])
+
+``WandbTracker(mode="auto")`` goes online only when an API key is configured *and* the server
+answers within ``probe_timeout`` seconds; otherwise it logs offline under ``<dir>/wandb/`` and warns
+how to upload later (``wandb sync <run dir>``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import netrc
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+DEFAULT_BASE_URL = "https://api.wandb.ai"
+MODES = ("online", "offline", "disabled")
+
+
+@runtime_checkable
+class Tracker(Protocol):
+    def log(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+    def log_table(self, name: str, columns: list[str], rows: list[list]) -> None: ...
+
+    def summary(self, values: dict) -> None: ...
+
+    def finish(self, status: str = "ok") -> None: ...
+
+
+class NoneTracker:
+    """``tracker=none``: accepts (and ignores) the same keyword args as the other trackers."""
+
+    def __init__(self, **_: Any) -> None:
+        pass
+
+    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        pass
+
+    def summary(self, values: dict) -> None:
+        pass
+
+    def finish(self, status: str = "ok") -> None:
+        pass
+
+
+def api_key_configured(base_url: str | None = None) -> bool:
+    """``WANDB_API_KEY`` is set or the netrc (``$NETRC`` or ``~/.netrc``) has a password for the host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(base_url or os.environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL).hostname
+    try:
+        auth = netrc.netrc(os.environ.get("NETRC") or None).authenticators(host or "")
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(auth and auth[2])
+
+
+def server_reachable(base_url: str | None = None, timeout: float = 2.0) -> bool:
+    """TCP connect to the wandb server; DNS included, bounded by ``timeout`` seconds overall."""
+    url = urlparse(base_url or os.environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout).close()
+            ok.append(True)
+        except (OSError, TypeError, ValueError):
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(ok)
+
+
+def resolve_mode(mode: str = "auto", base_url: str | None = None, timeout: float = 2.0) -> tuple[str, str]:
+    """Map ``auto`` to ``online``/``offline``; returns (mode, reason)."""
+    if mode != "auto":
+        if mode not in MODES:
+            raise ValueError(f"wandb mode must be auto|{'|'.join(MODES)}, got {mode!r}")
+        return mode, "requested"
+    url = base_url or os.environ.get("WANDB_BASE_URL") or DEFAULT_BASE_URL
+    if not api_key_configured(url):
+        return "offline", "no API key (WANDB_API_KEY or netrc)"
+    if not server_reachable(url, timeout):
+        return "offline", f"{url} not reachable within {timeout:g}s"
+    return "online", "API key set and server reachable"
+
+
+def _plain(config) -> dict | None:
+    if config is None or isinstance(config, dict):
+        return config
+    try:
+        from omegaconf import OmegaConf
+        return OmegaConf.to_container(config, resolve=True)
+    except Exception:
+        return dict(config)
+
+
+class WandbTracker:
+    """Weights & Biases back-end. Files go to ``<dir>/wandb/`` (``dir`` defaults to the cwd, which is
+    the job dir under Hydra). ``mode``: auto | online | offline | disabled."""
+
+    def __init__(self, project: str, entity: str | None = None, group: str | None = None,
+                 job_type: str | None = None, name: str | None = None, mode: str = "auto",
+                 dir: str | os.PathLike | None = None, config: Any = None, tags: list[str] | None = None,
+                 probe_timeout: float = 2.0) -> None:
+        import wandb
+
+        self._wandb, self._finished = wandb, False
+        self.dir = Path(dir or os.getcwd())
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.mode, reason = resolve_mode(mode, timeout=probe_timeout)
+        kwargs = dict(project=project, entity=entity, group=group, job_type=job_type, name=name,
+                      dir=str(self.dir), config=_plain(config), tags=list(tags) if tags else None,
+                      reinit="finish_previous")
+        try:
+            self.run = wandb.init(mode=self.mode, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any online failure: keep the results locally
+            if self.mode != "online":
+                raise
+            self.mode, reason = "offline", f"online init failed: {type(e).__name__}: {e}"
+            self.run = wandb.init(mode=self.mode, **kwargs)
+        if self.mode == "offline":
+            run_dir = getattr(self.run.settings, "sync_dir", None) or self.dir / "wandb"
+            log.warning("wandb is OFFLINE (%s): run saved in %s -- upload later with `wandb sync %s`",
+                        reason, run_dir, run_dir)
+
+    def log(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.run.log(dict(metrics), step=step)
+
+    def log_table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        self.run.log({name: self._wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
+
+    def summary(self, values: dict) -> None:
+        self.run.summary.update(dict(values))
+
+    def finish(self, status: str = "ok") -> None:
+        if not self._finished:
+            self._finished = True
+            self.run.finish(exit_code=0 if status == "ok" else 1)
+
+    def __enter__(self) -> WandbTracker:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.finish("ok" if exc_type is None else "failed")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def log_result(tracker: Tracker, result: dict) -> None:
+    """Log a result.json dict: metrics (+ pruning/timing scalars) as summary, and as tables the
+    ``pruning.scores.values`` curve (index, score) and the per-cut patch scale statistics."""
+    pruning, patch = result.get("pruning") or {}, result.get("patch") or {}
+    summary = {k: v for k, v in (result.get("metrics") or {}).items() if _number(v)}
+    summary |= {f"pruning/{k}": v for k, v in pruning.items() if _number(v)}
+    summary |= {f"timing/{k}": v for k, v in (result.get("timing") or {}).items() if _number(v)}
+    summary["status"] = result.get("status", "ok")
+    if pruning.get("removed_layers") is not None:
+        summary["pruning/removed_layers"] = " ".join(map(str, pruning["removed_layers"]))
+    if result.get("error"):
+        summary["error"] = str(result["error"])[:2000]
+    tracker.summary(summary)
+    scores = (pruning.get("scores") or {}).get("values")
+    if scores:
+        tracker.log_table("pruning/scores", ["index", "score"],
+                          [[i, float(s) if _number(s) else None] for i, s in enumerate(scores)])
+    cuts = patch.get("cuts") or []
+    if cuts:
+        cols = ["cut", "before_layer", "removed", "scale_min", "scale_median", "scale_max"]
+        tracker.log_table("patch/cuts", cols, [
+            [i, c.get("before_layer"), " ".join(map(str, c.get("removed") or []))]
+            + [c.get(k) for k in cols[3:]] for i, c in enumerate(cuts)])

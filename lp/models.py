@@ -76,7 +76,10 @@ def convert_gguf(package: str, file: str) -> Path:
         src.parent, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32, **kwargs
     )
     tokenizer = AutoTokenizer.from_pretrained(src.parent, **kwargs)
-    model.hf_quantizer.remove_quantization_config(model)
+    if getattr(model, "hf_quantizer", None) is not None:  # saving needs the GGUF quantizer gone
+        model.hf_quantizer.remove_quantization_config(model)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

@@ -22,6 +22,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lp import data, models
+from lp.evaluate import lm_eval_tasks
+from lp.evaluate.lm_eval_tasks import paper_scores, retained_performance
 from lp.evaluate.ppl import perplexity
 from lp.pruners import PruneContext
 
@@ -110,6 +112,11 @@ def validate(cfg: DictConfig, pruner, num_layers: int, max_positions: int | None
             raise ValueError(f"{key}={value} must be > 1")
         if max_positions and value > max_positions:
             raise ValueError(f"{key}={value} exceeds the model's context ({max_positions} positions)")
+    for section in ("qa", "mmlu"):
+        if cfg.eval.get(section):
+            lm_eval_tasks.check_tasks(cfg.eval[section].tasks, cfg.data.root)
+    if cfg.eval.get("qa") and cfg.eval.qa.dense_reference:
+        dense_reference(cfg, list(cfg.eval.qa.tasks))
     if getattr(pruner, "needs_calibration", False):
         data.resolve(cfg.calib.corpus, cfg.calib.split, cfg.data.root, cfg.data.source)
 
@@ -121,6 +128,7 @@ def run(cfg: DictConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages()
     choices, overrides = hydra_runtime()
+    choices.setdefault("model", cfg.model.name)
     result = {
         "status": "running", "error": None, "name": None, "choices": choices, "overrides": overrides,
         "config": OmegaConf.to_container(cfg, resolve=True), **environment(),
@@ -153,6 +161,15 @@ def _run(cfg: DictConfig, out: Path, stages: Stages, result: dict) -> None:
                        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                        "device": str(next(model.parameters()).device)}
     params_dense = models.count_params(model)
+    dense_qa, qa_tasks = None, None
+    if cfg.eval.get("qa"):
+        qa_tasks = list(cfg.eval.qa.tasks)
+        if cfg.eval.qa.dense_reference:
+            dense_qa = dense_reference(cfg, qa_tasks)
+        elif cfg.eval.qa.eval_dense and pruner.name != "none":
+            with stages("eval_qa_dense"):
+                m, _ = eval_lm(cfg.eval.qa, model, tokenizer, cfg.data.root)
+            dense_qa = paper_scores(m, qa_tasks)
 
     ctx = PruneContext(model, tokenizer, calib_fn=lambda: calibration(cfg, tokenizer),
                        cache_key=stats_key(cfg), batch_size=cfg.calib.batch_size)
@@ -189,6 +206,18 @@ def _run(cfg: DictConfig, out: Path, stages: Stages, result: dict) -> None:
     if cfg.eval.get("ppl"):
         with stages("eval_ppl"):
             metrics.update(eval_ppl(cfg, model, tokenizer, result["data"]))
+    for section in ("qa", "mmlu"):
+        if cfg.eval.get(section):
+            with stages(f"eval_{section}"):
+                m, result[f"lm_eval_{section}"] = eval_lm(cfg.eval[section], model, tokenizer, cfg.data.root)
+            metrics.update(m)
+    if cfg.eval.get("qa") and (dense_qa or cfg.eval.qa.dense_reference):
+        result["qa_dense"] = dense_qa
+        try:
+            metrics["qa/rp"] = retained_performance(paper_scores(metrics, qa_tasks), dense_qa)
+        except ValueError as e:  # e.g. a dense score of 0: RP undefined, the other metrics stand
+            log.warning("RP not computed: %s", e)
+            metrics["qa/rp"] = None
 
 
 def calibration(cfg: DictConfig, tokenizer) -> tuple[torch.Tensor, dict]:
@@ -215,6 +244,29 @@ def eval_ppl(cfg: DictConfig, model, tokenizer, provenance: dict) -> dict:
         metrics[f"ppl/{name}"] = perplexity(model, windows, e.batch_size, desc=f"ppl {name}", progress=e.progress)
         provenance[f"ppl/{name}"] = {**prov, "windows": len(windows), "seqlen": e.seqlen}
     return metrics
+
+
+def eval_lm(section: DictConfig, model, tokenizer, data_root) -> tuple[dict, dict]:
+    """lm-eval tasks of one `eval.qa` / `eval.mmlu` section on the in-memory model."""
+    return lm_eval_tasks.evaluate_tasks(
+        model, tokenizer, list(section.tasks), data_dir=data_root, limit=section.limit,
+        batch_size=section.batch_size, num_fewshot=section.num_fewshot, progress=section.get("progress", True))
+
+
+def dense_reference(cfg: DictConfig, tasks: list[str]) -> dict[str, float]:
+    """Dense per-task scores from `eval.qa.dense_reference` (a dense run's result.json), checked to
+    come from the same model, tasks and evaluation settings."""
+    path = Path(cfg.eval.qa.dense_reference)
+    if not path.is_file():
+        raise FileNotFoundError(f"eval.qa.dense_reference={str(path)!r} does not exist")
+    ref = json.loads(path.read_text())
+    scores = lm_eval_tasks.check_dense_reference(ref, model_name=cfg.model.name, tasks=tasks)
+    theirs = ((ref.get("config") or {}).get("eval") or {}).get("qa") or {}
+    for key in ("limit", "num_fewshot"):
+        if theirs.get(key) != cfg.eval.qa.get(key):
+            raise ValueError(f"dense reference {path} used eval.qa.{key}={theirs.get(key)!r}, "
+                             f"this run uses {cfg.eval.qa.get(key)!r}: RP would compare different settings")
+    return scores
 
 
 def summary_line(result: dict) -> str:

@@ -90,6 +90,15 @@ def _local_files(task: str, data_dir: str | os.PathLike) -> dict[str, str]:
     return {s: str(p) for s, p in files.items()}
 
 
+def check_tasks(tasks: list[str], data_dir: str | os.PathLike | None) -> list[str]:
+    """Validate task names and, with a local mirror, that every file exists (cheap, before any model loads)."""
+    tasks = validate_tasks(list(tasks))
+    if data_dir is not None:
+        for t in tasks:
+            _local_files(t, data_dir)
+    return tasks
+
+
 def _builtin_dir() -> Path:
     import lm_eval
 

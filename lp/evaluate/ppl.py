@@ -8,6 +8,16 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+CE_CHUNK = 32  # positions per float32 cross-entropy chunk: stays in cache, ~3x faster than one big upcast
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-position -log softmax(logits)[target] in float32. logits `[T, V]` (any dtype), targets `[T]`."""
+    return torch.cat([
+        F.cross_entropy(logits[i:i + CE_CHUNK].float(), targets[i:i + CE_CHUNK], reduction="none")
+        for i in range(0, len(targets), CE_CHUNK)
+    ])
+
 
 @torch.inference_mode()
 def window_nll(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "ppl", progress: bool = True):
@@ -19,10 +29,9 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "p
     out = []
     for i in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, unit="batch"):
         batch = windows[i:i + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
-        out.append(nll.view(len(batch), -1).mean(1).double().cpu())
-    return torch.cat(out)
+        logits = model(input_ids=batch, use_cache=False).logits
+        out += [token_nll(lg[:-1], ids[1:]).mean().double().cpu() for lg, ids in zip(logits, batch)]
+    return torch.stack(out)
 
 
 def perplexity(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "ppl", progress: bool = True) -> float:

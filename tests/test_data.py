@@ -1,0 +1,70 @@
+"""Corpora with hub row semantics from the local mirror, the calibration sampler, PPL windows."""
+
+import random
+
+import pytest
+import torch
+
+from lp import data
+
+from conftest import DATA
+
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs the shared/data mirror")
+
+
+def test_local_rows_follow_hub_semantics():
+    rows, prov = data.load_rows("wikitext2", "test", str(DATA))
+    assert prov["source"] == "local" and len(rows) == 4358  # HF wikitext-2-raw-v1 test rows
+    assert rows[0] == "" and rows[1] == " = Robert Boulter = \n"
+    ptb, _ = data.load_rows("ptb", "test", str(DATA))
+    assert len(ptb) == 3761 and ptb[0] == ptb[0].strip() != ""
+    tok, _ = data.load_rows("wikitext2_tok", "train", str(DATA))
+    assert len(tok) == 36718
+
+
+def test_missing_split_names_what_exists():
+    with pytest.raises(FileNotFoundError, match=r"wikitext2.*'train'.*expected .*wikitext2/train.txt.*test"):
+        data.resolve("wikitext2", "train", str(DATA), source="local")
+    with pytest.raises(ValueError, match="unknown corpus 'c5'"):
+        data.resolve("c5", "test", str(DATA))
+    with pytest.raises(ValueError, match="no split 'dev'"):
+        data.resolve("ptb", "dev", str(DATA))
+    with pytest.raises(ValueError, match="data.source='disk'"):
+        data.resolve("ptb", "test", str(DATA), source="disk")
+
+
+def test_auto_source_falls_back_to_hub_and_says_so():
+    prov = data.resolve("wikitext2", "train", str(DATA), source="auto")
+    assert prov == {"corpus": "wikitext2", "split": "train", "source": "hub", "hub_id": "wikitext/wikitext-2-raw-v1"}
+
+
+def test_calibration_windows_reproduce_reference_sampling():
+    ids = torch.arange(10_000)[None]
+    calib, val = data.calibration_windows(ids, nsamples=5, seqlen=128, seed=2, nval=2)
+    # Reference: random.seed(seed); start = random.randint(0, int(0.9 * ntokens) - seqlen - 1)
+    random.seed(2)
+    expected = [random.randint(0, int(0.9 * 10_000) - 128 - 1) for _ in range(5)]
+    assert calib[:, 0].tolist() == expected == [926, 1500, 1390, 5915, 2770]
+    assert torch.equal(calib, torch.stack([torch.arange(s, s + 128) for s in expected]))
+    assert val.shape == (2, 128) and (val[:, 0] >= 9000).all()  # held-out tail only
+    again, _ = data.calibration_windows(ids, nsamples=5, seqlen=128, seed=2)
+    assert torch.equal(again, calib)
+    with pytest.raises(ValueError, match="too short"):
+        data.calibration_windows(ids, nsamples=1, seqlen=9_500, seed=0)
+
+
+def test_ppl_windows_drop_the_remainder():
+    win = data.ppl_windows(torch.arange(10)[None], seqlen=3)
+    assert win.tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
+    assert data.ppl_windows(torch.arange(10)[None], 3, max_windows=2).shape == (2, 3)
+    with pytest.raises(ValueError, match="fewer than seqlen=20"):
+        data.ppl_windows(torch.arange(10)[None], 20)
+
+
+def test_c4_protocol_picks_long_documents_with_seeded_windows():
+    from lp.models import byte_tokenizer
+
+    tok = byte_tokenizer()
+    rows = ["short", "x" * 50 + "abcdefghij" * 10, "tiny"]
+    a = data.c4_windows(tok, rows, seqlen=20, nsamples=3, seed=0)
+    assert a.shape == (3, 20) and torch.equal(a, data.c4_windows(tok, rows, seqlen=20, nsamples=3, seed=0))

@@ -1,0 +1,96 @@
+"""End to end through `run(cfg)` and the CLI: tiny model, then the real embedded SmolLM2."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import DATA, REPO
+from lp.run import run
+
+TINY = ["model=tiny_llama", "eval=quick", "eval.ppl.max_windows=2", "eval.ppl.progress=false"]
+
+
+def test_dense_and_manual_on_tiny_model(cfg_factory, tmp_path):
+    dense = run(cfg_factory(*TINY))
+    assert dense["status"] == "ok" and dense["pruning"]["removed_layers"] == []
+    pruned = run(cfg_factory(*TINY, "pruner=manual", "pruner.layers=[5,2]"))
+    p = pruned["pruning"]
+    assert p["removed_layers"] == [2, 5] and p["num_layers_after"] == 6
+    assert p["params_pruned"] < p["params_dense"] and 0 < p["pruned_ratio"] < 1
+    on_disk = json.loads((tmp_path / "result.json").read_text())
+    assert on_disk["metrics"] == pruned["metrics"] and on_disk["status"] == "ok"
+    assert set(on_disk["timing"]) >= {"load", "select", "drop", "eval_ppl", "total"}
+    assert on_disk["data"]["ppl/wikitext2"]["source"] == "local"
+    assert on_disk["versions"]["torch"] and "git_commit" in on_disk
+    assert math.isfinite(pruned["metrics"]["ppl/wikitext2"])
+    assert pruned["metrics"]["ppl/wikitext2"] != dense["metrics"]["ppl/wikitext2"]
+
+
+def test_same_config_gives_same_numbers(cfg_factory):
+    a = run(cfg_factory(*TINY, "pruner=manual", "pruner.layers=[1]"))
+    b = run(cfg_factory(*TINY, "pruner=manual", "pruner.layers=[1]"))
+    assert a["metrics"] == b["metrics"]
+
+
+@pytest.mark.parametrize("override, msg", [
+    ("pruner.layers=[8]", r"layer indices \[8\] out of range: the model has layers 0\.\.7"),
+    ("pruner.layers=[1,1]", "duplicate layer indices"),
+    ("pruner.layers=[0,1,2,3,4,5,6,7]", "cannot remove all 8 layers"),
+    ("eval.ppl.seqlen=5000", "eval.ppl.seqlen=5000 exceeds the model's context"),
+    ("eval.ppl.datasets=[c5]", "unknown corpus 'c5'"),
+])
+def test_bad_input_fails_before_loading_and_records_failure(cfg_factory, tmp_path, override, msg):
+    layers = [] if override.startswith("pruner.layers") else ["pruner.layers=[1]"]
+    with pytest.raises(ValueError, match=msg):
+        run(cfg_factory(*TINY, "pruner=manual", *layers, override))
+    failed = json.loads((tmp_path / "result.json").read_text())
+    assert failed["status"] == "failed" and "load" not in failed["timing"]
+
+
+def test_missing_local_split_is_a_clear_error(cfg_factory):
+    with pytest.raises(FileNotFoundError, match="expected .*ptb/train.txt|no local file"):
+        run(cfg_factory(*TINY, "data.source=local", "eval.ppl.datasets=[ptb]", "eval.ppl.split=train",
+                        f"data.root={DATA.parent / 'nowhere'}"))
+
+
+def test_cli_bad_input_is_one_line_and_nonzero(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "run.py", *TINY, "pruner=manual", "pruner.layers=[99]", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "LP_DATA_DIR": str(DATA)}, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: layer indices [99] out of range: the model has layers 0..7"
+    assert json.loads((tmp_path / "result.json").read_text())["status"] == "failed"
+    unknown = subprocess.run([sys.executable, "run.py", "pruner=nope"], cwd=REPO, capture_output=True, text=True,
+                             timeout=120)
+    assert unknown.returncode != 0 and "Available options" in unknown.stderr and "manual" in unknown.stderr
+
+
+def test_qa_with_dense_reference_computes_rp(cfg_factory, tmp_path):
+    qa = ["model=tiny_llama", "eval=qa_quick", "eval.qa.tasks=[copa,piqa]", "eval.qa.limit=6", "eval.qa.progress=false"]
+    dense = run(cfg_factory(*qa))
+    ref = tmp_path / "dense.json"
+    ref.write_text(json.dumps(dense))
+    pruned = run(cfg_factory(*qa, "pruner=manual", "pruner.layers=[3]", f"eval.qa.dense_reference={ref}"))
+    m = pruned["metrics"]
+    scores = {t: m[f"qa/{t}/score"] for t in ("copa", "piqa")}
+    dense_scores = {t: dense["metrics"][f"qa/{t}/score"] for t in ("copa", "piqa")}
+    assert m["qa/avg"] == pytest.approx(sum(scores.values()) / 2)
+    if all(dense_scores.values()):
+        assert m["qa/rp"] == pytest.approx(100 * sum(scores[t] / dense_scores[t] for t in scores) / 2)
+    with pytest.raises(ValueError, match="eval.qa.limit=6.*this run uses 7"):
+        run(cfg_factory(*qa, "eval.qa.limit=7", "pruner=manual", "pruner.layers=[3]", f"eval.qa.dense_reference={ref}"))
+
+
+@pytest.mark.real
+def test_real_smollm2_dense_then_manual(cfg_factory):
+    small = ["model=smollm2_135m", "eval.ppl.seqlen=512", "eval.ppl.max_windows=6", "eval.ppl.progress=false"]
+    dense = run(cfg_factory(*small))["metrics"]["ppl/wikitext2"]
+    pruned = run(cfg_factory(*small, "pruner=manual", "pruner.layers=[20,21,22,23,24]"))
+    ppl = pruned["metrics"]["ppl/wikitext2"]
+    assert 5 < dense < 60, dense  # SmolLM2-135M on WikiText-2: ~20-30 at 512 tokens
+    assert ppl > dense * 1.05 and math.isfinite(ppl)
+    assert pruned["model"]["num_layers"] == 30 and pruned["pruning"]["num_layers_after"] == 25

@@ -26,6 +26,7 @@ from lp.evaluate import lm_eval_tasks
 from lp.evaluate.lm_eval_tasks import paper_scores, retained_performance
 from lp.evaluate.ppl import perplexity
 from lp.pruners import PruneContext
+from lp.tracking import log_result
 
 log = logging.getLogger(__name__)
 PATCH_KINDS = ("none", "diag", "rotate")
@@ -94,7 +95,8 @@ def hydra_runtime() -> tuple[dict, list[str]]:
 
 
 # ----------------------------------------------------------------------------- validation
-def validate(cfg: DictConfig, pruner, num_layers: int, max_positions: int | None) -> None:
+def validate(cfg: DictConfig, pruner, num_layers: int, max_positions: int | None,
+             hidden_size: int | None = None) -> None:
     """Every check that needs no weights: raises ValueError / FileNotFoundError naming the bad value."""
     pruner.check(num_layers)
     kind = cfg.patch.kind
@@ -102,6 +104,10 @@ def validate(cfg: DictConfig, pruner, num_layers: int, max_positions: int | None
         raise ValueError(f"patch.kind={kind!r}; choose one of {list(PATCH_KINDS)}")
     if kind != "none" and pruner.name == "none":
         raise ValueError(f"patch={kind} needs layers to remove, but pruner=none removes nothing")
+    if kind != "none" and hidden_size:
+        from lp.patch import check_patch  # noqa: PLC0415
+
+        check_patch(cfg.patch, hidden_size)  # e.g. no Hadamard matrix for this hidden size
     seqlens = {"calib.seqlen": cfg.calib.seqlen}
     if cfg.eval.get("ppl"):
         seqlens["eval.ppl.seqlen"] = cfg.eval.ppl.seqlen
@@ -117,8 +123,15 @@ def validate(cfg: DictConfig, pruner, num_layers: int, max_positions: int | None
             lm_eval_tasks.check_tasks(cfg.eval[section].tasks, cfg.data.root)
     if cfg.eval.get("qa") and cfg.eval.qa.dense_reference:
         dense_reference(cfg, list(cfg.eval.qa.tasks))
-    if getattr(pruner, "needs_calibration", False):
+    if getattr(pruner, "needs_calibration", False) or kind != "none":  # patch scales need calibration too
         data.resolve(cfg.calib.corpus, cfg.calib.split, cfg.data.root, cfg.data.source)
+    if cfg.distill.name != "none":
+        if kind == "none":
+            raise ValueError(f"distill={cfg.distill.name} needs a patch to train, but patch=none; "
+                             "use patch=rotate or patch=diag")
+        from lp import distill as distill_mod  # noqa: PLC0415
+
+        distill_mod.check_config(cfg.distill, max_positions)
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -133,8 +146,9 @@ def run(cfg: DictConfig) -> dict:
         "status": "running", "error": None, "name": None, "choices": choices, "overrides": overrides,
         "config": OmegaConf.to_container(cfg, resolve=True), **environment(),
     }
+    trackers = []  # the tracker _run starts once the run has a name; finished here, also on failure
     try:
-        _run(cfg, out, stages, result)
+        _run(cfg, out, stages, result, trackers)
         result["status"] = "ok"
     except BaseException as e:
         result.update(status="failed", error=f"{type(e).__name__}: {e}")
@@ -142,17 +156,22 @@ def run(cfg: DictConfig) -> dict:
     finally:
         result["timing"] = stages.total()
         write_json_atomic(out / "result.json", result)
+        for tracker in trackers:
+            finish_tracker(tracker, result)
     print(summary_line(result))
     return result
 
 
-def _run(cfg: DictConfig, out: Path, stages: Stages, result: dict) -> None:
+def _run(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: list) -> None:
     torch.manual_seed(cfg.seed)
     pruner = instantiate(cfg.pruner)
     mconf = models.load_config(cfg.model)
     num_layers = mconf.num_hidden_layers
-    validate(cfg, pruner, num_layers, getattr(mconf, "max_position_embeddings", None))
+    validate(cfg, pruner, num_layers, getattr(mconf, "max_position_embeddings", None),
+             getattr(mconf, "hidden_size", None))
     result["name"] = "/".join(str(x) for x in (cfg.model.name, pruner.name, cfg.patch.kind, f"n{getattr(pruner, 'n', 0)}"))
+    tracker = start_tracker(cfg, out, result, job_type=pruner.name)  # hand on to stages that log curves
+    trackers.append(tracker)
 
     with stages("load"):
         model, tokenizer = models.load_model(cfg.model)
@@ -173,9 +192,11 @@ def _run(cfg: DictConfig, out: Path, stages: Stages, result: dict) -> None:
 
     ctx = PruneContext(model, tokenizer, calib_fn=lambda: calibration(cfg, tokenizer),
                        cache_key=stats_key(cfg), batch_size=cfg.calib.batch_size)
+    ctx.hadamard_fallback_seed = cfg.patch.get("hadamard_fallback_seed")  # rotation of the shared calib stats
     with stages("select"):
         sel = pruner.select(ctx)
-    result["data"] = {"calibration": ctx.calib_provenance if ctx.calib_used else None}
+    cached_calib = (sel.info.get("calibration") or {}).get("provenance")  # stats loaded from the disk cache
+    result["data"] = {"calibration": ctx.calib_provenance if ctx.calib_used else cached_calib}
 
     patches_info = None
     if cfg.patch.kind != "none" and sel.removed:
@@ -183,6 +204,12 @@ def _run(cfg: DictConfig, out: Path, stages: Stages, result: dict) -> None:
 
         with stages("patch"):
             patches, patches_info = build_patches(ctx, sel.removed, cfg.patch)
+    teacher = None
+    if cfg.distill.name != "none":  # the teacher is the dense model: cache its top-k logits before the drop
+        from lp import distill as distill_mod  # noqa: PLC0415
+
+        with stages("teacher"):
+            teacher = distill_mod.prepare_teacher(cfg, model, tokenizer, result["data"])
     with stages("drop"):
         models.drop_layers(model, sel.removed)
     params_patch = 0
@@ -200,9 +227,20 @@ def _run(cfg: DictConfig, out: Path, stages: Stages, result: dict) -> None:
         "pruned_ratio_with_patch": 1 - (params_pruned + params_patch) / params_dense, **sel.info,
     }
     result["patch"] = {"kind": cfg.patch.kind, **(patches_info or {})}
+    if teacher is not None:
+        with stages("distill"):
+            result["distill"] = distill_mod.distill(model, teacher, cfg.distill, tracker=tracker)
+    if cfg.patch.get("save", False):
+        from lp.patch import save_pruned  # noqa: PLC0415
+
+        with stages("save"):
+            result["saved_model"] = str(save_pruned(model, tokenizer, out / "model", {
+                "name": result["name"], "removed_layers": sel.removed, "patch": result["patch"]}))
 
     metrics = {}
     result["metrics"] = metrics
+    if teacher is not None:
+        metrics.update(distill_mod.metrics(result["distill"]))
     if cfg.eval.get("ppl"):
         with stages("eval_ppl"):
             metrics.update(eval_ppl(cfg, model, tokenizer, result["data"]))
@@ -218,6 +256,32 @@ def _run(cfg: DictConfig, out: Path, stages: Stages, result: dict) -> None:
         except ValueError as e:  # e.g. a dense score of 0: RP undefined, the other metrics stand
             log.warning("RP not computed: %s", e)
             metrics["qa/rp"] = None
+
+
+def start_tracker(cfg: DictConfig, out: Path, result: dict, job_type: str):
+    """`cfg.tracker` built with `dir=out` and the resolved config. Null `group` / `job_type` / `name`
+    keys of the tracker config (wandb) become the sweep name (multirun only, else null), `job_type`
+    (the pruner) and the run's name (e.g. `smollm2_135m/shortgpt/rotate/n4`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
+    fill = {"group": cfg.get("sweep_name") if multirun else None, "job_type": job_type, "name": result["name"]}
+    fill = {k: v for k, v in fill.items() if k in cfg.tracker and cfg.tracker[k] is None}
+    # partial, then called: `config` cannot go through instantiate (its own first parameter; and
+    # instantiate would build the `_target_` nodes inside the resolved config)
+    return instantiate(cfg.tracker, _partial_=True, _convert_="all", **fill)(dir=str(out), config=result["config"])
+
+
+def finish_tracker(tracker, result: dict) -> None:
+    """`log_result` then `finish(status)`; a tracker error is logged and never masks the run's outcome."""
+    try:
+        log_result(tracker, result)
+    except Exception:
+        log.warning("tracker: logging the result failed", exc_info=True)
+    try:
+        tracker.finish(result["status"])
+    except Exception:
+        log.warning("tracker: finish failed", exc_info=True)
 
 
 def calibration(cfg: DictConfig, tokenizer) -> tuple[torch.Tensor, dict]:

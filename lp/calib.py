@@ -1,0 +1,411 @@
+"""One calibration pass -> every statistic the similarity pruners and LinearPatch need.
+
+Conventions (see `lp.models`): L dense layers; h_l = residual stream entering layer l
+(l = 0..L-1), h_L = output of the last layer *before* the final norm; all captured with hooks
+on the decoder layers. A calibration batch is `[B, T]` token windows; statistics are
+accumulated in float32 per batch (float64 running sums), streaming: only the current batch's
+activations are held, never the whole calibration set.
+
+What one pass over W windows of T tokens collects (indices a, b in 0..L):
+  * `cos_token[a, b]`  = mean over all W*T tokens of cos(h_a[t], h_b[t]) (cosine over the hidden dim);
+  * `cos_last[a, b]`   = the same on the last token of each window only (mean over windows);
+  * `ang_last[a, b]`   = mean over windows of (1/pi) * arccos cos(h_a[T-1], h_b[T-1]) (Gromov et al.);
+  * `cos_channel[a, b]`= reference LinearPatch code: per window, cosine over the *token* axis for each
+    channel, averaged over channels, then over windows;
+  * `abs_mean[w, l]`   = per channel mean over window w's tokens of |h_l|            -> [W, L+1, D];
+  * `abs_mean_rot[w, l]` = the same for |h_l H| (H: orthonormal Hadamard, row vectors) -> [W, L+1, D].
+From these, the block score of any cut and the LinearPatch scales of any cut (a, b) and patch kind
+follow without another forward pass: `s_c = mean_w abs_mean[w, b, c] / abs_mean[w, a, c]`.
+
+The pairwise cosines use one Gram matrix per batch: each layer's activations are normalised
+(per token, resp. per channel over tokens) and flattened, `X [L+1, B*T*D]`, and `X X^T` sums
+the dot products of every pair at once. The Hadamard rotation is applied in its Kronecker form
+(`Rotation`), ~D/(sum of factor sizes) times cheaper than a dense D x D matmul.
+
+`get_stats(ctx)` caches the result on disk under `<lp cache>/calib/<sha of the key>/`
+(safetensors + json) and on the `PruneContext`, so selection and patch scales share one pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lp import hadamard as hd
+from lp.models import Decoder, cache_dir
+
+log = logging.getLogger(__name__)
+
+STATS_VERSION = 1  # bump when the meaning of a stored statistic changes (invalidates the disk cache)
+VARIANTS = ("paper", "reference")
+SCALE_KINDS = ("diag", "rotate")
+_MAX_FACTOR = 64  # largest Sylvester factor applied as one matmul in the Kronecker rotation
+_CTX_ATTR = "_lp_calib_stats"
+
+
+# --------------------------------------------------------------------------- rotation
+class Rotation:
+    """x -> x H for the orthonormal rotation LinearPatch uses (row-vector convention).
+
+    For a supported D, H = hadamard(D) = (S_p ⊗ B_m) / sqrt(D) (see `lp.hadamard`); S_p is split
+    further into Sylvester factors of size <= 64 (S_{2^a} ⊗ S_{2^b} = S_{2^(a+b)}), and x H is
+    computed axis by axis on x reshaped to [..., p1, p2, ..., m]: cost D * (p1 + p2 + ... + m)
+    per row instead of D^2. For an unsupported D, `fallback_seed` selects the seeded random
+    orthogonal matrix of `lp.hadamard.hadamard` (applied densely); without it the Hadamard
+    ValueError propagates.
+    """
+
+    def __init__(self, dim: int, fallback_seed: int | None = None):
+        self.dim = dim
+        self.spec = rotation_spec(dim, fallback_seed)
+        if self.spec is None:
+            hd.hadamard(dim)  # raises the descriptive ValueError
+        self.fallback_seed = fallback_seed
+        self._cache: dict = {}
+        if hd.supported(dim):
+            p, m = hd.factorize(dim)
+            sizes = []
+            while p > 1:
+                f = min(p, _MAX_FACTOR)
+                sizes.append(f)
+                p //= f
+            self.sizes = sizes + [m] if m > 1 else sizes
+            self.factors64 = [_sylvester(f) for f in sizes] + ([hd.paley(m)] if m > 1 else [])
+        else:
+            self.sizes = None
+
+    def matrix(self, dtype=torch.float64, device=None) -> torch.Tensor:
+        """The dense H [D, D] (same matrix `apply` multiplies by)."""
+        return hd.hadamard(self.dim, dtype=dtype, device=device,
+                           fallback_seed=None if self.sizes else self.fallback_seed)
+
+    def _factors(self, device):
+        key = str(device)
+        if key not in self._cache:
+            if self.sizes:
+                self._cache[key] = [f.to(device=device, dtype=torch.float32) for f in self.factors64]
+            else:
+                self._cache[key] = [self.matrix(torch.float32, device)]
+        return self._cache[key]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D] float32 -> x H [..., D] float32."""
+        factors = self._factors(x.device)
+        if not self.sizes:
+            return x @ factors[0]
+        shape = x.shape
+        y = x.reshape(-1, self.dim)
+        after = self.dim
+        for size, f in zip(self.sizes, factors, strict=True):
+            after //= size
+            if after == 1:  # last axis: y[..., b] = sum_a y[..., a] f[a, b]
+                y = y.reshape(-1, size) @ f
+            else:  # middle axis, f symmetric (Sylvester): broadcast left-multiply, no transposed copies
+                y = f @ y.reshape(-1, size, after)
+        return (y.reshape(shape) * self.dim ** -0.5)
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    s = torch.ones(1, 1, dtype=torch.float64)
+    while s.shape[0] < n:
+        s = torch.cat([torch.cat([s, s], 1), torch.cat([s, -s], 1)], 0)
+    return s
+
+
+def rotation_spec(dim: int, fallback_seed: int | None) -> str | None:
+    """Name of the rotation used for `dim` ("hadamard", "random_orthogonal:<seed>") or None if none exists."""
+    if hd.supported(dim):
+        return "hadamard"
+    return None if fallback_seed is None else f"random_orthogonal:{int(fallback_seed)}"
+
+
+# --------------------------------------------------------------------------- statistics
+@dataclass
+class CalibStats:
+    """Statistics of one calibration pass (see module docstring). Float64 [L+1, L+1] similarity
+    matrices (symmetric, diagonal 1), float32 [W, L+1, D] abs-means; `abs_mean_rot` is None when
+    the hidden size has no Hadamard matrix and no fallback seed was given."""
+
+    cos_token: torch.Tensor
+    cos_last: torch.Tensor
+    ang_last: torch.Tensor
+    cos_channel: torch.Tensor
+    abs_mean: torch.Tensor
+    abs_mean_rot: torch.Tensor | None
+    meta: dict = field(default_factory=dict)
+    cost: dict = field(default_factory=dict)  # how this object was obtained (not saved)
+
+    TENSORS = ("cos_token", "cos_last", "ang_last", "cos_channel", "abs_mean", "abs_mean_rot")
+
+    @property
+    def num_layers(self) -> int:
+        return self.cos_token.shape[0] - 1
+
+    @property
+    def hidden_size(self) -> int:
+        return self.abs_mean.shape[-1]
+
+    def cos(self, a: int, b: int, kind: str = "token") -> float:
+        """Mean cosine between h_a and h_b: kind "token" (all tokens), "last" (last token),
+        "channel" (reference: over tokens per channel)."""
+        mats = {"token": self.cos_token, "last": self.cos_last, "channel": self.cos_channel}
+        if kind not in mats:
+            raise ValueError(f"cos kind={kind!r}; choose one of {list(mats)}")
+        return float(mats[kind][a, b])
+
+    def block_scores(self, n: int, variant: str = "paper") -> torch.Tensor:
+        """Score of removing [i, i+n) for each start i = 0..L-n: float64 [L-n+1].
+
+        "paper": mean over tokens of cos(h_i, h_{i+n}) (cosine over hidden), every start allowed;
+        "reference": mean over windows/channels of the cosine over tokens, only starts 1..L-n-1
+        (other entries NaN), as the reference code scores them. Higher = more removable.
+        """
+        L = self.num_layers
+        check_block(f"block_scores(variant={variant!r})", n, L, variant)
+        starts = torch.arange(L - n + 1)
+        if variant == "paper":
+            return self.cos_token[starts, starts + n].clone()
+        out = self.cos_channel[starts, starts + n].clone()
+        out[0] = out[-1] = float("nan")
+        return out
+
+    def angular_scores(self, n: int) -> torch.Tensor:
+        """Mean over windows of the last-token angular distance (1/pi) arccos cos(h_j, h_{j+n}),
+        per start j = 0..L-n: float64 [L-n+1]. Lower = more removable."""
+        check_block("angular_scores", n, self.num_layers, "paper")
+        starts = torch.arange(self.num_layers - n + 1)
+        return self.ang_last[starts, starts + n].clone()
+
+    def scales(self, a: int, b: int, kind: str = "rotate") -> torch.Tensor:
+        """LinearPatch scales s [D] float32 for the cut removing [a, b):
+        s_c = mean over windows w of mean_t |(h_b R)_c| / mean_t |(h_a R)_c|, R = H ("rotate") or I ("diag").
+        A channel with zero mean magnitude at h_a in some window contributes 1 for that window."""
+        L = self.num_layers
+        if not 0 <= a < b <= L:
+            raise ValueError(f"cut [{a}, {b}) is not a valid block of layers 0..{L - 1}")
+        if kind not in SCALE_KINDS:
+            raise ValueError(f"scale kind={kind!r}; choose one of {list(SCALE_KINDS)}")
+        src = self.abs_mean if kind == "diag" else self.abs_mean_rot
+        if src is None:
+            raise ValueError(f"no Hadamard matrix for hidden size {self.hidden_size} and no "
+                             "patch.hadamard_fallback_seed: rotated scales are unavailable")
+        num, den = src[:, b].double(), src[:, a].double()
+        ratio = torch.where(den > 0, num / den.clamp_min(1e-300), torch.ones_like(num))
+        return ratio.mean(0).float()
+
+    # ---- persistence
+    def save(self, path) -> None:
+        """Write `stats.safetensors` + `meta.json` into folder `path`."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: getattr(self, k).contiguous() for k in self.TENSORS if getattr(self, k) is not None}
+        save_file(tensors, str(path / "stats.safetensors"))
+        (path / "meta.json").write_text(json.dumps(self.meta, indent=2, sort_keys=True, default=str))
+
+    @classmethod
+    def load(cls, path) -> CalibStats:
+        path = Path(path)
+        t = load_file(str(path / "stats.safetensors"))
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("version") != STATS_VERSION:
+            raise ValueError(f"calibration statistics in {path} have version {meta.get('version')}, "
+                             f"expected {STATS_VERSION}")
+        return cls(**{k: t.get(k) for k in cls.TENSORS}, meta=meta)
+
+
+def check_block(method: str, n, num_layers: int, variant: str = "paper") -> None:
+    """Validate a block size n for a model of `num_layers` layers. "paper": starts 0..L-n (n <= L-1,
+    one layer must stay); "reference": starts 1..L-n-1 (first and last layer kept, n <= L-2)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"{method}: variant={variant!r}; choose one of {list(VARIANTS)}")
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise ValueError(f"{method}: n={n!r} must be an integer number of layers to remove")
+    hi = num_layers - 1 if variant == "paper" else num_layers - 2
+    if n <= 0 or n > hi:
+        rng = "0..L-n (at least one layer kept)" if variant == "paper" else \
+            "1..L-n-1 (the first and last layers are never removed)"
+        raise ValueError(f"{method}: n={n} is out of range for a model of L={num_layers} layers: "
+                         f"block starts range over {rng}, so 1 <= n <= {hi}")
+
+
+# --------------------------------------------------------------------------- the pass
+class _Stop(Exception):
+    """Raised by the hook on the deepest needed layer to skip the rest of the forward pass."""
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.inference_mode()
+def collect(model, windows: torch.Tensor, batch_size: int = 1, rotation: Rotation | None = None,
+            progress: bool = False) -> CalibStats:
+    """Run the dense `model` once over `windows` [W, T] (int64) and return its `CalibStats`.
+
+    Hooks: a forward pre-hook on every layer l captures h_l, a forward hook on the last layer
+    captures h_L and raises `_Stop` (final norm and lm_head never run). Per batch, the whole stack
+    of normalised activations [L+1, B, T, D] float32 is held twice (token- and channel-normalised);
+    nothing is kept across batches except the running sums.
+    """
+    dec = Decoder(model)
+    L, D = dec.num_layers, dec.hidden_size
+    W, T = windows.shape
+    if W == 0 or T < 2:
+        raise ValueError(f"calibration needs at least one window of >= 2 tokens, got windows of shape {tuple(windows.shape)}")
+    device = next(model.parameters()).device
+    f64 = dict(dtype=torch.float64, device=device)
+    g_tok, g_last, g_ang, g_ch = (torch.zeros(L + 1, L + 1, **f64) for _ in range(4))
+    abs_mean = torch.zeros(W, L + 1, D)
+    abs_rot = torch.zeros(W, L + 1, D) if rotation is not None else None
+    state: dict = {}
+
+    def take(idx, h):
+        h = h.float()  # [B, T, D]
+        w0, B = state["w0"], h.shape[0]
+        T = h.shape[1]
+        abs_mean[w0:w0 + B, idx] = (torch.linalg.vector_norm(h, ord=1, dim=1) / T).cpu()  # mean_t |h|
+        if abs_rot is not None:
+            abs_rot[w0:w0 + B, idx] = (torch.linalg.vector_norm(rotation.apply(h), ord=1, dim=1) / T).cpu()
+        tok, ch = state["tok"], state["ch"]
+        torch.div(h, torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min(1e-12), out=tok[idx])
+        torch.div(h, torch.linalg.vector_norm(h, dim=1, keepdim=True).clamp_min(1e-12), out=ch[idx])
+
+    def pre_hook(idx):
+        def hook(module, args, kwargs):
+            take(idx, args[0] if args else kwargs["hidden_states"])
+        return hook
+
+    def last_hook(module, args, kwargs, out):
+        take(L, _first(out))
+        raise _Stop
+
+    handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(dec.layers)]
+    handles.append(dec.layers[L - 1].register_forward_hook(last_hook, with_kwargs=True))
+    t0 = time.perf_counter()
+    try:
+        for w0 in _progress(range(0, W, batch_size), progress):
+            batch = windows[w0:w0 + batch_size].to(device)
+            B = batch.shape[0]
+            if state.get("B") != B:  # (re)allocate the per-batch buffers
+                state.update(B=B, tok=torch.empty(L + 1, B, T, D, device=device),
+                             ch=torch.empty(L + 1, B, T, D, device=device))
+            state["w0"] = w0
+            try:
+                dec.backbone(input_ids=batch, use_cache=False)
+            except _Stop:
+                pass
+            else:
+                raise RuntimeError("the last decoder layer never ran: calibration hooks did not fire")
+            tok, ch = state["tok"], state["ch"]
+            g_tok += _gram(tok.view(L + 1, -1))
+            g_ch += _gram(ch.view(L + 1, -1))
+            last = tok[:, :, -1]  # [L+1, B, D]
+            c = torch.einsum("abd,cbd->bac", last, last).double().clamp(-1, 1)  # per window [B, L+1, L+1]
+            g_last += c.sum(0)
+            g_ang += (torch.arccos(c) / math.pi).sum(0)
+    finally:
+        for h in handles:
+            h.remove()
+    seconds = time.perf_counter() - t0
+    cpu = lambda g: g.cpu()  # noqa: E731
+    return CalibStats(
+        cos_token=_unit_diag(cpu(g_tok) / (W * T)), cos_last=_unit_diag(cpu(g_last) / W),
+        ang_last=_zero_diag(cpu(g_ang) / W), cos_channel=_unit_diag(cpu(g_ch) / (W * D)),
+        abs_mean=abs_mean, abs_mean_rot=abs_rot,
+        meta={"version": STATS_VERSION, "num_layers": L, "hidden_size": D, "windows": W, "seqlen": T,
+              "batch_size": batch_size, "rotation": rotation.spec if rotation else None,
+              "compute_seconds": round(seconds, 3), "device": str(device),
+              "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")},
+    )
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """x [K, N] float32 -> x x^T [K, K] float64 (matmul in float32)."""
+    return (x @ x.T).double()
+
+
+def _unit_diag(m):
+    return m.fill_diagonal_(1.0)  # exact 1 (rounding of sum of squares of normalised vectors)
+
+
+def _zero_diag(m):
+    return m.fill_diagonal_(0.0)
+
+
+def _progress(it, on):
+    if not on:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc="calibration", unit="batch")
+
+
+# --------------------------------------------------------------------------- caching
+def stats_dir(key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return cache_dir() / "calib" / digest
+
+
+def get_stats(ctx, fallback_seed: int | None = None, progress: bool = False) -> CalibStats:
+    """The `CalibStats` of the dense model in `ctx` on `ctx.windows`, computed at most once.
+
+    Looked up, in order, on the context (same object for every caller of one run), then on disk in
+    `<lp cache>/calib/<sha256 of json.dumps(key, sort_keys=True)>/`, with key = `ctx.cache_key` +
+    statistics version + rotation; otherwise computed in one pass and saved atomically (a temporary
+    folder renamed into place). An empty `ctx.cache_key` disables the disk cache. `fallback_seed`
+    (default: `ctx.hadamard_fallback_seed` if set) names the random orthogonal rotation used when
+    the hidden size has no Hadamard matrix. `stats.cost` = {"seconds", "cached", "path"}.
+    """
+    if fallback_seed is None:
+        fallback_seed = getattr(ctx, "hadamard_fallback_seed", None)
+    D = Decoder(ctx.model).hidden_size
+    spec = rotation_spec(D, fallback_seed)
+    memo = ctx.__dict__.setdefault(_CTX_ATTR, {})
+    if spec in memo:
+        return memo[spec]
+    t0 = time.perf_counter()
+    path = stats_dir({"ctx": ctx.cache_key, "version": STATS_VERSION, "rotation": spec}) if ctx.cache_key else None
+    stats = None
+    if path is not None and (path / "meta.json").is_file():
+        try:
+            stats = CalibStats.load(path)
+        except Exception as e:  # corrupt/old entry: recompute
+            log.warning("ignoring unreadable calibration cache %s (%s: %s)", path, type(e).__name__, e)
+    if stats is not None:
+        stats.cost = {"seconds": round(time.perf_counter() - t0, 3), "cached": True, "path": str(path)}
+        log.info("calibration statistics loaded from %s in %.2fs", path, stats.cost["seconds"])
+    else:
+        rotation = Rotation(D, fallback_seed) if spec is not None else None
+        windows = ctx.windows
+        stats = collect(ctx.model, windows, ctx.batch_size, rotation, progress)
+        stats.meta["calibration"] = ctx.calib_provenance
+        stats.meta["key"] = ctx.cache_key
+        if path is not None:
+            _save_atomic(stats, path)
+        stats.cost = {"seconds": round(time.perf_counter() - t0, 3), "cached": False,
+                      "path": str(path) if path else None}
+        log.info("calibration statistics computed in %.2fs (%d windows x %d tokens)%s", stats.cost["seconds"],
+                 *windows.shape, f", saved to {path}" if path else "")
+    stats.cost["provenance"] = stats.meta.get("calibration")
+    memo[spec] = stats
+    return stats
+
+
+def _save_atomic(stats: CalibStats, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    stats.save(tmp)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process won the race: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)

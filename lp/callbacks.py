@@ -1,0 +1,177 @@
+"""Sweep machinery: Hydra callbacks (progress, aggregation) and resume of finished jobs.
+
+Callbacks (registered in ``conf/config.yaml`` under ``hydra.callbacks``):
+
+* :class:`SweepProgress` logs ``sweep <name>: N jobs -> <dir>`` when a multirun starts and
+  ``job k/N: <overrides>`` when each job starts (k = ``hydra.job.num`` + 1).
+* :class:`AggregateOnMultirunEnd` writes ``summary.csv``, ``table.md``, ``table.tex`` and
+  ``dashboard.html`` into the sweep dir once every job returned (:func:`lp.aggregate.write_all`)
+  and logs the ok/failed counts. It never raises: a failure is logged, the result files stay.
+
+Resume (called by the ``run.py`` shim for each multirun job, unless ``resume=false`` or
+``force=true``): :func:`resume_job` looks for ``<sweep root>/*/*/result.json`` -- every job of
+every earlier run of the same sweep, the sweep root being the parent of ``hydra.sweep.dir``
+(``outputs/multirun/<sweep_name>``) -- with ``status: ok`` and the same :func:`config_hash`. The
+newest match is copied into the job dir (atomically) with ``resumed_from`` set, so aggregating the
+new sweep dir sees the whole grid. Jobs that failed, crashed or were killed (no result.json, or
+status failed/running) never match and run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+# Config keys that do not change a job's results: where it writes and reads, how it reports, the
+# sweep bookkeeping itself. Dotted paths from the top; any key named `progress` (tqdm bars) too.
+HASH_IGNORED = ("paths", "tracker", "sweep_name", "resume", "force", "data.root")
+
+
+def _multirun(config: DictConfig) -> bool:
+    return OmegaConf.select(config, "hydra.mode") == RunMode.MULTIRUN
+
+
+# ------------------------------------------------------------------------------------ callbacks
+def count_jobs(config: DictConfig) -> int | None:
+    """Number of jobs the basic sweeper makes of ``hydra.sweeper.params`` + the command line
+    (a command-line key replaces the preset's entry for that key); None for other sweepers or
+    sweeps it cannot expand here (e.g. ``glob``)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if OmegaConf.select(config, "hydra.sweeper._target_") != f"{BasicSweeper.__module__}.BasicSweeper":
+        return None
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
+    try:
+        batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args), None)
+    except Exception:  # noqa: BLE001 - only a progress count
+        return None
+    return sum(len(b) for b in batches)
+
+
+class SweepProgress(Callback):
+    """Logs the sweep size at start and ``job k/N: <overrides>`` as each multirun job starts."""
+
+    def __init__(self) -> None:
+        self.total: int | None = None  # set in the launching process, pickled along to remote workers
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.total = count_jobs(config)
+        resume = "off" if not config.get("resume", True) or config.get("force", False) else "on"
+        log.info("sweep %s: %s jobs -> %s (resume %s)", config.get("sweep_name"),
+                 self.total if self.total is not None else "?", config.hydra.sweep.dir, resume)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if _multirun(config):
+            log.info("job %d/%s: %s", config.hydra.job.num + 1, self.total if self.total is not None else "?",
+                     " ".join(config.hydra.overrides.task))
+
+
+class AggregateOnMultirunEnd(Callback):
+    """Aggregates the sweep dir with :func:`lp.aggregate.write_all` after the last job; never raises."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            from lp import aggregate
+
+            paths = aggregate.write_all(sweep_dir)
+            records = aggregate.load_results(sweep_dir)
+            counts = Counter(r["status"] for r in records)
+            resumed = sum(1 for r in records if r.get("resumed_from"))
+            log.info("sweep %s done: %s (%d resumed) -> %s, %s", config.get("sweep_name"),
+                     ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), resumed,
+                     paths["table_md"], paths["dashboard"])
+            if counts.get("ok", 0) < sum(counts.values()):
+                log.warning("sweep %s: %d of %d jobs did not finish ok; see the Failures section of %s",
+                            config.get("sweep_name"), sum(counts.values()) - counts.get("ok", 0),
+                            sum(counts.values()), paths["table_md"])
+        except Exception:  # noqa: BLE001 - the jobs' results are safe; aggregation can be redone
+            log.exception("aggregating %s failed; redo with `python -m lp.aggregate %s`", sweep_dir, sweep_dir)
+
+
+# --------------------------------------------------------------------------------------- resume
+def _drop(d: dict, path: list[str]) -> None:
+    head, *rest = path
+    if not rest:
+        d.pop(head, None)
+    elif isinstance(d.get(head), dict):
+        _drop(d[head], rest)
+
+
+def _strip(x):
+    if isinstance(x, dict):
+        return {k: _strip(v) for k, v in x.items() if k != "progress"}
+    if isinstance(x, list):
+        return [_strip(v) for v in x]
+    return x
+
+
+def config_hash(config: dict | DictConfig) -> str:
+    """SHA-256 (16 hex digits) of a resolved job config without :data:`HASH_IGNORED` and ``progress``
+    keys. Two jobs with equal hashes compute the same thing (same code version assumed)."""
+    if isinstance(config, DictConfig):
+        config = OmegaConf.to_container(config, resolve=True)
+    config = json.loads(json.dumps(config, default=str))  # deep copy, plain JSON types (as in result.json)
+    for key in HASH_IGNORED:
+        _drop(config, key.split("."))
+    text = json.dumps(_strip(config), sort_keys=True, allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+_seen: dict[tuple[str, int], str | None] = {}  # (result.json, mtime_ns) -> hash if status ok, else None
+
+
+def _ok_hash(path: Path) -> str | None:
+    try:
+        key = (str(path), path.stat().st_mtime_ns)
+        if key not in _seen:
+            r = json.loads(path.read_text())
+            ok = isinstance(r, dict) and r.get("status") == "ok" and isinstance(r.get("config"), dict)
+            _seen[key] = config_hash(r["config"]) if ok else None
+        return _seen[key]
+    except (OSError, ValueError, TypeError):  # vanished, half-copied by hand, not JSON: not a match
+        return None
+
+
+def find_finished(config: dict | DictConfig, sweep_dir: str | Path) -> Path | None:
+    """Newest ``<parent of sweep_dir>/*/*/result.json`` with status ok and the config hash of
+    ``config``; None if there is none."""
+    want = config_hash(config)
+    root = Path(sweep_dir).resolve().parent
+    found = [p for p in root.glob("*/*/result.json") if _ok_hash(p) == want]
+    return max(found, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+def resume_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path,
+               choices: dict | None = None, overrides: list[str] | None = None) -> dict | None:
+    """If an identical job already finished ok (see :func:`find_finished`), write its result into
+    ``job_dir/result.json`` with ``resumed_from`` (the copied file) and this job's ``choices`` and
+    ``overrides``, and return it; else None (the job must run)."""
+    from lp.run import write_json_atomic
+
+    job_dir = Path(job_dir)
+    prev = find_finished(cfg, sweep_dir)
+    if prev is None:
+        return None
+    result = json.loads(prev.read_text())
+    if prev.resolve() != (job_dir / "result.json").resolve():
+        result["resumed_from"] = str(prev.resolve())
+        if choices is not None:
+            result["choices"] = choices
+        if overrides is not None:
+            result["overrides"] = list(overrides)
+        write_json_atomic(job_dir / "result.json", result)
+    return result
+

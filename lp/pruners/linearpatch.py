@@ -1,0 +1,45 @@
+"""`pruner=linearpatch`: the LinearPatch paper's block selection (Chen et al., NeurIPS 2025).
+
+Remove the contiguous block [i, i+n) maximising the mean over calibration tokens of
+cos(h_i, h_{i+n}) (cosine over the hidden dim; h_l = stream entering dense layer l, h_L = last
+layer output before the final norm). `variant`:
+  * `paper` (default): per-token cosine over hidden, every start i = 0..L-n;
+  * `reference`: as the released code computes it: `torch.cosine_similarity(h_i, h_j)` on
+    [B, T, D] with the default dim=1, i.e. the cosine over the *token* axis per channel, averaged
+    over channels and windows, and only starts i = 1..L-n-1 (first and last layer never removed).
+Scores come from the shared one-pass `lp.calib.CalibStats`, which also gives the patch scales.
+"""
+
+from lp.calib import VARIANTS, check_block, get_stats
+from lp.pruners.base import PruneContext, Selection
+
+
+def nan_to_none(values) -> list:
+    return [None if v != v else float(v) for v in values.tolist()]
+
+
+def block_selection(method: str, scores, n: int, kind: str, lower_is_better: bool = False, **extra) -> Selection:
+    """Pick the best start from a per-start curve `scores` [L-n+1] (NaN = not a candidate)."""
+    masked = scores.nan_to_num(float("inf") if lower_is_better else float("-inf"))
+    start = int((masked.argmin() if lower_is_better else masked.argmax()).item())
+    return Selection(list(range(start, start + n)), {
+        "block": [start, start + n], "scores": {"kind": kind, "values": nan_to_none(scores)}, **extra})
+
+
+class LinearPatchPruner:
+    name = "linearpatch"
+    needs_calibration = True
+
+    def __init__(self, n: int = 5, variant: str = "paper"):
+        if variant not in VARIANTS:
+            raise ValueError(f"pruner.variant={variant!r}; choose one of {list(VARIANTS)}")
+        self.n, self.variant = n, variant
+
+    def check(self, num_layers: int) -> None:
+        check_block(f"pruner={self.name} (variant={self.variant})", self.n, num_layers, self.variant)
+
+    def select(self, ctx: PruneContext) -> Selection:
+        stats = get_stats(ctx)
+        scores = stats.block_scores(self.n, self.variant)
+        kind = "cosine_by_start" if self.variant == "paper" else "channel_cosine_by_start"
+        return block_selection(self.name, scores, self.n, kind, variant=self.variant, calibration=stats.cost)

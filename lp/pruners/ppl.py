@@ -1,0 +1,57 @@
+"""`pruner=ppl`: the one-shot perplexity criterion of Shortened LLaMA.
+
+Kim et al., "Shortened LLaMA: Depth Pruning for Large Language Models with Comparison of
+Retraining Methods" (2024), block-importance criterion "PPL": each block is removed alone and
+the pruned model's perplexity on the calibration windows is its importance,
+
+    PPL_l = exp( 1/N sum_w 1/(T-1) sum_t -log p_{M \\ l}(x_w[t+1] | x_w[<=t]) ),   l = 0..L-1,
+
+and the n blocks with the lowest PPL_l are removed at once (no re-scoring; ties to the lower
+index). Every dense layer 0..L-1 is a candidate, so 1 <= n <= L-1. Layer indices are dense.
+
+Scoring uses the cached prefix of `lp.pruners._suffix` (`cache`, `cache_gb` as in `sleb`): one
+walk over the positions, each candidate running only the layers after it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from lp.models import Decoder
+from lp.pruners._suffix import LayerRunner, PrefixCache, check_cache_gb, check_n, per_layer, score_removals
+from lp.pruners.base import PruneContext, Selection
+
+
+class PPLPruner:
+    name = "ppl"
+    needs_calibration = True
+
+    def __init__(self, n: int = 5, cache: bool = True, cache_gb: float = 4.0):
+        self.n = n
+        self.cache = bool(cache)
+        self.cache_gb = check_cache_gb(self.name, cache_gb)
+
+    def check(self, num_layers: int) -> None:
+        check_n(self.name, self.n, num_layers - 1, f"at least one of the model's {num_layers} layers must remain")
+
+    def select(self, ctx: PruneContext) -> Selection:
+        L = Decoder(ctx.model).num_layers
+        self.check(L)
+        windows = ctx.windows  # built (tokenized) before the clock starts
+        t0 = time.perf_counter()
+        runner = LayerRunner(ctx.model, windows, ctx.batch_size)
+        kept = list(range(L))
+        prefix = PrefixCache(runner, kept, self.cache_gb * 2**30) if self.cache else None
+        nll = score_removals(runner, kept, kept, prefix, None if prefix else runner.embed())
+        ppl = {i: math.exp(v) for i, v in nll.items()}
+        removed = sorted(kept, key=lambda i: (ppl[i], i))[: self.n]
+        info = {
+            "scores": {"kind": "calib_ppl_without_layer", "values": per_layer(ppl, L)},
+            "order": removed,
+            "layer_calls": runner.layer_calls,
+            "head_calls": runner.head_calls,
+            "cache": prefix.info(self.cache_gb) if prefix else {"enabled": False},
+            "time_s": round(time.perf_counter() - t0, 3),
+        }
+        return Selection(removed, info)

@@ -1,0 +1,141 @@
+"""Every option of every config group composes; every sweep preset and every grid point of it too."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict, read_write
+
+from lp.callbacks import count_jobs
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+DATA = REPO.parent / "shared" / "data"
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
+OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
+PRESETS = sorted(f.stem for f in (REPO / "sweeps").glob("*.yaml"))
+SUBMITIT = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
+JOBLIB = importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is not None
+LAUNCHERS = [pytest.param(name, marks=pytest.mark.skipif(not ok, reason="launcher plugin not installed"))
+             for name, ok in [("basic", True), ("joblib", JOBLIB), ("submitit_local", SUBMITIT),
+                              ("submitit_slurm", SUBMITIT)]
+             + [(f.stem, SUBMITIT) for f in sorted((CONF / "hydra" / "launcher").glob("*.yaml"))]]
+
+
+@pytest.fixture(scope="module")
+def hydra_ctx():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield
+
+
+def make(*overrides: str, hydra_cfg: bool = False):
+    base = [f"paths.output_dir={REPO / 'outputs' / 'never-written'}", f"data.root={DATA}"]
+    return compose("config", overrides=[*base, *overrides], return_hydra_config=hydra_cfg)
+
+
+def grid(preset_cfg) -> list[list[str]]:
+    """The jobs' overrides, expanded exactly as the basic sweeper does (params, then command line)."""
+    params = [f"{k}={v}" for k, v in preset_cfg.hydra.sweeper.params.items()]
+    args = params + [o for o in preset_cfg.hydra.overrides.task if not o.startswith(("paths.", "data."))]
+    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args), None)
+    return [job for batch in batches for job in batch]
+
+
+def test_groups_found():
+    assert {"model", "pruner", "patch", "eval", "calib", "tracker", "sweeps"} <= set(GROUPS)
+    assert (CONF / "sweeps").resolve() == (REPO / "sweeps").resolve() and len(PRESETS) >= 4
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes(hydra_ctx, group, option):
+    cfg = make(f"{group}={option}", hydra_cfg=True)
+    assert cfg.hydra.runtime.choices[group] == option
+    with open_dict(cfg):
+        del cfg["hydra"]
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_every_launcher_composes(hydra_ctx, launcher):
+    cfg = make("sweeps=tiny_smoke", f"hydra/launcher={launcher}", hydra_cfg=True)
+    assert cfg.hydra.runtime.choices["hydra/launcher"] == launcher
+    assert cfg.hydra.launcher._target_.rsplit(".", 1)[-1].endswith("Launcher")
+
+
+def test_defaults(hydra_ctx):
+    cfg = make(hydra_cfg=True)
+    assert cfg.hydra.runtime.choices["sweeps"] is None and cfg.sweep_name == "adhoc"
+    assert cfg.resume is True and cfg.force is False and cfg.tracker._target_ == "lp.tracking.NoneTracker"
+    assert set(cfg.hydra.callbacks) == {"progress", "aggregate"}
+    assert str(cfg.hydra.sweep.dir).startswith("outputs/multirun/adhoc/")
+    assert not cfg.hydra.sweeper.params  # a single run stays a single run
+
+
+def compose_jobs(preset: str, jobs: list[list[str]]):
+    """Yield (job, composed config) per grid point: one full compose per distinct choice of config
+    groups, then the job's value overrides (`a.b=v`) applied by Hydra's own override step, as
+    compose does (struct mode: a key the config lacks fails)."""
+    parser, composed = OverridesParser.create(), {}
+    for job in jobs:
+        groups = tuple(o for o in job if "." not in o.split("=", 1)[0])
+        if groups not in composed:
+            composed[groups] = make(f"sweeps={preset}", *groups, hydra_cfg=True)
+        cfg = copy.deepcopy(composed[groups])
+        ConfigLoaderImpl._apply_overrides_to_config(
+            parser.parse_overrides([o for o in job if o not in groups]), cfg)
+        yield job, cfg
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_and_every_grid_point_composes(hydra_ctx, preset):
+    cfg = make(f"sweeps={preset}", hydra_cfg=True)
+    assert cfg.hydra.mode == RunMode.MULTIRUN and cfg.sweep_name == preset
+    assert str(cfg.hydra.sweep.dir).startswith(f"outputs/multirun/{preset}/")
+    jobs = grid(cfg)
+    assert len(jobs) == count_jobs(cfg) >= 2
+    assert len({tuple(j) for j in jobs}) == len(jobs)
+    for override in jobs[0]:  # a single-valued command-line override also applies to the launching config
+        make(f"sweeps={preset}", override)
+    for job, job_cfg in compose_jobs(preset, jobs):
+        for override in job:  # every grid value arrived in the job's config
+            key, value = override.split("=", 1)
+            got = OmegaConf.select(job_cfg, key) if "." in key else job_cfg.hydra.runtime.choices[key]
+            assert str(got).replace(" ", "") == value.replace(" ", "")
+        with open_dict(job_cfg):
+            del job_cfg["hydra"]
+        OmegaConf.to_container(job_cfg, resolve=True)
+        pruner = instantiate(job_cfg.pruner)  # grid keys such as pruner.n are accepted
+        assert getattr(pruner, "n", None) is not None
+
+
+def test_command_line_replaces_a_grid_key(hydra_ctx):
+    full = make("sweeps=smollm2_ppl", hydra_cfg=True)
+    assert count_jobs(full) == 7 * 8 * 2
+    narrowed = make("sweeps=smollm2_ppl", hydra_cfg=True)
+    with read_write(narrowed.hydra):  # the command line of `run.py sweeps=smollm2_ppl pruner.n=1,2 pruner=shortgpt`
+        narrowed.hydra.overrides.task = ["sweeps=smollm2_ppl", "pruner.n=1,2", "pruner=shortgpt"]
+    jobs = grid(narrowed)
+    assert count_jobs(narrowed) == len(jobs) == 2 * 2
+    assert {tuple(sorted(j)) for j in jobs} == {
+        tuple(sorted(["sweeps=smollm2_ppl", "pruner=shortgpt", f"pruner.n={n}", f"patch={p}"]))
+        for n in (1, 2) for p in ("none", "rotate")}
+
+
+def test_paper_presets_match_the_paper(hydra_ctx):
+    for preset in ("paper_ppl", "paper_qa"):
+        cfg = make(f"sweeps={preset}", hydra_cfg=True)
+        p = cfg.hydra.sweeper.params
+        assert p.model == "llama2_7b,llama3_8b" and str(p["pruner.n"]) == "7" and p.patch == "none,rotate"
+        assert set(p.pruner.split(",")) == {"shortgpt", "sleb", "taylor", "streamline", "linearpatch"}
+        assert cfg.hydra.runtime.choices.calib == "wikitext2"
+    assert list(make("sweeps=paper_ppl").eval.ppl.datasets) == ["wikitext2", "ptb", "c4"]
+    assert make("sweeps=paper_qa", hydra_cfg=True).hydra.runtime.choices.eval == "qa"

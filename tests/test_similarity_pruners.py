@@ -1,0 +1,105 @@
+"""linearpatch / shortgpt / streamline / angular picks against naive picks on a tiny model."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from test_calib import make_ctx, naive_angular_last, naive_cos_channel, naive_cos_token, naive_states
+
+from lp.calib import get_stats
+from lp.models import tiny_model
+from lp.pruners.angular import AngularPruner
+from lp.pruners.linearpatch import LinearPatchPruner
+from lp.pruners.shortgpt import ShortGPTPruner
+from lp.pruners.streamline import StreamlinePruner
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "pruner"
+L = 8
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model("llama", num_layers=L, hidden_size=64, seed=3)
+    windows = torch.randint(0, 256, (4, 10), generator=torch.Generator().manual_seed(1))
+    return model, windows, naive_states(model, windows)
+
+
+def argbest(values: dict, lower=False):
+    return (min if lower else max)(values, key=values.get)
+
+
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_linearpatch_paper_and_streamline_pick_naive_block(setup, n):
+    model, windows, h = setup
+    naive = {i: naive_cos_token(h, i, i + n) for i in range(0, L - n + 1)}
+    best = argbest(naive)
+    ctx = make_ctx(model, windows, {})
+    for pruner in (LinearPatchPruner(n), StreamlinePruner(n)):
+        sel = pruner.select(ctx)
+        assert sel.removed == list(range(best, best + n))
+        assert sel.info["scores"]["kind"] == "cosine_by_start"
+        assert sel.info["scores"]["values"] == pytest.approx([naive[i] for i in range(L - n + 1)], abs=1e-5)
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_linearpatch_reference_variant(setup, n):
+    model, windows, h = setup
+    naive = {i: naive_cos_channel(h, i, i + n) for i in range(1, L - n)}  # starts 1..L-n-1 only
+    best = argbest(naive)
+    sel = LinearPatchPruner(n, variant="reference").select(make_ctx(model, windows, {}))
+    assert sel.removed == list(range(best, best + n))
+    vals = sel.info["scores"]["values"]
+    assert vals[0] is None and vals[-1] is None and len(vals) == L - n + 1
+    assert vals[1:-1] == pytest.approx([naive[i] for i in range(1, L - n)], abs=1e-5)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_angular_picks_naive_block(setup, n):
+    model, windows, h = setup
+    naive = {j: naive_angular_last(h, j, j + n) for j in range(0, L - n + 1)}
+    best = argbest(naive, lower=True)
+    sel = AngularPruner(n).select(make_ctx(model, windows, {}))
+    assert sel.removed == list(range(best, best + n))
+    assert sel.info["scores"]["values"] == pytest.approx([naive[j] for j in range(L - n + 1)], abs=1e-4)
+
+
+@pytest.mark.parametrize("n", [1, 3, 5])
+def test_shortgpt_removes_lowest_block_influence(setup, n):
+    model, windows, h = setup
+    bi = {i: 1 - naive_cos_token(h, i, i + 1) for i in range(L)}
+    expected = sorted(sorted(bi, key=bi.get)[:n])
+    sel = ShortGPTPruner(n).select(make_ctx(model, windows, {}))
+    assert sel.removed == expected
+    assert sel.info["scores"]["values"] == pytest.approx([bi[i] for i in range(L)], abs=1e-5)
+
+
+def test_all_pruners_share_one_pass(setup):
+    model, windows, _ = setup
+    ctx = make_ctx(model, windows, {})
+    stats = get_stats(ctx)
+    for p in (LinearPatchPruner(2), ShortGPTPruner(2), StreamlinePruner(2), AngularPruner(2)):
+        p.select(ctx)
+    assert get_stats(ctx) is stats
+
+
+@pytest.mark.parametrize("name, cls", [("linearpatch", LinearPatchPruner), ("shortgpt", ShortGPTPruner),
+                                       ("streamline", StreamlinePruner), ("angular", AngularPruner)])
+def test_configs_and_bad_n(name, cls):
+    raw = yaml.safe_load((CONF / f"{name}.yaml").read_text())
+    pruner = instantiate(OmegaConf.create(raw))
+    assert isinstance(pruner, cls) and pruner.name == name and pruner.n == 5 and pruner.needs_calibration
+    pruner.check(30)
+    for n, msg in [(0, "n=0 is out of range"), (-1, "n=-1 is out of range"), (8, "n=8 is out of range for a model of L=8")]:
+        with pytest.raises(ValueError, match=f"pruner={name}.*{msg}"):
+            cls(n).check(8)
+
+
+def test_reference_variant_range_and_unknown_variant():
+    LinearPatchPruner(6).check(8)
+    with pytest.raises(ValueError, match="first and last layers are never removed.*1 <= n <= 6"):
+        LinearPatchPruner(7, variant="reference").check(8)
+    with pytest.raises(ValueError, match="pruner.variant='ref'; choose one of"):
+        LinearPatchPruner(3, variant="ref")

@@ -1,0 +1,261 @@
+"""Sweeps through the CLI (tiny model), resume, the aggregation callback and the tracker step of run()."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import DATA, REPO
+from omegaconf import OmegaConf
+
+from lp.callbacks import AggregateOnMultirunEnd, config_hash, find_finished, resume_job
+from lp.run import run
+from lp.tracking import WandbTracker
+
+TINY = ["model=tiny_llama", "pruner=manual", "pruner.layers=[1,2]", "eval=quick", "eval.ppl.datasets=[ptb]",
+        "eval.ppl.seqlen=64", "eval.ppl.max_windows=2", "eval.ppl.progress=false"]
+
+
+def cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python <repo>/run.py args...` from another working directory, data from the mirror."""
+    env = {**os.environ, "LP_DATA_DIR": str(DATA), "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def results(sweep: Path) -> dict[int, dict]:
+    return {int(p.parent.name): json.loads(p.read_text()) for p in sweep.glob("*/result.json")}
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def test_tiny_sweep_fails_one_job_aggregates_and_resumes(tmp_path):
+    root = tmp_path / "multirun" / "tiny_smoke"
+    first = cli(tmp_path, "sweeps=tiny_smoke", f"hydra.sweep.dir={root / 'first'}", "pruner.layers=[2,3],[9],[5]")
+    log = first.stdout + first.stderr
+    assert first.returncode == 0, log
+    assert "sweep tiny_smoke: 3 jobs" in log and "job 1/3: pruner.layers=[2,3]" in log and "job 3/3:" in log
+    r = results(root / "first")
+    assert [r[i]["status"] for i in range(3)] == ["ok", "failed", "ok"]  # job 2 ran after job 1 failed
+    assert "out of range" in r[1]["error"] and "[9]" in r[1]["error"]
+    assert r[0]["pruning"]["removed_layers"] == [2, 3] and r[2]["pruning"]["removed_layers"] == [5]
+    ppl = {i: r[i]["metrics"]["ppl/ptb"] for i in (0, 2)}
+    assert all(math.isfinite(v) for v in ppl.values()) and ppl[0] != ppl[2]
+
+    table = (root / "first" / "table.md").read_text()  # written by the AggregateOnMultirunEnd callback
+    failures = table.split("## Failures")[1]
+    assert "job 1 (failed)" in failures and "out of range" in failures and "job 0" not in failures
+    assert f"{ppl[0]:.2f}" in table and f"{ppl[2]:.2f}" in table
+    assert (root / "first" / "summary.csv").read_text().count("\n") == 4
+    assert (root / "first" / "table.tex").is_file()
+    html = (root / "first" / "dashboard.html").read_text()
+    assert "<svg" in html and "Perplexity vs. number of removed layers" in html and "Failures (1)" in html
+
+    # Again, in a new timestamp folder of the same sweep: finished jobs are copied, the failed one
+    # re-runs; model.device=bogus adds jobs that die with a RuntimeError, and the sweep goes on.
+    second = cli(tmp_path, "sweeps=tiny_smoke", f"hydra.sweep.dir={root / 'second'}",
+                 "pruner.layers=[2,3],[9],[5]", "model.device=cpu,bogus")
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, log
+    r2 = results(root / "second")
+    assert len(r2) == 6 and "job 6/6:" in log
+    resumed = {i: x for i, x in r2.items() if x.get("resumed_from")}
+    assert sorted(resumed) == [0, 4]  # ([2,3], cpu) and ([5], cpu)
+    assert resumed[0]["resumed_from"] == str((root / "first" / "0" / "result.json").resolve())
+    assert resumed[4]["resumed_from"] == str((root / "first" / "2" / "result.json").resolve())
+    assert resumed[0]["metrics"] == r[0]["metrics"] and resumed[4]["metrics"] == r[2]["metrics"]
+    assert sorted(resumed[4]["overrides"]) == ["model.device=cpu", "pruner.layers=[5]", "sweeps=tiny_smoke"]
+    assert log.count("skipped") == 2 and "force=true re-runs it" in log
+    assert r2[2]["status"] == "failed" and "out of range" in r2[2]["error"]  # ([9], cpu): run again
+    for i in (1, 5):  # bogus device: fails while loading, not a config error
+        assert r2[i]["status"] == "failed" and "bogus" in r2[i]["error"], r2[i]["error"]
+    assert "Traceback" in log  # unexpected errors are logged with their traceback
+    table = (root / "second" / "table.md").read_text()
+    assert table.split("## Failures")[1].count("- job") == 4 and f"{ppl[2]:.2f}" in table
+    assert "4 failed, 2 ok (2 resumed)" in log
+
+    # force=true re-runs a finished job
+    third = cli(tmp_path, "sweeps=tiny_smoke", f"hydra.sweep.dir={root / 'third'}", "pruner.layers=[5]", "force=true")
+    assert third.returncode == 0, third.stdout + third.stderr
+    r3 = results(root / "third")[0]
+    assert r3["status"] == "ok" and "resumed_from" not in r3 and r3["metrics"] == r[2]["metrics"]
+
+
+def test_unknown_preset_fails_loudly(tmp_path):
+    out = cli(tmp_path, "sweeps=tiny_smok")
+    assert out.returncode != 0
+    assert "Could not find 'sweeps/tiny_smok'" in out.stderr and "tiny_smoke" in out.stderr
+    assert not (tmp_path / "outputs").exists()  # nothing ran
+
+
+# ------------------------------------------------------------------------------------------ resume
+def _result(path: Path, status: str, config: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"status": status, "name": path.parent.name, "config": config,
+                                "choices": {"pruner": "manual"}, "overrides": ["old=1"], "metrics": {"x": 1.0}}))
+    return path
+
+
+def test_config_hash_ignores_only_bookkeeping():
+    base = {"seed": 0, "pruner": {"n": 2}, "eval": {"ppl": {"seqlen": 64, "progress": True}},
+            "data": {"root": "/a", "source": "auto"}, "paths": {"output_dir": "/x/0"}, "tracker": {"mode": "auto"},
+            "sweep_name": "s", "resume": True, "force": False}
+    same = {**base, "eval": {"ppl": {"seqlen": 64, "progress": False}}, "data": {"root": "/b", "source": "auto"},
+            "paths": {"output_dir": "/y/3"}, "tracker": {"_target_": "x"}, "sweep_name": "t", "resume": False}
+    assert config_hash(base) == config_hash(same) == config_hash(OmegaConf.create(same))
+    for changed in ({"seed": 1}, {"pruner": {"n": 3}}, {"eval": {"ppl": {"seqlen": 65}}},
+                    {"data": {"root": "/a", "source": "local"}}):
+        assert config_hash({**base, **changed}) != config_hash(base), changed
+
+
+def test_find_finished_takes_the_newest_ok_match(tmp_path):
+    cfg = {"seed": 0, "pruner": {"n": 2}, "paths": {"output_dir": "/now"}}
+    other = {"seed": 1, "pruner": {"n": 2}}
+    sweep = tmp_path / "s"
+    old = _result(sweep / "t1" / "0" / "result.json", "ok", cfg)
+    new = _result(sweep / "t2" / "3" / "result.json", "ok", {**cfg, "paths": {"output_dir": "/t2/3"}})
+    os.utime(old, (1, 1))
+    for i, status in enumerate(("failed", "running")):  # newer, same config, not finished
+        _result(sweep / "t3" / str(i) / "result.json", status, cfg)
+    _result(sweep / "t3" / "2" / "result.json", "ok", other)
+    (sweep / "t3" / "4").mkdir()
+    (sweep / "t3" / "4" / "result.json").write_text('{"status": "ok", "conf')  # torn copy: ignored
+    (sweep / "t3" / "5").mkdir()  # a killed job: no result.json
+    assert find_finished(cfg, sweep / "t4") == new
+    new.unlink()
+    assert find_finished(cfg, sweep / "t4") == old
+    old.unlink()
+    assert find_finished(cfg, sweep / "t4") is None
+    assert find_finished(other, sweep / "t4") == sweep / "t3" / "2" / "result.json"
+
+
+def test_resume_job_copies_with_provenance(tmp_path):
+    cfg = OmegaConf.create({"seed": 0, "pruner": {"n": 2}})
+    prev = _result(tmp_path / "s" / "t1" / "0" / "result.json", "ok", {"seed": 0, "pruner": {"n": 2}})
+    job = tmp_path / "s" / "t2" / "5"
+    assert resume_job(OmegaConf.create({"seed": 1, "pruner": {"n": 2}}), job, job.parent) is None
+    assert not job.exists()
+    got = resume_job(cfg, job, job.parent, {"pruner": "manual", "model": "m"}, ["pruner.n=2"])
+    on_disk = json.loads((job / "result.json").read_text())
+    assert got == on_disk and on_disk["resumed_from"] == str(prev.resolve())
+    assert on_disk["choices"] == {"pruner": "manual", "model": "m"} and on_disk["overrides"] == ["pruner.n=2"]
+    assert on_disk["metrics"] == {"x": 1.0} and sorted(p.name for p in job.iterdir()) == ["result.json"]
+
+
+def test_aggregate_callback_never_raises(tmp_path, caplog):
+    cfg = OmegaConf.create({"sweep_name": "s", "hydra": {"sweep": {"dir": str(tmp_path / "nothing")}}})
+    with caplog.at_level(logging.ERROR, logger="lp.callbacks"):
+        AggregateOnMultirunEnd().on_multirun_end(cfg)
+    assert "aggregating" in caplog.text and "does not exist" in caplog.text
+
+
+# ------------------------------------------------------------------------------------- tracker step
+class Recorder:
+    """A tracker that remembers every instance and call (a `_target_` for tracker configs)."""
+
+    instances: list[Recorder] = []
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.summaries, self.tables, self.status = kwargs, {}, {}, None
+        Recorder.instances.append(self)
+
+    def log(self, metrics, step=None):
+        pass
+
+    def log_table(self, name, columns, rows):
+        self.tables[name] = (columns, rows)
+
+    def summary(self, values):
+        self.summaries.update(values)
+
+    def finish(self, status="ok"):
+        self.status = status
+
+
+def test_run_starts_and_finishes_the_tracker(cfg_factory, tmp_path):
+    Recorder.instances.clear()
+    result = run(cfg_factory(*TINY, "tracker=wandb", f"tracker._target_={__name__}.Recorder"))
+    (t,) = Recorder.instances
+    kw = t.kwargs
+    assert kw["name"] == "tiny_llama/manual/none/n2" and kw["job_type"] == "manual" and kw["group"] is None
+    assert kw["project"] == "lp" and kw["mode"] == "auto" and kw["dir"] == str(tmp_path)
+    assert kw["config"] == result["config"] and kw["config"]["pruner"]["layers"] == [1, 2]
+    assert t.status == "ok" and t.summaries["status"] == "ok"
+    assert t.summaries["ppl/ptb"] == result["metrics"]["ppl/ptb"]
+    assert t.summaries["pruning/removed_layers"] == "1 2"
+
+    Recorder.instances.clear()  # a user-set name is kept; a failure is logged and finished as failed
+    with pytest.raises(RuntimeError, match="bogus"):
+        run(cfg_factory(*TINY, "tracker=wandb", f"tracker._target_={__name__}.Recorder", "tracker.name=mine",
+                        "model.device=bogus"))
+    (t,) = Recorder.instances
+    assert t.kwargs["name"] == "mine" and t.status == "failed"
+    assert t.summaries["status"] == "failed" and "bogus" in t.summaries["error"]
+    assert json.loads((tmp_path / "result.json").read_text())["status"] == "failed"
+
+
+def test_run_with_wandb_offline_writes_into_the_job_dir(cfg_factory, tmp_path, monkeypatch):
+    for var in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))  # no API key anywhere: auto -> offline
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    seen = {}
+    finish = WandbTracker.finish
+
+    def spy(self, status="ok"):  # what the live wandb run holds just before it is finished
+        run_ = self.run
+        seen.update(mode=self.mode, status=status, name=run_.name, group=run_.group, job_type=run_.job_type,
+                    ppl=run_.summary["ppl/ptb"], summary_status=run_.summary["status"],
+                    layers=run_.config["pruner"]["layers"], dir=run_.dir)
+        finish(self, status)
+
+    monkeypatch.setattr(WandbTracker, "finish", spy)
+    result = run(cfg_factory(*TINY, "tracker=wandb"))
+    assert result["status"] == "ok"
+    assert seen["mode"] == "offline" and seen["status"] == "ok" and seen["summary_status"] == "ok"
+    assert seen["name"] == "tiny_llama/manual/none/n2" and seen["job_type"] == "manual" and not seen["group"]
+    assert seen["ppl"] == result["metrics"]["ppl/ptb"] and list(seen["layers"]) == [1, 2]
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")  # in the job dir, ready for `wandb sync`
+    assert Path(seen["dir"]).is_relative_to(run_dir) and list(run_dir.glob("run-*.wandb"))
+
+
+def test_tracker_group_is_the_sweep_name_in_a_multirun(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from lp.run import start_tracker
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["sweeps=tiny_smoke", "tracker=wandb", f"paths.output_dir={tmp_path}",
+                                           f"tracker._target_={__name__}.Recorder"], return_hydra_config=True)
+    hc, saved = HydraConfig.instance(), HydraConfig.instance().cfg
+    try:
+        hc.set_config(cfg)  # as inside a job of `python run.py sweeps=tiny_smoke`
+        t = start_tracker(cfg, tmp_path, {"name": "x/manual/none/n2", "config": {}}, job_type="manual")
+    finally:
+        hc.cfg = saved
+    assert (t.kwargs["group"], t.kwargs["job_type"], t.kwargs["name"]) == ("tiny_smoke", "manual", "x/manual/none/n2")
+
+
+def test_run_hands_the_tracker_to_distillation(cfg_factory, monkeypatch):
+    import lp.distill
+
+    got = {}
+    monkeypatch.setattr(lp.distill, "prepare_teacher", lambda *a, **k: "teacher")
+    monkeypatch.setattr(lp.distill, "distill", lambda model, teacher, d, tracker=None, **k: got.update(
+        teacher=teacher, tracker=tracker) or {"steps": 0})
+    monkeypatch.setattr(lp.distill, "metrics", lambda info: {"distill/steps": info["steps"]})
+    Recorder.instances.clear()
+    result = run(cfg_factory(*TINY, "patch=rotate", "distill=quick", "calib.corpus=ptb", "calib.split=test",
+                             "calib.nsamples=4", "calib.seqlen=64", f"tracker._target_={__name__}.Recorder"))
+    assert result["status"] == "ok" and result["distill"] == {"steps": 0}
+    (t,) = Recorder.instances
+    assert got == {"teacher": "teacher", "tracker": t} and t.status == "ok"

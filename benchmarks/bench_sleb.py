@@ -3,7 +3,9 @@
 SmolLM2-135M bf16 on WikiText-2 (tokenized) train calibration windows. Target: cached SLEB selects
 the same layers as `cache: false` with identical scores, and is faster (brief: >= 2x).
 Usage (heavy: serialize with other jobs):
-    flock /tmp/lp-heavy.lock python benchmarks/bench_sleb.py [--nsamples 8] [--seqlen 512] [--n 5]
+    flock /tmp/lp-heavy.lock python benchmarks/bench_sleb.py [--nsamples 8] [--seqlen 512] [--n 5] [--threads 1]
+Times are reported as process CPU seconds (and wall seconds): with one thread, CPU time does not
+depend on other jobs sharing the machine, where multi-threaded wall time can inflate several-fold.
 Writes benchmarks/results/sleb.json. Peak memory is the process's VmHWM, reset (Linux
 /proc/self/clear_refs) right before each measured call; Taylor+ runs in a fresh subprocess with
 all allocations >= 64 KiB mmapped, so its peak is its own working set (SLEB's figures in this
@@ -38,8 +40,11 @@ p.add_argument("--seqlen", type=int, default=512)
 p.add_argument("--batch-size", type=int, default=4)
 p.add_argument("--n", type=int, default=5)
 p.add_argument("--taylor-nsamples", type=int, default=16)
+p.add_argument("--threads", type=int, default=1,
+               help="torch threads; 1 + CPU time is robust to other jobs on a shared machine")
 p.add_argument("--taylor-windows", help="internal: run only Taylor+ on these saved windows, print JSON")
 args = p.parse_args()
+torch.set_num_threads(args.threads)
 
 
 def windows_for(nsamples):
@@ -61,11 +66,12 @@ def reset_peak():
 
 
 def measured(fn):
-    """(result, seconds, {rss_before_mb, peak_mb}) of fn()."""
+    """(result, {wall_s, cpu_s}, {rss_before_mb, peak_mb}) of fn()."""
     reset_peak()
-    before, t = mem_mb("VmRSS"), time.perf_counter()
+    before, t, c = mem_mb("VmRSS"), time.perf_counter(), time.process_time()
     out = fn()
-    return out, round(time.perf_counter() - t, 2), {"rss_before_mb": before, "peak_mb": mem_mb("VmHWM")}
+    secs = {"wall_s": round(time.perf_counter() - t, 2), "cpu_s": round(time.process_time() - c, 2)}
+    return out, secs, {"rss_before_mb": before, "peak_mb": mem_mb("VmHWM")}
 
 
 with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
@@ -77,7 +83,7 @@ if args.taylor_windows:
     sel, secs, mem = measured(lambda: TaylorPruner(n=args.n).select(tctx))
     dec = models.Decoder(model)
     acc = sum(4 * q.numel() for i in range(4, dec.num_layers - 2) for q in dec.layers[i].parameters())
-    print(json.dumps({"removed": sel.removed, "time_s": secs, "windows": list(twin.shape), "micro_batch": 1,
+    print(json.dumps({"removed": sel.removed, **secs, "windows": list(twin.shape), "micro_batch": 1,
                       "memory": mem, "fp32_accumulators_mb": round(acc / 2**20, 1), "scores": sel.info["scores"]}))
     sys.exit(0)
 
@@ -85,23 +91,23 @@ load_start = os.getloadavg()
 _, windows = windows_for(args.nsamples)
 ctx = PruneContext(model, None, calib_fn=lambda: (windows, {}), batch_size=args.batch_size)
 
-# Unit costs: one layer / one head (norm + LM head + CE) over all windows.
+# Unit costs (CPU seconds): one layer / one head (norm + LM head + CE) over all windows.
 runner = LayerRunner(model, windows, args.batch_size)
 h0 = runner.embed()
 runner.advance(h0, 0, torch.empty_like(h0))  # warm-up (captures layer kwargs)
-t = time.perf_counter()
+t = time.process_time()
 for i in range(1, 4):
     runner.advance(h0, i, torch.empty_like(h0))
-layer_s = (time.perf_counter() - t) / 3
-t = time.perf_counter()
+layer_s = (time.process_time() - t) / 3
+t = time.process_time()
 runner.suffix_nll(h0, [])
-head_s = time.perf_counter() - t
+head_s = time.process_time() - t
 del runner, h0
 
 runs = {}
 for name, kw in (("cached", {"cache": True}), ("naive", {"cache": False})):
     sel, secs, mem = measured(lambda kw=kw: SLEBPruner(n=args.n, **kw).select(ctx))
-    runs[name] = {"time_s": secs, "order": sel.info["order"], "layer_calls": sel.info["layer_calls"],
+    runs[name] = {**secs, "order": sel.info["order"], "layer_calls": sel.info["layer_calls"],
                   "head_calls": sel.info["head_calls"], "calib_nll_after": sel.info["calib_nll_after"],
                   "memory": mem, "steps": sel.info["steps"]}
     print(name, secs, sel.info["order"], mem, flush=True)
@@ -115,7 +121,8 @@ with tempfile.TemporaryDirectory() as tmp:
     torch.save(twin, f"{tmp}/windows.pt")
     # Fresh process, every allocation >= 64 KiB mmapped: its peak RSS is Taylor+'s own working set.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    proc = subprocess.run([sys.executable, __file__, "--n", str(args.n), "--taylor-windows", f"{tmp}/windows.pt"],
+    proc = subprocess.run([sys.executable, __file__, "--n", str(args.n), "--threads", str(args.threads),
+                           "--taylor-windows", f"{tmp}/windows.pt"],
                           capture_output=True, text=True, env=env)
 if proc.returncode:
     raise RuntimeError(f"taylor subprocess failed:\n{proc.stderr[-3000:]}")
@@ -124,12 +131,14 @@ print("taylor", {k: v for k, v in taylor.items() if k != "scores"}, flush=True)
 
 out = {
     "model": "smollm2_135m", "dtype": "bfloat16", "device": "cpu", "threads": torch.get_num_threads(),
+    "timing_note": "cpu_s = process CPU time (robust to other jobs with 1 thread); wall_s as measured",
     "calibration": {"corpus": "wikitext2_tok train", "nsamples": args.nsamples, "seqlen": args.seqlen,
                     "seed": 2, "batch_size": args.batch_size},
-    "n": args.n, "unit_cost_s": {"layer": round(layer_s, 3), "head": round(head_s, 3),
+    "n": args.n, "unit_cost_cpu_s": {"layer": round(layer_s, 3), "head": round(head_s, 3),
                                  "head_over_layer": round(head_s / layer_s, 1)},
     "sleb": runs, "same_selection": cached["order"] == naive["order"], "same_scores": same_scores,
-    "speedup": round(naive["time_s"] / cached["time_s"], 2),
+    "speedup_cpu": round(naive["cpu_s"] / cached["cpu_s"], 2),
+    "speedup_wall": round(naive["wall_s"] / cached["wall_s"], 2),
     "work_ratio": round((naive["layer_calls"] * layer_s + naive["head_calls"] * head_s)
                         / (cached["layer_calls"] * layer_s + cached["head_calls"] * head_s), 2),
     "taylor": taylor, "load_avg": {"start": load_start, "end": os.getloadavg()},
@@ -137,4 +146,5 @@ out = {
 dest = REPO / "benchmarks" / "results" / "sleb.json"
 dest.parent.mkdir(exist_ok=True)
 dest.write_text(json.dumps(out, indent=2))
-print(json.dumps({k: out[k] for k in ("unit_cost_s", "same_selection", "same_scores", "speedup", "work_ratio")}))
+print(json.dumps({k: out[k] for k in ("unit_cost_cpu_s", "same_selection", "same_scores", "speedup_cpu", "speedup_wall",
+                                  "work_ratio")}))

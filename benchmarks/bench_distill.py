@@ -17,7 +17,7 @@ peak RSS during the step (VmHWM reset via /proc/self/clear_refs just before it),
 max_memory_allocated.
 
 Usage: python benchmarks/bench_distill.py [--seqlen 512] [--windows 3] [--repeats 3] [--cut 20] [--n 5]
-Writes benchmarks/results/distill.json.
+Writes (merges into) benchmarks/results/distill.json, one entry per removed block and seqlen.
 """
 
 import argparse
@@ -185,7 +185,10 @@ out = {
                                  "includes the bf16 model (~270 MB) and data", **memory},
 }
 out["pass"] = out["ratio_step_over_suffix_fwd_bwd"]["min"] <= out["target_ratio"]
-dest = ROOT / "benchmarks" / "results" / "distill.json"
+dest = ROOT / "benchmarks" / "results" / "distill.json"  # one entry per removed block and seqlen
 dest.parent.mkdir(exist_ok=True)
-dest.write_text(json.dumps(out, indent=2))
+results = json.loads(dest.read_text()) if dest.is_file() else {}
+results = results if "runs" in results else {"runs": {}}
+results["runs"][f"removed_{args.cut}_{args.cut + args.n}_seqlen{args.seqlen}"] = out
+dest.write_text(json.dumps(results, indent=2))
 print(json.dumps(out, indent=2))

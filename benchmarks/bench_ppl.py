@@ -32,7 +32,7 @@ windows, _ = data.eval_windows(tok, "wikitext2", "test", args.seqlen, root, max_
 @torch.inference_mode()
 def raw():
     for w in windows:
-        model(input_ids=w[None], use_cache=False).logits
+        _ = model(input_ids=w[None], use_cache=False).logits
 
 
 def ppl():

@@ -4,10 +4,9 @@ import random
 
 import pytest
 import torch
+from conftest import DATA
 
 from lp import data
-
-from conftest import DATA
 
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs the shared/data mirror")
 

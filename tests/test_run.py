@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import DATA, REPO
+
 from lp.run import run
 
 TINY = ["model=tiny_llama", "eval=quick", "eval.ppl.max_windows=2", "eval.ppl.progress=false"]

@@ -30,7 +30,7 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "p
     for i in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, unit="batch"):
         batch = windows[i:i + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
-        out += [token_nll(lg[:-1], ids[1:]).mean().double().cpu() for lg, ids in zip(logits, batch)]
+        out += [token_nll(lg[:-1], ids[1:]).mean().double().cpu() for lg, ids in zip(logits, batch, strict=True)]
     return torch.stack(out)
 
 

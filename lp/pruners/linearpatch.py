@@ -26,14 +26,27 @@ def block_selection(method: str, scores, n: int, kind: str, lower_is_better: boo
         "block": [start, start + n], "scores": {"kind": kind, "values": nan_to_none(scores)}, **extra})
 
 
-class LinearPatchPruner:
-    name = "linearpatch"
+class StatsPruner:
+    """Base of the one-shot pruners that remove `n` layers chosen from the shared `CalibStats`."""
+
+    name = ""
     needs_calibration = True
+
+    def __init__(self, n: int = 5):
+        self.n = n
+
+    def check(self, num_layers: int) -> None:
+        check_block(f"pruner={self.name}", self.n, num_layers)
+
+
+class LinearPatchPruner(StatsPruner):
+    name = "linearpatch"
 
     def __init__(self, n: int = 5, variant: str = "paper"):
         if variant not in VARIANTS:
             raise ValueError(f"pruner.variant={variant!r}; choose one of {list(VARIANTS)}")
-        self.n, self.variant = n, variant
+        super().__init__(n)
+        self.variant = variant
 
     def check(self, num_layers: int) -> None:
         check_block(f"pruner={self.name} (variant={self.variant})", self.n, num_layers, self.variant)

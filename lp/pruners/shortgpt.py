@@ -10,19 +10,13 @@ contiguous, so LinearPatch then places one patch per contiguous run. Reads the s
 
 import torch
 
-from lp.calib import check_block, get_stats
+from lp.calib import get_stats
 from lp.pruners.base import PruneContext, Selection
+from lp.pruners.linearpatch import StatsPruner
 
 
-class ShortGPTPruner:
+class ShortGPTPruner(StatsPruner):
     name = "shortgpt"
-    needs_calibration = True
-
-    def __init__(self, n: int = 5):
-        self.n = n
-
-    def check(self, num_layers: int) -> None:
-        check_block(f"pruner={self.name}", self.n, num_layers)
 
     def select(self, ctx: PruneContext) -> Selection:
         stats = get_stats(ctx)

@@ -7,20 +7,13 @@ layer output before the final norm); every start j = 0..L-n is allowed, first an
 included. Reads the shared one-pass `lp.calib.CalibStats`.
 """
 
-from lp.calib import check_block, get_stats
+from lp.calib import get_stats
 from lp.pruners.base import PruneContext, Selection
-from lp.pruners.linearpatch import block_selection
+from lp.pruners.linearpatch import StatsPruner, block_selection
 
 
-class StreamlinePruner:
+class StreamlinePruner(StatsPruner):
     name = "streamline"
-    needs_calibration = True
-
-    def __init__(self, n: int = 5):
-        self.n = n
-
-    def check(self, num_layers: int) -> None:
-        check_block(f"pruner={self.name}", self.n, num_layers)
 
     def select(self, ctx: PruneContext) -> Selection:
         stats = get_stats(ctx)

@@ -261,7 +261,7 @@ def collect(model, windows: torch.Tensor, batch_size: int = 1, rotation: Rotatio
     L, D = dec.num_layers, dec.hidden_size
     W, T = windows.shape
     if W == 0 or T < 2:
-        raise ValueError(f"calibration needs at least one window of >= 2 tokens, got windows of shape {tuple(windows.shape)}")
+        raise ValueError(f"calibration needs at least one window of >= 2 tokens, got shape {tuple(windows.shape)}")
     device = next(model.parameters()).device
     f64 = dict(dtype=torch.float64, device=device)
     g_tok, g_last, g_ang, g_ch = (torch.zeros(L + 1, L + 1, **f64) for _ in range(4))
@@ -272,7 +272,6 @@ def collect(model, windows: torch.Tensor, batch_size: int = 1, rotation: Rotatio
     def take(idx, h):
         h = h.float()  # [B, T, D]
         w0, B = state["w0"], h.shape[0]
-        T = h.shape[1]
         abs_mean[w0:w0 + B, idx] = (torch.linalg.vector_norm(h, ord=1, dim=1) / T).cpu()  # mean_t |h|
         if abs_rot is not None:
             abs_rot[w0:w0 + B, idx] = (torch.linalg.vector_norm(rotation.apply(h), ord=1, dim=1) / T).cpu()
@@ -317,10 +316,9 @@ def collect(model, windows: torch.Tensor, batch_size: int = 1, rotation: Rotatio
         for h in handles:
             h.remove()
     seconds = time.perf_counter() - t0
-    cpu = lambda g: g.cpu()  # noqa: E731
     return CalibStats(
-        cos_token=_unit_diag(cpu(g_tok) / (W * T)), cos_last=_unit_diag(cpu(g_last) / W),
-        ang_last=_zero_diag(cpu(g_ang) / W), cos_channel=_unit_diag(cpu(g_ch) / (W * D)),
+        cos_token=_unit_diag(g_tok.cpu() / (W * T)), cos_last=_unit_diag(g_last.cpu() / W),
+        ang_last=_zero_diag(g_ang.cpu() / W), cos_channel=_unit_diag(g_ch.cpu() / (W * D)),
         abs_mean=abs_mean, abs_mean_rot=abs_rot,
         meta={"version": STATS_VERSION, "num_layers": L, "hidden_size": D, "windows": W, "seqlen": T,
               "batch_size": batch_size, "rotation": rotation.spec if rotation else None,

@@ -167,6 +167,42 @@ def test_taylor_leaves_model_unchanged():
         assert (p.grad is marker) if k == "lm_head.weight" else p.grad is None, k
 
 
+# ----------------------------------------------------------------------------- disk cache
+def test_disk_cache_reuses_scores_across_n(tmp_path, monkeypatch):
+    monkeypatch.setenv("LP_CACHE_DIR", str(tmp_path))
+    model, w = tiny_model("llama", num_layers=8), windows()
+
+    def ctx(key=1):
+        return PruneContext(model, None, calib_fn=lambda: (w, {"src": "test"}), cache_key={"k": key}, batch_size=4)
+
+    fresh = SLEBPruner(n=4, disk_cache=False).select(ctx())
+    SLEBPruner(n=2).select(ctx())  # stores 2 steps
+    c4 = ctx()
+    longer = SLEBPruner(n=4).select(c4)  # reuses 2, continues from the model without them
+    assert longer.info["steps"] == fresh.info["steps"] and c4.calib_used
+    assert longer.info["disk_cache"]["reused_steps"] == 2
+    assert 0 < longer.info["layer_calls"] < fresh.info["layer_calls"]
+    c3 = ctx()
+    shorter = SLEBPruner(n=3).select(c3)  # entirely from disk: calibration never built
+    assert shorter.info["steps"] == fresh.info["steps"][:3] and shorter.removed == sorted(fresh.info["order"][:3])
+    assert shorter.info["layer_calls"] == 0 and not c3.calib_used
+    assert shorter.info["disk_cache"]["calibration"] == {"src": "test"}
+    assert SLEBPruner(n=1).select(ctx(key=2)).info["disk_cache"]["reused_steps"] == 0  # other calibration
+
+    for cls in (PPLPruner, TaylorPruner):
+        first = cls(n=1).select(ctx())
+        c = ctx()
+        again = cls(n=2).select(c)
+        assert again.info["disk_cache"]["hit"] and not first.info["disk_cache"]["hit"] and not c.calib_used
+        assert again.info["scores"] == first.info["scores"]
+        assert again.removed == sorted(cls(n=2, disk_cache=False).select(ctx()).info["order"])
+
+    path = Path(first.info["disk_cache"]["path"])
+    path.write_text("{not json")  # corrupt entry: ignored and recomputed
+    assert TaylorPruner(n=1).select(ctx()).info["scores"] == first.info["scores"]
+    assert json.loads(path.read_text())["value"]["scores"] == first.info["scores"]["values"]
+
+
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("pruner,L,match", [
     (SLEBPruner(n=5), 6, r"pruner=sleb: pruner.n=5 out of range: .*first and last.*1 <= n <= 4"),
@@ -199,9 +235,10 @@ def compose_cfg(tmp_path, *overrides):
             "calib.split=validation", "eval=quick", "eval.ppl.max_windows=2", "eval.ppl.progress=false", *overrides])
 
 
-def test_run_sleb_end_to_end(tmp_path):
+def test_run_sleb_end_to_end(tmp_path, monkeypatch):
     from lp.run import run
 
+    monkeypatch.setenv("LP_CACHE_DIR", str(tmp_path / "cache"))
     result = run(compose_cfg(tmp_path, "pruner=sleb", "pruner.n=2"))
     saved = json.loads((tmp_path / "result.json").read_text())
     p = saved["pruning"]

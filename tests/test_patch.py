@@ -261,3 +261,14 @@ def test_pruned_ratio_counts_each_patch_as_d_squared_like_the_paper():
     assert patch == 4096 ** 2
     assert round(100 * (1 - pruned / dense), 2) == 21.02
     assert round(100 * (1 - (pruned + patch) / dense), 2) == 20.78
+
+
+@pytest.mark.real
+def test_real_smollm2_patch_lowers_perplexity(cfg_factory):
+    """SmolLM2-135M, the cosine-selected 3-layer block: both patches beat the unpatched block."""
+    small = ["model=smollm2_135m", "calib.corpus=wikitext2", "calib.split=validation", "calib.nsamples=4",
+             "calib.seqlen=512", "calib.batch_size=2", "eval=quick", "eval.ppl.datasets=[wikitext2]",
+             "eval.ppl.max_windows=4", "eval.ppl.progress=false", "pruner=linearpatch", "pruner.n=3"]
+    ppl = {kind: run(cfg_factory(*small, f"patch={kind}"))["metrics"]["ppl/wikitext2"]
+           for kind in ("none", "diag", "rotate")}
+    assert ppl["diag"] < ppl["none"] and ppl["rotate"] < ppl["none"], ppl

@@ -10,6 +10,10 @@ enters it), so the model without `kept[p]` has NLL `suffix_nll(H_p, kept[p+1:])`
 after p, the final norm and the LM head run. `PrefixCache` keeps H_p for as many leading
 positions as a memory budget allows and walks forward from the last stored one otherwise.
 
+`ScoreCache` keeps a pruner's calibration scores on disk (keyed like `lp.calib`'s statistics), so a
+sweep over n scores once: `ppl`/`taylor` scores do not depend on n, and SLEB's greedy steps for n
+are the first n steps for any larger n.
+
 Layers are called by hand, so their keyword arguments (causal mask, rotary `(cos, sin)`,
 `position_ids`, ...) are captured per layer with forward pre-hooks during one ordinary forward
 of a batch of each size used (per layer: Gemma2/3 give sliding and full-attention layers
@@ -19,11 +23,20 @@ arguments depend only on the batch shape, never on token values.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
 from lp.evaluate.ppl import token_nll
-from lp.models import Decoder
+from lp.models import Decoder, cache_dir
+
+log = logging.getLogger(__name__)
+SCORES_VERSION = 1  # bump when the meaning of stored pruner scores changes (invalidates the disk cache)
 
 
 class _Stop(Exception):
@@ -199,7 +212,7 @@ class PrefixCache:
 
     def info(self, budget_gb: float) -> dict:
         """Cache settings for result.json."""
-        return {"enabled": True, "budget_gb": budget_gb, "bytes_per_position": self.bytes_per_position,
+        return {"enabled": True, "used": True, "budget_gb": budget_gb, "bytes_per_position": self.bytes_per_position,
                 "max_positions_stored": min(self.max_stored, len(self.kept))}
 
 
@@ -249,3 +262,44 @@ def check_cache_gb(name: str, cache_gb) -> float:
 def per_layer(values: dict[int, float], num_layers: int) -> list[float | None]:
     """Dense per-layer list from `{layer: value}`, None where a layer has no value."""
     return [values.get(i) for i in range(num_layers)]
+
+
+# --------------------------------------------------------------------------- disk cache
+class ScoreCache:
+    """A pruner's scores for one model + calibration set: `<lp cache>/select/<method>-<sha256>.json`.
+
+    Key = `ctx.cache_key` (model config, data source, calibration settings) + method + `settings`
+    that change the values + batch size, device type, dtype and `SCORES_VERSION`; the file repeats
+    the key and an entry whose key differs is ignored. Disabled (`path` None) when `enabled` is
+    false or `ctx.cache_key` is empty (tests, benchmarks). Writes are atomic (temp file + rename).
+    """
+
+    def __init__(self, ctx, method: str, enabled: bool = True, **settings):
+        param = next(ctx.model.parameters())
+        self.key = json.loads(json.dumps({
+            "ctx": ctx.cache_key, "method": method, "settings": settings, "batch_size": ctx.batch_size,
+            "device": param.device.type, "dtype": str(param.dtype), "version": SCORES_VERSION,
+        }, sort_keys=True, default=str))
+        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:20]
+        self.path = cache_dir() / "select" / f"{method}-{digest}.json" if enabled and ctx.cache_key else None
+
+    def load(self) -> dict | None:
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            entry = json.loads(self.path.read_text())
+        except (OSError, ValueError) as e:
+            log.warning("ignoring unreadable score cache %s (%s)", self.path, e)
+            return None
+        return entry["value"] if entry.get("key") == self.key else None
+
+    def save(self, value: dict) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(f"{self.path}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": self.key, "value": value}, default=str))
+        os.replace(tmp, self.path)
+
+    def info(self, **extra) -> dict:
+        return {"path": str(self.path) if self.path else None, **extra}

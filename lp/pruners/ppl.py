@@ -10,7 +10,8 @@ and the n blocks with the lowest PPL_l are removed at once (no re-scoring; ties 
 index). Every dense layer 0..L-1 is a candidate, so 1 <= n <= L-1. Layer indices are dense.
 
 Scoring uses the cached prefix of `lp.pruners._suffix` (`cache`, `cache_gb` as in `sleb`): one
-walk over the positions, each candidate running only the layers after it.
+walk over the positions, each candidate running only the layers after it. The scores do not
+depend on n: with `disk_cache: true` they are stored and reused by runs with any n.
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ import math
 import time
 
 from lp.models import Decoder
-from lp.pruners._suffix import LayerRunner, PrefixCache, check_cache_gb, check_n, per_layer, score_removals
+from lp.pruners._suffix import (
+    LayerRunner,
+    PrefixCache,
+    ScoreCache,
+    check_cache_gb,
+    check_n,
+    per_layer,
+    score_removals,
+)
 from lp.pruners.base import PruneContext, Selection
 
 
@@ -27,10 +36,11 @@ class PPLPruner:
     name = "ppl"
     needs_calibration = True
 
-    def __init__(self, n: int = 5, cache: bool = True, cache_gb: float = 4.0):
+    def __init__(self, n: int = 5, cache: bool = True, cache_gb: float = 4.0, disk_cache: bool = True):
         self.n = n
         self.cache = bool(cache)
         self.cache_gb = check_cache_gb(self.name, cache_gb)
+        self.disk_cache = bool(disk_cache)
 
     def check(self, num_layers: int) -> None:
         check_n(self.name, self.n, num_layers - 1, f"at least one of the model's {num_layers} layers must remain")
@@ -38,20 +48,30 @@ class PPLPruner:
     def select(self, ctx: PruneContext) -> Selection:
         L = Decoder(ctx.model).num_layers
         self.check(L)
-        windows = ctx.windows  # built (tokenized) before the clock starts
+        disk = ScoreCache(ctx, self.name, self.disk_cache)
+        stored = disk.load()
+        hit = stored is not None
         t0 = time.perf_counter()
-        runner = LayerRunner(ctx.model, windows, ctx.batch_size)
-        kept = list(range(L))
-        prefix = PrefixCache(runner, kept, self.cache_gb * 2**30) if self.cache else None
-        nll = score_removals(runner, kept, kept, prefix, None if prefix else runner.embed())
-        ppl = {i: math.exp(v) for i, v in nll.items()}
-        removed = sorted(kept, key=lambda i: (ppl[i], i))[: self.n]
+        runner, cache_info = None, {"enabled": self.cache, "used": False}
+        if not hit:
+            windows = ctx.windows  # built (tokenized) before the clock starts
+            t0 = time.perf_counter()
+            runner = LayerRunner(ctx.model, windows, ctx.batch_size)
+            kept = list(range(L))
+            prefix = PrefixCache(runner, kept, self.cache_gb * 2**30) if self.cache else None
+            nll = score_removals(runner, kept, kept, prefix, None if prefix else runner.embed())
+            cache_info = prefix.info(self.cache_gb) if prefix else {"enabled": False}
+            stored = {"nll": per_layer(nll, L), "calibration": ctx.calib_provenance}
+            disk.save(stored)
+        ppl = {i: math.exp(v) for i, v in enumerate(stored["nll"])}
+        removed = sorted(ppl, key=lambda i: (ppl[i], i))[: self.n]
         info = {
             "scores": {"kind": "calib_ppl_without_layer", "values": per_layer(ppl, L)},
             "order": removed,
-            "layer_calls": runner.layer_calls,
-            "head_calls": runner.head_calls,
-            "cache": prefix.info(self.cache_gb) if prefix else {"enabled": False},
+            "layer_calls": runner.layer_calls if runner else 0,
+            "head_calls": runner.head_calls if runner else 0,
+            "cache": cache_info,
+            "disk_cache": disk.info(hit=hit, calibration=stored["calibration"] if hit else None),
             "time_s": round(time.perf_counter() - t0, 3),
         }
         return Selection(removed, info)

@@ -18,7 +18,9 @@ are recomputed. `cache_gb` bounds that memory: N*T*D*bytes per position (SmolLM2
 bf16: 151 MB; Llama-2-7B: 2.1 GB); positions beyond the budget are recomputed by walking forward
 through one extra buffer. `cache: false` re-runs every remaining layer for every candidate
 (the naive re-scoring, kept for comparison). Both give the same scores: the same layers run on
-the same batches. The paper calibrates on 128 x 2048 WikiText-2 train windows (`calib=wikitext2`);
+the same batches. With `disk_cache: true` the steps are stored (see `ScoreCache`) and a later run
+with the same model and calibration reuses its first n steps and continues from there, so a sweep
+over n costs one run of the largest n. The paper calibrates on 128 x 2048 WikiText-2 train windows (`calib=wikitext2`);
 that is ~L^2/2 suffix layer-passes over 128 windows per step, so use `calib=quick` on a CPU.
 """
 
@@ -27,7 +29,15 @@ from __future__ import annotations
 import time
 
 from lp.models import Decoder
-from lp.pruners._suffix import LayerRunner, PrefixCache, check_cache_gb, check_n, per_layer, score_removals
+from lp.pruners._suffix import (
+    LayerRunner,
+    PrefixCache,
+    ScoreCache,
+    check_cache_gb,
+    check_n,
+    per_layer,
+    score_removals,
+)
 from lp.pruners.base import PruneContext, Selection
 
 
@@ -35,10 +45,11 @@ class SLEBPruner:
     name = "sleb"
     needs_calibration = True
 
-    def __init__(self, n: int = 5, cache: bool = True, cache_gb: float = 4.0):
+    def __init__(self, n: int = 5, cache: bool = True, cache_gb: float = 4.0, disk_cache: bool = True):
         self.n = n
         self.cache = bool(cache)
         self.cache_gb = check_cache_gb(self.name, cache_gb)
+        self.disk_cache = bool(disk_cache)
 
     def check(self, num_layers: int) -> None:
         check_n(self.name, self.n, num_layers - 2,
@@ -47,32 +58,48 @@ class SLEBPruner:
     def select(self, ctx: PruneContext) -> Selection:
         L = Decoder(ctx.model).num_layers
         self.check(L)
-        windows = ctx.windows  # built (tokenized) before the clock starts
+        disk = ScoreCache(ctx, self.name, self.disk_cache)
+        stored = disk.load() or {}
+        steps = stored.get("steps", [])[: self.n]  # greedy: the first n steps of any longer run
+        reused, calib = len(steps), stored.get("calibration")
         t0 = time.perf_counter()
-        runner = LayerRunner(ctx.model, windows, ctx.batch_size)
-        kept = list(range(L))
-        if self.cache:
-            prefix, h0 = PrefixCache(runner, kept, self.cache_gb * 2**30), None
-        else:
-            prefix, h0 = None, runner.embed()
-        order, steps = [], []
-        for _ in range(self.n):
-            cands = [i for i in kept if 0 < i < L - 1]
-            scores = score_removals(runner, kept, cands, prefix, h0)
-            best = min(cands, key=lambda i: (scores[i], i))
-            order.append(best)
-            steps.append({"removed": best, "nll": per_layer(scores, L)})
-            if prefix is not None:
-                prefix.remove(kept.index(best))
-            kept.remove(best)
+        runner, cache_info = None, {"enabled": self.cache, "used": False}
+        if reused < self.n:
+            windows = ctx.windows  # built (tokenized) before the clock starts
+            calib = ctx.calib_provenance
+            t0 = time.perf_counter()
+            runner = LayerRunner(ctx.model, windows, ctx.batch_size)
+            new, cache_info = self._greedy(runner, L, [s["removed"] for s in steps])
+            steps += new
+            disk.save({"steps": steps, "calibration": calib})
+        order = [s["removed"] for s in steps]
         info = {
             "scores": {"kind": "calib_nll_without_layer", "values": steps[0]["nll"]},
             "order": order,
             "steps": steps,
-            "calib_nll_after": scores[best],
-            "layer_calls": runner.layer_calls,
-            "head_calls": runner.head_calls,
-            "cache": prefix.info(self.cache_gb) if prefix else {"enabled": False},
+            "calib_nll_after": steps[-1]["nll"][order[-1]],
+            "layer_calls": runner.layer_calls if runner else 0,
+            "head_calls": runner.head_calls if runner else 0,
+            "cache": cache_info,
+            "disk_cache": disk.info(reused_steps=reused, calibration=calib if reused else None),
             "time_s": round(time.perf_counter() - t0, 3),
         }
         return Selection(order, info)
+
+    def _greedy(self, runner: LayerRunner, L: int, removed: list[int]) -> tuple[list[dict], dict]:
+        """Steps len(removed)+1..n from the model without `removed`: (steps, cache info)."""
+        kept = [i for i in range(L) if i not in removed]
+        if self.cache:
+            prefix, h0 = PrefixCache(runner, kept, self.cache_gb * 2**30), None
+        else:
+            prefix, h0 = None, runner.embed()
+        steps = []
+        for _ in range(self.n - len(removed)):
+            cands = [i for i in kept if 0 < i < L - 1]
+            scores = score_removals(runner, kept, cands, prefix, h0)
+            best = min(cands, key=lambda i: (scores[i], i))
+            steps.append({"removed": best, "nll": per_layer(scores, L)})
+            if prefix is not None:
+                prefix.remove(kept.index(best))
+            kept.remove(best)
+        return steps, (prefix.info(self.cache_gb) if prefix else {"enabled": False})

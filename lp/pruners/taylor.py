@@ -23,6 +23,8 @@ one micro-batch. Llama-3-8B at seqlen 2048, micro-batch 1: 16 GB bf16 weights + 
 (~0.4 GB per block) = ~52 GB, so it fits one 80 GB GPU; per-block accumulators could go to the
 host if memory were tighter. Gradients of a bf16 model are bf16 per micro-batch before the fp32 sum.
 The model is left as found: weights, `requires_grad` flags, existing `.grad`s and train/eval mode.
+The scores do not depend on n: with `disk_cache: true` they are stored and reused by runs with any n
+(see `lp.pruners._suffix.ScoreCache`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 
 from lp.evaluate.ppl import token_nll
 from lp.models import Decoder
-from lp.pruners._suffix import check_n, per_layer
+from lp.pruners._suffix import ScoreCache, check_n, per_layer
 from lp.pruners.base import PruneContext, Selection
 
 KEEP_FIRST, KEEP_LAST = 4, 2
@@ -86,11 +88,12 @@ class TaylorPruner:
     name = "taylor"
     needs_calibration = True
 
-    def __init__(self, n: int = 5, micro_batch: int = 1):
+    def __init__(self, n: int = 5, micro_batch: int = 1, disk_cache: bool = True):
         if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
             raise ValueError(f"pruner=taylor: pruner.micro_batch={micro_batch!r} must be an integer >= 1")
         self.n = n
         self.micro_batch = micro_batch
+        self.disk_cache = bool(disk_cache)
 
     def check(self, num_layers: int) -> None:
         check_n(self.name, self.n, num_layers - KEEP_FIRST - KEEP_LAST,
@@ -100,14 +103,24 @@ class TaylorPruner:
     def select(self, ctx: PruneContext) -> Selection:
         L = Decoder(ctx.model).num_layers
         self.check(L)
-        windows = ctx.windows  # built (tokenized) before the clock starts
+        disk = ScoreCache(ctx, self.name, self.disk_cache, micro_batch=self.micro_batch)
+        stored = disk.load()
         t0 = time.perf_counter()
-        scores = taylor_scores(ctx.model, windows, list(range(KEEP_FIRST, L - KEEP_LAST)), self.micro_batch)
-        removed = sorted(scores, key=lambda i: (scores[i], i))[: self.n]
+        hit = stored is not None
+        if not hit:
+            windows = ctx.windows  # built (tokenized) before the clock starts
+            t0 = time.perf_counter()
+            scores = taylor_scores(ctx.model, windows, list(range(KEEP_FIRST, L - KEEP_LAST)), self.micro_batch)
+            stored = {"scores": per_layer(scores, L), "backward_passes": -(-len(windows) // self.micro_batch),
+                      "calibration": ctx.calib_provenance}
+            disk.save(stored)
+        values = stored["scores"]
+        removed = sorted(range(KEEP_FIRST, L - KEEP_LAST), key=lambda i: (values[i], i))[: self.n]
         info = {
-            "scores": {"kind": "taylor_abs_w_grad", "values": per_layer(scores, L)},
+            "scores": {"kind": "taylor_abs_w_grad", "values": values},
             "order": removed,
-            "backward_passes": -(-len(windows) // self.micro_batch),
+            "backward_passes": 0 if hit else stored["backward_passes"],
+            "disk_cache": disk.info(hit=hit, calibration=stored["calibration"] if hit else None),
             "time_s": round(time.perf_counter() - t0, 3),
         }
         return Selection(removed, info)

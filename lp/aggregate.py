@@ -32,7 +32,8 @@ import pandas as pd
 log = logging.getLogger(__name__)
 
 PRUNERS = {"shortgpt": "ShortGPT", "llm_streamline": "LLM-Streamline", "streamline": "LLM-Streamline",
-           "sleb": "SLEB", "taylor": "Taylor+", "blockpruner": "BlockPruner", "linearpatch": "LinearPatch",
+           "sleb": "SLEB", "taylor": "Taylor+", "blockpruner": "BlockPruner", "angular": "Angular (Gromov)",
+           "linearpatch": "LinearPatch block",  # the paper's block selection; its patched row is "+LinearPatch"
            "lastn": "Last-n", "last_n": "Last-n", "random": "Random", "ppl": "PPL", "magnitude": "Magnitude"}
 PPL_SETS = {"wikitext2": "WikiText2", "ptb": "PTB", "c4": "C4"}
 QA_TASKS = {"wsc273": "WSC", "wsc": "WSC", "hellaswag": "HellaSwag", "piqa": "PIQA", "arc_easy": "ARC-e",

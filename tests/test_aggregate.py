@@ -194,3 +194,13 @@ def test_tables_from_python(sweep):
     qa = agg.qa_table(df)
     assert re.fullmatch(r"[\d.]+", f"{qa.loc[qa['job'] == '4', 'RP'].item():.2f}")
     assert qa.loc[qa["job"] == "4", "RP"].item() == pytest.approx(100 * (0.58 + 0.76 + 0.66) / 3 / 0.70)
+
+
+def test_method_labels_name_the_selection_and_the_patch(tmp_path):
+    """`pruner=linearpatch` without a patch is the paper's block selection, not a patched model."""
+    rows = [_result(p, 3, patch, (20, 30), ()) for p in ("linearpatch", "angular") for patch in ("none", "rotate")]
+    for i, res in enumerate(rows):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "result.json").write_text(json.dumps(res))
+    table = agg.ppl_table(agg.summarize(agg.load_results(tmp_path)))
+    assert list(table["method"]) == ["LinearPatch block", "+LinearPatch", "Angular (Gromov)", "+LinearPatch"]

@@ -103,3 +103,20 @@ def test_reference_variant_range_and_unknown_variant():
         LinearPatchPruner(7, variant="reference").check(8)
     with pytest.raises(ValueError, match="pruner.variant='ref'; choose one of"):
         LinearPatchPruner(3, variant="ref")
+
+
+def test_second_run_loads_statistics_and_changed_seed_recomputes(cfg_factory, tmp_path, monkeypatch):
+    """Through run(cfg): pruners and n share one cached pass; a new calibration seed is a new key."""
+    from lp.run import run
+
+    monkeypatch.setenv("LP_CACHE_DIR", str(tmp_path / "cache"))
+    small = ["model=tiny_llama", "calib.corpus=ptb", "calib.split=test", "calib.nsamples=4", "calib.seqlen=64",
+             "eval=quick", "eval.ppl.datasets=[ptb]", "eval.ppl.seqlen=64", "eval.ppl.max_windows=2",
+             "eval.ppl.progress=false"]
+    first = run(cfg_factory(*small, "pruner=shortgpt", "pruner.n=2"))["pruning"]["calibration"]
+    second = run(cfg_factory(*small, "pruner=angular", "pruner.n=3"))["pruning"]["calibration"]
+    reseeded = run(cfg_factory(*small, "pruner=angular", "pruner.n=3", "calib.seed=7"))["pruning"]["calibration"]
+    assert first["cached"] is False and second["cached"] is True and reseeded["cached"] is False
+    assert second["path"] == first["path"] != reseeded["path"]
+    assert second["provenance"] == first["provenance"]
+    assert len(list((tmp_path / "cache" / "calib").iterdir())) == 2

@@ -54,10 +54,8 @@ PRUNERS = (LinearPatchPruner, ShortGPTPruner, StreamlinePruner, AngularPruner)
 
 
 def context():
-    ctx = PruneContext(model, tok, calib_fn=lambda: (windows, provenance), cache_key=key,
-                       batch_size=args.batch_size)
-    ctx.hadamard_fallback_seed = None
-    return ctx
+    return PruneContext(model, tok, calib_fn=lambda: (windows, provenance), cache_key=key,
+                        batch_size=args.batch_size)
 
 
 def one_calibration():

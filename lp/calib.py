@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lp import hadamard as hd
-from lp.models import Decoder, cache_dir
+from lp.models import Decoder, StopForward, cache_dir, hidden_input
 
 log = logging.getLogger(__name__)
 
@@ -240,10 +240,6 @@ def check_block(method: str, n, num_layers: int, variant: str = "paper") -> None
 
 
 # --------------------------------------------------------------------------- the pass
-class _Stop(Exception):
-    """Raised by the hook on the deepest needed layer to skip the rest of the forward pass."""
-
-
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -254,7 +250,7 @@ def collect(model, windows: torch.Tensor, batch_size: int = 1, rotation: Rotatio
     """Run the dense `model` once over `windows` [W, T] (int64) and return its `CalibStats`.
 
     Hooks: a forward pre-hook on every layer l captures h_l, a forward hook on the last layer
-    captures h_L and raises `_Stop` (final norm and lm_head never run). Per batch, the whole stack
+    captures h_L and raises `StopForward` (final norm and lm_head never run). Per batch, the whole stack
     of normalised activations [L+1, B, T, D] float32 is held twice (token- and channel-normalised);
     nothing is kept across batches except the running sums.
     """
@@ -283,12 +279,12 @@ def collect(model, windows: torch.Tensor, batch_size: int = 1, rotation: Rotatio
 
     def pre_hook(idx):
         def hook(module, args, kwargs):
-            take(idx, args[0] if args else kwargs["hidden_states"])
+            take(idx, hidden_input(args, kwargs))
         return hook
 
     def last_hook(module, args, kwargs, out):
         take(L, _first(out))
-        raise _Stop
+        raise StopForward
 
     handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(dec.layers)]
     handles.append(dec.layers[L - 1].register_forward_hook(last_hook, with_kwargs=True))
@@ -303,7 +299,7 @@ def collect(model, windows: torch.Tensor, batch_size: int = 1, rotation: Rotatio
             state["w0"] = w0
             try:
                 dec.backbone(input_ids=batch, use_cache=False)
-            except _Stop:
+            except StopForward:
                 pass
             else:
                 raise RuntimeError("the last decoder layer never ran: calibration hooks did not fire")
@@ -363,11 +359,11 @@ def get_stats(ctx, fallback_seed: int | None = None, progress: bool = False) -> 
     `<lp cache>/calib/<sha256 of json.dumps(key, sort_keys=True)>/`, with key = `ctx.cache_key` +
     statistics version + rotation; otherwise computed in one pass and saved atomically (a temporary
     folder renamed into place). An empty `ctx.cache_key` disables the disk cache. `fallback_seed`
-    (default: `ctx.hadamard_fallback_seed` if set) names the random orthogonal rotation used when
+    (default: `ctx.hadamard_fallback_seed`) names the random orthogonal rotation used when
     the hidden size has no Hadamard matrix. `stats.cost` = {"seconds", "cached", "path"}.
     """
     if fallback_seed is None:
-        fallback_seed = getattr(ctx, "hadamard_fallback_seed", None)
+        fallback_seed = ctx.hadamard_fallback_seed
     D = Decoder(ctx.model).hidden_size
     spec = rotation_spec(D, fallback_seed)
     memo = ctx.__dict__.setdefault(_CTX_ATTR, {})
@@ -396,7 +392,8 @@ def get_stats(ctx, fallback_seed: int | None = None, progress: bool = False) -> 
                       "path": str(path) if path else None}
         log.info("calibration statistics computed in %.2fs (%d windows x %d tokens)%s", stats.cost["seconds"],
                  *windows.shape, f", saved to {path}" if path else "")
-    stats.cost["provenance"] = stats.meta.get("calibration")
+    if stats.cost["cached"]:
+        ctx.cached_provenance = stats.meta.get("calibration")
     memo[spec] = stats
     return stats
 

@@ -286,11 +286,6 @@ def topk_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 
-class _Stop(Exception):
-    def __init__(self, hidden):
-        self.hidden = hidden
-
-
 class Suffix:
     """The student from its first patched module onwards.
 
@@ -322,40 +317,34 @@ class Suffix:
         The first batch of each shape runs the model up to its final norm once to capture every suffix
         call's arguments; later batches stop at the first patched module."""
         shape = tuple(ids.shape)
-        capture = shape not in self._calls
-        calls, first = [], {}
-
-        def grab(mod, args, kwargs):
-            if "hidden_states" in kwargs:
-                kwargs = dict(kwargs)
-                args = (kwargs.pop("hidden_states"), *args)
-            if not calls:
-                first["h"] = args[0]
-            calls.append((args[1:], kwargs))
-            if len(calls) == len(self.modules):  # all suffix calls seen: skip the LM head
-                raise _Stop(None)
-
-        def stop(mod, args, kwargs):
-            raise _Stop(args[0] if args else kwargs["hidden_states"])
-
-        if capture:
-            handles = [m.register_forward_pre_hook(grab, with_kwargs=True) for m in self.modules]
-        else:
-            handles = [self.modules[0].register_forward_pre_hook(stop, with_kwargs=True)]
         device = next(self.model.parameters()).device
-        try:
-            with torch.autocast(device.type, enabled=False):
+        with torch.autocast(device.type, enabled=False):
+            if shape in self._calls:
+                return models.input_of(self.model, self.modules[0], ids.to(device)).detach()
+            calls, first = [], []
+
+            def grab(mod, args, kwargs):
+                if "hidden_states" in kwargs:
+                    kwargs = dict(kwargs)
+                    args = (kwargs.pop("hidden_states"), *args)
+                if not calls:
+                    first.append(args[0])
+                calls.append((args[1:], kwargs))
+                if len(calls) == len(self.modules):  # all suffix calls seen: skip the LM head
+                    raise models.StopForward
+
+            handles = [m.register_forward_pre_hook(grab, with_kwargs=True) for m in self.modules]
+            try:
                 self.model(input_ids=ids.to(device), use_cache=False)
-        except _Stop as s:
-            h = s.hidden if s.hidden is not None else first["h"]
-        else:
-            raise RuntimeError("the model's forward never reached its final norm")
-        finally:
-            for hd in handles:
-                hd.remove()
-        if capture:
-            self._calls[shape] = calls
-        return h.detach()
+            except models.StopForward:
+                pass
+            else:
+                raise RuntimeError("the model's forward never reached its final norm")
+            finally:
+                for hd in handles:
+                    hd.remove()
+        self._calls[shape] = calls
+        return first[0].detach()
 
     def hidden(self, h: torch.Tensor) -> torch.Tensor:
         calls = self._calls.get(tuple(h.shape[:2]))

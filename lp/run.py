@@ -191,12 +191,10 @@ def _run(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: lis
             dense_qa = paper_scores(m, qa_tasks)
 
     ctx = PruneContext(model, tokenizer, calib_fn=lambda: calibration(cfg, tokenizer),
-                       cache_key=stats_key(cfg), batch_size=cfg.calib.batch_size)
-    ctx.hadamard_fallback_seed = cfg.patch.get("hadamard_fallback_seed")  # rotation of the shared calib stats
+                       cache_key=stats_key(cfg), batch_size=cfg.calib.batch_size,
+                       hadamard_fallback_seed=cfg.patch.get("hadamard_fallback_seed"))
     with stages("select"):
         sel = pruner.select(ctx)
-    cached_calib = (sel.info.get("calibration") or {}).get("provenance")  # stats loaded from the disk cache
-    result["data"] = {"calibration": ctx.calib_provenance if ctx.calib_used else cached_calib}
 
     patches_info = None
     if cfg.patch.kind != "none" and sel.removed:
@@ -204,6 +202,7 @@ def _run(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: lis
 
         with stages("patch"):
             patches, patches_info = build_patches(ctx, sel.removed, cfg.patch)
+    result["data"] = {"calibration": ctx.provenance}  # None only if nothing needed calibration
     teacher = None
     if cfg.distill.name != "none":  # the teacher is the dense model: cache its top-k logits before the drop
         from lp import distill as distill_mod  # noqa: PLC0415

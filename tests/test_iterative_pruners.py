@@ -186,7 +186,7 @@ def test_disk_cache_reuses_scores_across_n(tmp_path, monkeypatch):
     shorter = SLEBPruner(n=3).select(c3)  # entirely from disk: calibration never built
     assert shorter.info["steps"] == fresh.info["steps"][:3] and shorter.removed == sorted(fresh.info["order"][:3])
     assert shorter.info["layer_calls"] == 0 and not c3.calib_used
-    assert shorter.info["disk_cache"]["calibration"] == {"src": "test"}
+    assert c3.provenance == {"src": "test"}  # recorded with the cache entry
     assert SLEBPruner(n=1).select(ctx(key=2)).info["disk_cache"]["reused_steps"] == 0  # other calibration
 
     for cls in (PPLPruner, TaylorPruner):
@@ -194,6 +194,7 @@ def test_disk_cache_reuses_scores_across_n(tmp_path, monkeypatch):
         c = ctx()
         again = cls(n=2).select(c)
         assert again.info["disk_cache"]["hit"] and not first.info["disk_cache"]["hit"] and not c.calib_used
+        assert c.provenance == {"src": "test"} and again.info["time_s"] == 0 and first.info["time_s"] > 0
         assert again.info["scores"] == first.info["scores"]
         assert again.removed == sorted(cls(n=2, disk_cache=False).select(ctx()).info["order"])
 
@@ -249,6 +250,11 @@ def test_run_sleb_end_to_end(tmp_path, monkeypatch):
     assert p["order"][0] == min(range(1, 7), key=lambda i: (values[i], i))
     assert saved["data"]["calibration"]["nsamples"] == 16
     assert result["metrics"]["ppl/wikitext2"] > 1
+    run(compose_cfg(tmp_path, "pruner=sleb", "pruner.n=1", "patch=rotate"))  # steps from disk, stats computed
+    again = run(compose_cfg(tmp_path, "pruner=sleb", "pruner.n=2", "patch=rotate"))  # both from disk
+    assert again["pruning"]["disk_cache"]["reused_steps"] == 2 and again["pruning"]["layer_calls"] == 0
+    assert again["patch"]["calibration"]["cached"] is True
+    assert again["data"]["calibration"] == saved["data"]["calibration"]  # provenance of the cached entries
 
 
 def test_run_rejects_bad_n_before_loading(tmp_path):

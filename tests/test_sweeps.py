@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import DATA, REPO
 from omegaconf import OmegaConf
+from test_tracking import Recorder
 
 from lp.callbacks import AggregateOnMultirunEnd, config_hash, find_finished, resume_job
 from lp.run import run
@@ -155,31 +156,9 @@ def test_aggregate_callback_never_raises(tmp_path, caplog):
 
 
 # ------------------------------------------------------------------------------------- tracker step
-class Recorder:
-    """A tracker that remembers every instance and call (a `_target_` for tracker configs)."""
-
-    instances: list[Recorder] = []
-
-    def __init__(self, **kwargs):
-        self.kwargs, self.summaries, self.tables, self.status = kwargs, {}, {}, None
-        Recorder.instances.append(self)
-
-    def log(self, metrics, step=None):
-        pass
-
-    def log_table(self, name, columns, rows):
-        self.tables[name] = (columns, rows)
-
-    def summary(self, values):
-        self.summaries.update(values)
-
-    def finish(self, status="ok"):
-        self.status = status
-
-
 def test_run_starts_and_finishes_the_tracker(cfg_factory, tmp_path):
     Recorder.instances.clear()
-    result = run(cfg_factory(*TINY, "tracker=wandb", f"tracker._target_={__name__}.Recorder"))
+    result = run(cfg_factory(*TINY, "tracker=wandb", f"tracker._target_={Recorder.__module__}.Recorder"))
     (t,) = Recorder.instances
     kw = t.kwargs
     assert kw["name"] == "tiny_llama/manual/none/n2" and kw["job_type"] == "manual" and kw["group"] is None
@@ -191,7 +170,7 @@ def test_run_starts_and_finishes_the_tracker(cfg_factory, tmp_path):
 
     Recorder.instances.clear()  # a user-set name is kept; a failure is logged and finished as failed
     with pytest.raises(RuntimeError, match="bogus"):
-        run(cfg_factory(*TINY, "tracker=wandb", f"tracker._target_={__name__}.Recorder", "tracker.name=mine",
+        run(cfg_factory(*TINY, "tracker=wandb", f"tracker._target_={Recorder.__module__}.Recorder", "tracker.name=mine",
                         "model.device=bogus"))
     (t,) = Recorder.instances
     assert t.kwargs["name"] == "mine" and t.status == "failed"
@@ -235,7 +214,7 @@ def test_tracker_group_is_the_sweep_name_in_a_multirun(tmp_path):
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["sweeps=tiny_smoke", "tracker=wandb", f"paths.output_dir={tmp_path}",
-                                           f"tracker._target_={__name__}.Recorder"], return_hydra_config=True)
+                                           f"tracker._target_={Recorder.__module__}.Recorder"], return_hydra_config=True)
     hc, saved = HydraConfig.instance(), HydraConfig.instance().cfg
     try:
         hc.set_config(cfg)  # as inside a job of `python run.py sweeps=tiny_smoke`
@@ -255,7 +234,7 @@ def test_run_hands_the_tracker_to_distillation(cfg_factory, monkeypatch):
     monkeypatch.setattr(lp.distill, "metrics", lambda info: {"distill/steps": info["steps"]})
     Recorder.instances.clear()
     result = run(cfg_factory(*TINY, "patch=rotate", "distill=quick", "calib.corpus=ptb", "calib.split=test",
-                             "calib.nsamples=4", "calib.seqlen=64", f"tracker._target_={__name__}.Recorder"))
+                             "calib.nsamples=4", "calib.seqlen=64", f"tracker._target_={Recorder.__module__}.Recorder"))
     assert result["status"] == "ok" and result["distill"] == {"steps": 0}
     (t,) = Recorder.instances
     assert got == {"teacher": "teacher", "tracker": t} and t.status == "ok"

@@ -27,8 +27,13 @@ SUMMARY = {"ppl/wikitext2": 25.3, "qa/piqa/score": 0.61, "qa/avg": 0.6, "qa/rp":
 
 
 class Recorder:
-    def __init__(self):
-        self.summaries, self.tables, self.logs, self.status = {}, {}, [], None
+    """A tracker that remembers every instance and call (also a `_target_` for tracker configs)."""
+
+    instances: list = []
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.summaries, self.tables, self.logs, self.status = kwargs, {}, {}, [], None
+        Recorder.instances.append(self)
 
     def log(self, metrics, step=None):
         self.logs.append((metrics, step))

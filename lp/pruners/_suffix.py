@@ -33,14 +33,10 @@ import torch
 from torch import Tensor
 
 from lp.evaluate.ppl import token_nll
-from lp.models import Decoder, cache_dir
+from lp.models import Decoder, cache_dir, input_of
 
 log = logging.getLogger(__name__)
 SCORES_VERSION = 1  # bump when the meaning of stored pruner scores changes (invalidates the disk cache)
-
-
-class _Stop(Exception):
-    """Raised by a pre-hook to end a forward once the input of layer 0 is captured."""
 
 
 class LayerRunner:
@@ -100,22 +96,7 @@ class LayerRunner:
     @torch.inference_mode()
     def embed(self) -> Tensor:
         """H_0 `[N, T, D]`: what enters layer 0 (the model's embedding path, scaling included)."""
-        out = []
-
-        def catch(_mod, args, kwargs):
-            out.append(args[0] if args else kwargs["hidden_states"])
-            raise _Stop
-
-        handle = self.layers[0].register_forward_pre_hook(catch, with_kwargs=True)
-        try:
-            for b in self.batches:
-                try:
-                    self.model(input_ids=self.windows[b], use_cache=False)
-                except _Stop:
-                    pass
-        finally:
-            handle.remove()
-        return torch.cat(out)
+        return torch.cat([input_of(self.model, self.layers[0], self.windows[b]) for b in self.batches])
 
     # ----------------------------------------------------------------- compute
     def _layer(self, index: int, h: Tensor) -> Tensor:
@@ -270,11 +251,13 @@ class ScoreCache:
 
     Key = `ctx.cache_key` (model config, data source, calibration settings) + method + `settings`
     that change the values + batch size, device type, dtype and `SCORES_VERSION`; the file repeats
-    the key and an entry whose key differs is ignored. Disabled (`path` None) when `enabled` is
-    false or `ctx.cache_key` is empty (tests, benchmarks). Writes are atomic (temp file + rename).
+    the key and an entry whose key differs is ignored. It also records the calibration provenance,
+    which `load` hands to `ctx.cached_provenance`. Disabled (`path` None) when `enabled` is false or
+    `ctx.cache_key` is empty (tests, benchmarks). Writes are atomic (temp file + rename).
     """
 
     def __init__(self, ctx, method: str, enabled: bool = True, **settings):
+        self.ctx = ctx
         param = next(ctx.model.parameters())
         self.key = json.loads(json.dumps({
             "ctx": ctx.cache_key, "method": method, "settings": settings, "batch_size": ctx.batch_size,
@@ -291,15 +274,48 @@ class ScoreCache:
         except (OSError, ValueError) as e:
             log.warning("ignoring unreadable score cache %s (%s)", self.path, e)
             return None
-        return entry["value"] if entry.get("key") == self.key else None
+        if entry.get("key") != self.key:
+            return None
+        self.ctx.cached_provenance = entry.get("calibration")
+        return entry["value"]
 
     def save(self, value: dict) -> None:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(f"{self.path}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"key": self.key, "value": value}, default=str))
+        entry = {"key": self.key, "calibration": self.ctx.calib_provenance, "value": value}
+        tmp.write_text(json.dumps(entry, default=str))
         os.replace(tmp, self.path)
 
     def info(self, **extra) -> dict:
         return {"path": str(self.path) if self.path else None, **extra}
+
+
+# --------------------------------------------------------------------------- pruner base
+class SuffixPruner:
+    """Settings and bookkeeping shared by `sleb` and `ppl`, which score removals with `score_removals`."""
+
+    name = ""
+    needs_calibration = True
+
+    def __init__(self, n: int = 5, cache: bool = True, cache_gb: float = 4.0, disk_cache: bool = True):
+        self.n = n
+        self.cache = bool(cache)
+        self.cache_gb = check_cache_gb(self.name, cache_gb)
+        self.disk_cache = bool(disk_cache)
+
+    def start(self, runner: LayerRunner, kept: list[int]) -> tuple[PrefixCache | None, Tensor | None]:
+        """`(prefix, h0)` for `score_removals`: a prefix cache, or (`cache: false`) the embedding output."""
+        if self.cache:
+            return PrefixCache(runner, kept, self.cache_gb * 2**30), None
+        return None, runner.embed()
+
+    def cost(self, runner: LayerRunner | None, prefix: PrefixCache | None, seconds: float) -> dict:
+        """Calls, cache settings and time for result.json (`runner` None: everything came from disk)."""
+        if runner is None:
+            cache = {"enabled": self.cache, "used": False}
+        else:
+            cache = prefix.info(self.cache_gb) if prefix else {"enabled": False}
+        return {"layer_calls": runner.layer_calls if runner else 0, "head_calls": runner.head_calls if runner else 0,
+                "cache": cache, "time_s": round(seconds, 3)}

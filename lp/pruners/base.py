@@ -35,6 +35,13 @@ class PruneContext:
     calib_fn: Callable[[], tuple[torch.Tensor, dict]]
     cache_key: dict = field(default_factory=dict)  # model/data/sampler identity for on-disk caches
     batch_size: int = 1
+    hadamard_fallback_seed: int | None = None  # rotation of the shared statistics where no Hadamard exists
+    cached_provenance: dict | None = None  # set by a disk cache whose entry served this run instead
+
+    @property
+    def provenance(self) -> dict | None:
+        """Where this run's calibration windows came from: built now, or recorded with a cache entry."""
+        return self.calib_provenance if self.calib_used else self.cached_provenance
 
     @cached_property
     def _calib(self):

@@ -20,27 +20,12 @@ import math
 import time
 
 from lp.models import Decoder
-from lp.pruners._suffix import (
-    LayerRunner,
-    PrefixCache,
-    ScoreCache,
-    check_cache_gb,
-    check_n,
-    per_layer,
-    score_removals,
-)
+from lp.pruners._suffix import LayerRunner, ScoreCache, SuffixPruner, check_n, per_layer, score_removals
 from lp.pruners.base import PruneContext, Selection
 
 
-class PPLPruner:
+class PPLPruner(SuffixPruner):
     name = "ppl"
-    needs_calibration = True
-
-    def __init__(self, n: int = 5, cache: bool = True, cache_gb: float = 4.0, disk_cache: bool = True):
-        self.n = n
-        self.cache = bool(cache)
-        self.cache_gb = check_cache_gb(self.name, cache_gb)
-        self.disk_cache = bool(disk_cache)
 
     def check(self, num_layers: int) -> None:
         check_n(self.name, self.n, num_layers - 1, f"at least one of the model's {num_layers} layers must remain")
@@ -50,28 +35,22 @@ class PPLPruner:
         self.check(L)
         disk = ScoreCache(ctx, self.name, self.disk_cache)
         stored = disk.load()
-        hit = stored is not None
-        t0 = time.perf_counter()
-        runner, cache_info = None, {"enabled": self.cache, "used": False}
+        hit, runner, prefix, seconds = stored is not None, None, None, 0.0
         if not hit:
             windows = ctx.windows  # built (tokenized) before the clock starts
             t0 = time.perf_counter()
             runner = LayerRunner(ctx.model, windows, ctx.batch_size)
             kept = list(range(L))
-            prefix = PrefixCache(runner, kept, self.cache_gb * 2**30) if self.cache else None
-            nll = score_removals(runner, kept, kept, prefix, None if prefix else runner.embed())
-            cache_info = prefix.info(self.cache_gb) if prefix else {"enabled": False}
-            stored = {"nll": per_layer(nll, L), "calibration": ctx.calib_provenance}
+            prefix, h0 = self.start(runner, kept)
+            stored = {"nll": per_layer(score_removals(runner, kept, kept, prefix, h0), L)}
+            seconds = time.perf_counter() - t0
             disk.save(stored)
         ppl = {i: math.exp(v) for i, v in enumerate(stored["nll"])}
         removed = sorted(ppl, key=lambda i: (ppl[i], i))[: self.n]
         info = {
             "scores": {"kind": "calib_ppl_without_layer", "values": per_layer(ppl, L)},
             "order": removed,
-            "layer_calls": runner.layer_calls if runner else 0,
-            "head_calls": runner.head_calls if runner else 0,
-            "cache": cache_info,
-            "disk_cache": disk.info(hit=hit, calibration=stored["calibration"] if hit else None),
-            "time_s": round(time.perf_counter() - t0, 3),
+            **self.cost(runner, prefix, seconds),
+            "disk_cache": disk.info(hit=hit),
         }
         return Selection(removed, info)

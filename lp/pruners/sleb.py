@@ -32,27 +32,12 @@ from __future__ import annotations
 import time
 
 from lp.models import Decoder
-from lp.pruners._suffix import (
-    LayerRunner,
-    PrefixCache,
-    ScoreCache,
-    check_cache_gb,
-    check_n,
-    per_layer,
-    score_removals,
-)
+from lp.pruners._suffix import LayerRunner, ScoreCache, SuffixPruner, check_n, per_layer, score_removals
 from lp.pruners.base import PruneContext, Selection
 
 
-class SLEBPruner:
+class SLEBPruner(SuffixPruner):
     name = "sleb"
-    needs_calibration = True
-
-    def __init__(self, n: int = 5, cache: bool = True, cache_gb: float = 4.0, disk_cache: bool = True):
-        self.n = n
-        self.cache = bool(cache)
-        self.cache_gb = check_cache_gb(self.name, cache_gb)
-        self.disk_cache = bool(disk_cache)
 
     def check(self, num_layers: int) -> None:
         check_n(self.name, self.n, num_layers - 2,
@@ -62,42 +47,32 @@ class SLEBPruner:
         L = Decoder(ctx.model).num_layers
         self.check(L)
         disk = ScoreCache(ctx, self.name, self.disk_cache)
-        stored = disk.load() or {}
-        steps = stored.get("steps", [])[: self.n]  # greedy: the first n steps of any longer run
-        reused, calib = len(steps), stored.get("calibration")
-        t0 = time.perf_counter()
-        runner, cache_info = None, {"enabled": self.cache, "used": False}
+        steps = (disk.load() or {}).get("steps", [])[: self.n]  # greedy: the first n steps of any longer run
+        reused, runner, prefix, seconds = len(steps), None, None, 0.0
         if reused < self.n:
             windows = ctx.windows  # built (tokenized) before the clock starts
-            calib = ctx.calib_provenance
             t0 = time.perf_counter()
             runner = LayerRunner(ctx.model, windows, ctx.batch_size)
-            new, cache_info = self._greedy(runner, L, [s["removed"] for s in steps])
-            steps += new
-            disk.save({"steps": steps, "calibration": calib})
+            prefix = self._greedy(runner, L, steps)
+            seconds = time.perf_counter() - t0
+            disk.save({"steps": steps})
         order = [s["removed"] for s in steps]
         info = {
             "scores": {"kind": "calib_nll_without_layer", "values": steps[0]["nll"]},
             "order": order,
             "steps": steps,
             "calib_nll_after": steps[-1]["nll"][order[-1]],
-            "layer_calls": runner.layer_calls if runner else 0,
-            "head_calls": runner.head_calls if runner else 0,
-            "cache": cache_info,
-            "disk_cache": disk.info(reused_steps=reused, calibration=calib if reused else None),
-            "time_s": round(time.perf_counter() - t0, 3),
+            **self.cost(runner, prefix, seconds),
+            "disk_cache": disk.info(reused_steps=reused),
         }
         return Selection(order, info)
 
-    def _greedy(self, runner: LayerRunner, L: int, removed: list[int]) -> tuple[list[dict], dict]:
-        """Steps len(removed)+1..n from the model without `removed`: (steps, cache info)."""
-        kept = [i for i in range(L) if i not in removed]
-        if self.cache:
-            prefix, h0 = PrefixCache(runner, kept, self.cache_gb * 2**30), None
-        else:
-            prefix, h0 = None, runner.embed()
-        steps = []
-        for _ in range(self.n - len(removed)):
+    def _greedy(self, runner: LayerRunner, L: int, steps: list[dict]):
+        """Append steps len(steps)+1..n to `steps`, from the model without the layers they removed.
+        Returns the prefix cache used (None with `cache: false`)."""
+        kept = [i for i in range(L) if i not in {s["removed"] for s in steps}]
+        prefix, h0 = self.start(runner, kept)
+        while len(steps) < self.n:
             cands = [i for i in kept if 0 < i < L - 1]
             scores = score_removals(runner, kept, cands, prefix, h0)
             best = min(cands, key=lambda i: (scores[i], i))
@@ -105,4 +80,4 @@ class SLEBPruner:
             if prefix is not None:
                 prefix.remove(kept.index(best))
             kept.remove(best)
-        return steps, (prefix.info(self.cache_gb) if prefix else {"enabled": False})
+        return prefix

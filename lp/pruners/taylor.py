@@ -105,22 +105,21 @@ class TaylorPruner:
         self.check(L)
         disk = ScoreCache(ctx, self.name, self.disk_cache, micro_batch=self.micro_batch)
         stored = disk.load()
-        t0 = time.perf_counter()
-        hit = stored is not None
+        hit, passes, seconds = stored is not None, 0, 0.0
         if not hit:
             windows = ctx.windows  # built (tokenized) before the clock starts
             t0 = time.perf_counter()
             scores = taylor_scores(ctx.model, windows, list(range(KEEP_FIRST, L - KEEP_LAST)), self.micro_batch)
-            stored = {"scores": per_layer(scores, L), "backward_passes": -(-len(windows) // self.micro_batch),
-                      "calibration": ctx.calib_provenance}
+            passes, seconds = -(-len(windows) // self.micro_batch), time.perf_counter() - t0
+            stored = {"scores": per_layer(scores, L)}
             disk.save(stored)
         values = stored["scores"]
         removed = sorted(range(KEEP_FIRST, L - KEEP_LAST), key=lambda i: (values[i], i))[: self.n]
         info = {
             "scores": {"kind": "taylor_abs_w_grad", "values": values},
             "order": removed,
-            "backward_passes": 0 if hit else stored["backward_passes"],
-            "disk_cache": disk.info(hit=hit, calibration=stored["calibration"] if hit else None),
-            "time_s": round(time.perf_counter() - t0, 3),
+            "backward_passes": passes,
+            "disk_cache": disk.info(hit=hit),
+            "time_s": round(seconds, 3),
         }
         return Selection(removed, info)

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -230,9 +232,26 @@ def save_pruned(model: nn.Module, tokenizer, path, meta: dict | None = None) -> 
     """Save the pruned (+ patched) model to folder `path`:
     `save_pretrained` files of the plain pruned model (reloads with `from_pretrained`),
     `patches.safetensors` (`patch.<start>.weight`, fp32) and `lp_patch.json`
-    (dense layer count, removed layers, cuts, patch kind, scales, dtype, `meta`)."""
+    (dense layer count, removed layers, cuts, patch kind, scales, dtype, `meta`).
+    Written into a temporary sibling folder that replaces `path` only when complete; an existing
+    `path` must be an earlier `save_pruned` folder (or empty), anything else is refused."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    if path.exists() and any(path.iterdir()) and not (path / META_FILE).is_file():
+        raise FileExistsError(f"{path} exists and is not a save_pruned folder ({META_FILE} missing); not overwriting it")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_pruned(model, tokenizer, tmp, meta)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _write_pruned(model: nn.Module, tokenizer, path: Path, meta: dict | None) -> None:
     patches = strip_patches(model)
     try:
         model.save_pretrained(path)
@@ -252,7 +271,6 @@ def save_pruned(model: nn.Module, tokenizer, path, meta: dict | None = None) -> 
         "meta": meta or {},
     }
     (path / META_FILE).write_text(json.dumps(info, indent=2, default=str))
-    return path
 
 
 def load_pruned(path, dtype=None, device=None):

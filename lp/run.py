@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -164,7 +165,7 @@ def run(cfg: DictConfig) -> dict:
 
 def _run(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: list) -> None:
     torch.manual_seed(cfg.seed)
-    pruner = instantiate(cfg.pruner)
+    pruner = build(cfg.pruner)
     mconf = models.load_config(cfg.model)
     num_layers = mconf.num_hidden_layers
     validate(cfg, pruner, num_layers, getattr(mconf, "max_position_embeddings", None),
@@ -255,6 +256,17 @@ def _run(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: lis
         except ValueError as e:  # e.g. a dense score of 0: RP undefined, the other metrics stand
             log.warning("RP not computed: %s", e)
             metrics["qa/rp"] = None
+
+
+def build(node: DictConfig):
+    """`instantiate(node)`; a constructor's ValueError/TypeError (bad setting) is re-raised as is, so
+    that it reads as the one-line bad-input error instead of Hydra's InstantiationException."""
+    try:
+        return instantiate(node)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, (ValueError, TypeError)):
+            raise e.__cause__ from None
+        raise
 
 
 def start_tracker(cfg: DictConfig, out: Path, result: dict, job_type: str):

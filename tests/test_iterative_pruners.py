@@ -222,6 +222,12 @@ def test_bad_settings():
         SLEBPruner(cache_gb=-1)
     with pytest.raises(ValueError, match=r"pruner.micro_batch=0 must be an integer >= 1"):
         TaylorPruner(micro_batch=0)
+    with pytest.raises(ValueError, match=r"pruner=ppl: pruner.disk_cache='no' must be true or false"):
+        PPLPruner(disk_cache="no")
+    with pytest.raises(ValueError, match=r"pruner=sleb: pruner.cache=1 must be true or false"):
+        SLEBPruner(cache=1)
+    with pytest.raises(ValueError, match=r"pruner=taylor: pruner.disk_cache=None must be true or false"):
+        TaylorPruner(disk_cache=None)
     model = tiny_model("llama", num_layers=6)
     with pytest.raises(ValueError, match=r"pruner.n=5 out of range"):  # checked again against the real model
         SLEBPruner(n=5).select(context(model, windows()))
@@ -263,3 +269,7 @@ def test_run_rejects_bad_n_before_loading(tmp_path):
     with pytest.raises(ValueError, match="pruner=taylor: pruner.n=3 out of range"):
         run(compose_cfg(tmp_path, "pruner=taylor", "pruner.n=3"))  # tiny_llama: 8 layers, n <= 2
     assert "load" not in json.loads((tmp_path / "result.json").read_text())["timing"]
+    with pytest.raises(ValueError, match=r"^pruner=sleb: pruner.disk_cache='no' must be true or false$"):
+        run(compose_cfg(tmp_path, "pruner=sleb", "pruner.disk_cache=no"))  # a setting: the constructor's own error
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["status"] == "failed" and "load" not in saved["timing"]

@@ -158,6 +158,33 @@ def test_save_then_load_pruned_gives_identical_logits(tmp_path, dtype):
     assert plain.config.num_hidden_layers == 4 and not find_patches(plain)
 
 
+def test_save_pruned_replaces_only_a_complete_save(tmp_path, monkeypatch):
+    import lp.patch as patch_mod
+
+    model = drop_layers(tiny_model("llama", num_layers=8, hidden_size=D), [3, 4])
+    insert_patches(model, random_patches([3, 4], 8))
+    first = save_pruned(model, None, tmp_path / "m", {"run": 1})
+    save_pruned(model, None, first, {"run": 2})  # an earlier save is replaced
+    assert json.loads((first / "lp_patch.json").read_text())["meta"] == {"run": 2}
+
+    def broken(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(patch_mod, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        save_pruned(model, None, first, {"run": 3})
+    assert json.loads((first / "lp_patch.json").read_text())["meta"] == {"run": 2}  # the old save is intact
+    with pytest.raises(OSError, match="disk full"):
+        save_pruned(model, None, tmp_path / "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # nothing half-written, no temp folder left
+    monkeypatch.undo()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="is not a save_pruned folder"):
+        save_pruned(model, None, tmp_path / "other")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
 # --------------------------------------------------------------------------- build_patches
 def test_build_patches_uses_dense_scales_per_run(tmp_path):
     dense = tiny_model("llama", num_layers=8, hidden_size=D, seed=2)

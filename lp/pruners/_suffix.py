@@ -234,6 +234,13 @@ def check_n(name: str, n, max_n: int, constraint: str) -> int:
     return n
 
 
+def check_flag(name: str, key: str, value) -> bool:
+    """A true/false setting: anything but a bool (e.g. the string "no") is an error, not truthy."""
+    if not isinstance(value, bool):
+        raise ValueError(f"pruner={name}: pruner.{key}={value!r} must be true or false")
+    return value
+
+
 def check_cache_gb(name: str, cache_gb) -> float:
     if isinstance(cache_gb, bool) or not isinstance(cache_gb, (int, float)) or cache_gb < 0:
         raise ValueError(f"pruner={name}: pruner.cache_gb={cache_gb!r} must be a number >= 0 (GiB)")
@@ -301,9 +308,9 @@ class SuffixPruner:
 
     def __init__(self, n: int = 5, cache: bool = True, cache_gb: float = 4.0, disk_cache: bool = True):
         self.n = n
-        self.cache = bool(cache)
+        self.cache = check_flag(self.name, "cache", cache)
         self.cache_gb = check_cache_gb(self.name, cache_gb)
-        self.disk_cache = bool(disk_cache)
+        self.disk_cache = check_flag(self.name, "disk_cache", disk_cache)
 
     def start(self, runner: LayerRunner, kept: list[int]) -> tuple[PrefixCache | None, Tensor | None]:
         """`(prefix, h0)` for `score_removals`: a prefix cache, or (`cache: false`) the embedding output."""

@@ -35,7 +35,7 @@ import torch
 
 from lp.evaluate.ppl import token_nll
 from lp.models import Decoder
-from lp.pruners._suffix import ScoreCache, check_n, per_layer
+from lp.pruners._suffix import ScoreCache, check_flag, check_n, per_layer
 from lp.pruners.base import PruneContext, Selection
 
 KEEP_FIRST, KEEP_LAST = 4, 2
@@ -93,7 +93,7 @@ class TaylorPruner:
             raise ValueError(f"pruner=taylor: pruner.micro_batch={micro_batch!r} must be an integer >= 1")
         self.n = n
         self.micro_batch = micro_batch
-        self.disk_cache = bool(disk_cache)
+        self.disk_cache = check_flag(self.name, "disk_cache", disk_cache)
 
     def check(self, num_layers: int) -> None:
         check_n(self.name, self.n, num_layers - KEEP_FIRST - KEEP_LAST,

@@ -1,12 +1,13 @@
 """Shared test helpers: the data mirror beside the clone and a composed config for `run(cfg)`."""
 
+import os
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+DATA = Path(os.environ.get("LP_DATA_DIR") or REPO.parent / "shared" / "data").resolve()  # as the Makefile sets it
 CONF = REPO / "conf"
 
 
@@ -21,9 +22,6 @@ def cfg_factory(tmp_path):
     return lambda *overrides: make_cfg(tmp_path, list(overrides))
 
 
-def pytest_collection_modifyitems(config, items):
+def pytest_configure(config):
     if not DATA.is_dir():
-        skip = pytest.mark.skip(reason=f"data mirror {DATA} not found")
-        for item in items:
-            if "real" in item.keywords:
-                item.add_marker(skip)
+        raise pytest.UsageError(f"data mirror {DATA} not found: put shared/ beside the clone or set LP_DATA_DIR")

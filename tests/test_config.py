@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import DATA
 from hydra import compose, initialize_config_dir
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -19,7 +20,6 @@ from lp.callbacks import count_jobs
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
-DATA = REPO.parent / "shared" / "data"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
 PRESETS = sorted(f.stem for f in (REPO / "sweeps").glob("*.yaml"))

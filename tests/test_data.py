@@ -8,8 +8,6 @@ from conftest import DATA
 
 from lp import data
 
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs the shared/data mirror")
-
 
 def test_local_rows_follow_hub_semantics():
     rows, prov = data.load_rows("wikitext2", "test", str(DATA))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DATA
 from hydra import compose, initialize_config_dir
 
 from lp.evaluate.ppl import window_nll
@@ -17,7 +18,6 @@ from lp.pruners.sleb import SLEBPruner
 from lp.pruners.taylor import TaylorPruner
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
 ARCHS = ["llama", "qwen2", "gemma3_text"]
 
 

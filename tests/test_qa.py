@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import DATA
 
 from lp.evaluate.lm_eval_tasks import (
     PAPER_METRIC,
@@ -17,9 +18,6 @@ from lp.evaluate.lm_eval_tasks import (
     retained_performance,
 )
 from lp.models import byte_tokenizer, tiny_model
-
-# CI clones the repo with `shared/` beside it: <repo>/../shared/data
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from lp.evaluate.ppl import token_nll
 from lp.models import Decoder, cache_dir, input_of
 
 log = logging.getLogger(__name__)
-SCORES_VERSION = 1  # bump when the meaning of stored pruner scores changes (invalidates the disk cache)
+SCORES_VERSION = 2  # bump when stored pruner scores (or the entry format) change (invalidates the disk cache)
 
 
 class LayerRunner:

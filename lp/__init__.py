@@ -5,7 +5,7 @@ __all__ = ["load_pruned"]
 
 def __getattr__(name):  # lazy: `import lp` stays light (no torch) until load_pruned is used
     if name == "load_pruned":
-        from lp.patch import load_pruned
+        from lp.export import load_pruned
 
         return load_pruned
     raise AttributeError(f"module 'lp' has no attribute {name!r}")

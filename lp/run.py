@@ -231,7 +231,7 @@ def _run(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: lis
         with stages("distill"):
             result["distill"] = distill_mod.distill(model, teacher, cfg.distill, tracker=tracker)
     if cfg.patch.get("save", False):
-        from lp.patch import save_pruned  # noqa: PLC0415
+        from lp.export import save_pruned  # noqa: PLC0415
 
         with stages("save"):
             result["saved_model"] = str(save_pruned(model, tokenizer, out / "model", {

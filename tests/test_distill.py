@@ -10,16 +10,15 @@ import torch
 from omegaconf import OmegaConf
 
 from lp import distill as D
+from lp.export import load_pruned, save_pruned
 from lp.hadamard import hadamard
 from lp.models import drop_layers, tiny_model
 from lp.patch import (
     LinearPatch,
     find_patches,
     insert_patches,
-    load_pruned,
     patch_matrix,
     runs_of,
-    save_pruned,
 )
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "distill"

@@ -7,10 +7,12 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import REPO
 
 from lp import aggregate as agg
 
@@ -28,7 +30,7 @@ def _result(pruner, n, patch, ppl, qa, extra=None, status="ok", error=None):
                "eval": "ppl_qa", "calib": "wikitext2_tok", "tracker": "none"}
     pruning = None if not n else {
         "method": pruner, "n": n, "removed_layers": list(range(20, 20 + n)), "num_layers_after": 30 - n,
-        "scores": {"kind": "cosine_by_start" if pruner == "llm_streamline" else "bi",
+        "scores": {"kind": "cosine_by_start" if pruner == "streamline" else "bi",
                    "values": [round(0.5 + 0.015 * i + 0.01 * n, 3) for i in range(30 - n + 1)]}}
     return {"status": status, "error": error, "name": f"smollm2_135m/{pruner}/{patch}/n{n}",
             "choices": choices, "overrides": overrides, "config": {"pruner": {"n": n}},
@@ -41,15 +43,15 @@ JOBS = [  # Dense: PPL avg (10+14)/2 = 12; QA avg (60+80+70)/3 = 70
     # n = 2 -- PPL avg / QA avg / RP = 100 * avg / 70
     _result("shortgpt", 2, "none", (20, 30), (0.50, 0.70, 0.60)),        # 25.00 / 60.00 / 85.71
     _result("shortgpt", 2, "rotate", (15, 21), (0.55, 0.75, 0.65)),      # 18.00 / 65.00 / 92.86
-    _result("llm_streamline", 2, "none", (18, 26), (0.52, 0.74, 0.63)),  # 22.00 / 63.00 / 90.00
+    _result("streamline", 2, "none", (18, 26), (0.52, 0.74, 0.63)),  # 22.00 / 63.00 / 90.00
     # 18.00 / 66.67 / 95.24
-    _result("llm_streamline", 2, "rotate", (14, 22), (0.58, 0.76, 0.66), {"mmlu/acc": 0.40}),
+    _result("streamline", 2, "rotate", (14, 22), (0.58, 0.76, 0.66), {"mmlu/acc": 0.40}),
     # n = 4
     _result("shortgpt", 4, "none", (60, 80), (0.40, 0.60, 0.50)),        # 70.00 / 50.00 / 71.43
     _result("shortgpt", 4, "rotate", (30, 40), (0.45, 0.65, 0.55)),      # 35.00 / 55.00 / 78.57
     # qa/avg, qa/rp given by the run win over the recomputed 52.00 / 74.29
-    _result("llm_streamline", 4, "none", (50, 70), (0.42, 0.62, 0.52), {"qa/avg": 0.53, "qa/rp": 74.0}),
-    _result("llm_streamline", 4, "rotate", (25, 37), (0.50, 0.70, 0.60)),  # 31.00 / 60.00 / 85.71
+    _result("streamline", 4, "none", (50, 70), (0.42, 0.62, 0.52), {"qa/avg": 0.53, "qa/rp": 74.0}),
+    _result("streamline", 4, "rotate", (25, 37), (0.50, 0.70, 0.60)),  # 31.00 / 60.00 / 85.71
     {**_result("sleb", 2, "none", (0, 0), ()), "status": "failed",
      "error": "RuntimeError: CUDA out of memory", "metrics": {}, "pruning": {"n": 2}},
 ]
@@ -86,7 +88,7 @@ def test_load_and_summary(sweep, caplog):
     df = pd.read_csv(paths["summary_csv"])
     assert len(df) == 12 and df["status"].value_counts().to_dict() == {"ok": 9, "failed": 2, "missing": 1}
     row = df[df["job"] == 4].iloc[0]
-    assert row[["pruner", "patch", "n", "removed_layers"]].tolist() == ["llm_streamline", "rotate", 2, "20 21"]
+    assert row[["pruner", "patch", "n", "removed_layers"]].tolist() == ["streamline", "rotate", 2, "20 21"]
     assert row["ppl/c4"] == 22 and row["qa/piqa/score"] == 0.76 and row["mmlu/acc"] == 0.40
     for col in ("error", "model", "distill", "calib", "eval", "tracker", "time/total", "qa/arc_easy/acc"):
         assert col in df
@@ -204,3 +206,15 @@ def test_method_labels_name_the_selection_and_the_patch(tmp_path):
         (tmp_path / str(i) / "result.json").write_text(json.dumps(res))
     table = agg.ppl_table(agg.summarize(agg.load_results(tmp_path)))
     assert list(table["method"]) == ["LinearPatch block", "+LinearPatch", "Angular (Gromov)", "+LinearPatch"]
+
+
+def test_report_vocabulary_is_defined_once():
+    """Every pruner config has a display label and no label names a pruner that does not exist;
+    the report modules import the vocabulary, not each other (no import circle)."""
+    from lp.report import vocab
+
+    assert set(vocab.PRUNERS) == {p.stem for p in (REPO / "conf" / "pruner").glob("*.yaml")}
+    code = subprocess.run([sys.executable, "-c", "import lp.report.dashboard, sys; "
+                           "print(sorted(m for m in sys.modules if m.startswith('lp')))"],
+                          capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert "lp.aggregate" not in code and "lp.report.vocab" in code

@@ -1,18 +1,14 @@
-"""Dependency-free, static HTML/SVG building blocks for the sweep dashboard.
+"""Dependency-free, static HTML/SVG building blocks for the dashboard (:mod:`lp.report.dashboard`).
 
 Everything is rendered in Python: charts are inline ``<svg>`` elements, the page has no
 JavaScript and references nothing outside itself, so it opens offline from disk.
-The *content* (which curves, which tables) is decided by :mod:`lp.aggregate`.
+The *content* (which curves, which tables) is decided by :mod:`lp.report.dashboard`.
 """
 
 from __future__ import annotations
 
 import math
 from html import escape
-
-import pandas as pd
-
-from lp.aggregate import _NOTE, KEYS, NONE, PPL_SETS, PRUNERS, _cells, _is_dense, _n_of, _num
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
            "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f"]
@@ -170,92 +166,3 @@ def page(title: str, sections: list[tuple[str, str]]) -> str:
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<link rel="icon" href="data:,"><title>{escape(title)}</title>'
             f"<style>{_CSS}</style></head>\n<body><h1>{escape(title)}</h1>\n{body}\n</body></html>\n")
-
-
-# ------------------------------------------------------------------ sweep-specific content
-def _variant(df: pd.DataFrame, pruner: str, patch: str, distill: str) -> str:
-    """Self-contained legend name, e.g. "ShortGPT +LinearPatch" (patch kind shown if several)."""
-    kinds = {p for p in df["patch"] if p not in NONE}
-    return (PRUNERS.get(pruner, pruner) + ("" if patch in NONE else " +LinearPatch")
-            + (f"({patch})" if patch not in NONE and len(kinds) > 1 else "")
-            + ("" if distill in NONE else f" +{distill}"))
-
-
-def _ppl_plots(df: pd.DataFrame) -> list[str]:
-    ok = df[df["status"] == "ok"]
-    dense, charts = _is_dense(ok), []
-    for model in dict.fromkeys(ok["model"]):
-        m, pr = ok[dense & (ok["model"] == model)], ok[~dense & (ok["model"] == model)]
-        pruners = list(dict.fromkeys(pr["pruner"]))
-        for c in (c for c in df if c.startswith("ppl/")):
-            series = []
-            for key in dict.fromkeys(zip(pr["pruner"], pr["patch"], pr["distill"], strict=True)):
-                g = pr[(pr[["pruner", "patch", "distill"]] == key).all(axis=1)].dropna(subset=["n"])
-                g = g.sort_values("n")
-                xs, ys = [int(x) for x in g["n"]], [_num(y) for y in g[c]]
-                if len(m) and math.isfinite(_num(m[c].iloc[0])):
-                    xs, ys = [0, *xs], [_num(m[c].iloc[0]), *ys]
-                series.append(dict(name=_variant(df, *key), xs=xs, ys=ys, dash=key[1] not in NONE,
-                                   color=PALETTE[pruners.index(key[0]) % len(PALETTE)]))
-            charts.append(line_chart(series, f"{model}: {PPL_SETS.get(c[4:], c[4:])} PPL vs. n",
-                                          "removed layers n (0 = dense)", "PPL"))
-    return [c for c in charts if c]
-
-
-def _score_plots(results: list[dict]) -> list[str]:
-    curves: dict[tuple, dict[tuple, list]] = {}
-    for r in results:
-        sc = (r.get("pruning") or {}).get("scores") or {}
-        vals = tuple(_num(v) for v in sc.get("values") or [])
-        if r["status"] == "ok" and vals:
-            ch = r.get("choices") or {}
-            key = (ch.get("model", "?"), ch.get("pruner", "?"), sc.get("kind", "score"))
-            curves.setdefault(key, {}).setdefault(vals, []).append(_n_of(r))
-    charts = []
-    for (model, pruner, kind), by_vals in curves.items():
-        series = [dict(name="n=" + ",".join(map(str, sorted(set(ns), key=str))), xs=list(range(len(v))),
-                       ys=list(v)) for v, ns in by_vals.items()]
-        charts.append(line_chart(series, f"{model}: {PRUNERS.get(pruner, pruner)} — {kind}",
-                                      "layer / candidate index", "score", logy=False))
-    return [c for c in charts if c]
-
-
-def _qa_plots(qa: pd.DataFrame, df: pd.DataFrame) -> list[str]:
-    cats = [c for c in qa if c not in (*KEYS, "RP")]
-    by_job = df.set_index(df["job"].astype(str))
-    charts = []
-    for block, g in qa.groupby("block", sort=False):
-        series = [("Dense" if r["method"] == "Dense" else
-                   _variant(df, *by_job.loc[str(r["job"]), ["pruner", "patch", "distill"]]),
-                   [r[c] for c in cats]) for _, r in g.iterrows() if r["status"] == "ok"]
-        charts.append(bar_chart(cats, series, f"Accuracy x100 — {block}", "accuracy x100"))
-    return [c for c in charts if c]
-
-
-def _grid(charts: list[str]) -> str:
-    return '<div class="grid">' + "\n".join(charts) + "</div>"
-
-
-def build(df, results, tables, failures) -> str:
-    """The dashboard page for a normalized summary frame (see :func:`lp.aggregate.write_all`)."""
-    counts = ", ".join(f"{v} {k}" for k, v in df["status"].value_counts().items())
-    links = " ".join(f'<a href="{f}">{f}</a>' for f in ("summary.csv", "table.md", "table.tex"))
-    sections = [("Overview", f"<p>{len(df)} jobs: {counts}. Files: {links}</p>")]
-    for title, table, lower in tables:
-        html = "".join(f"<h3>{escape(b)}</h3>" + html_table(h, rows) for b, h, rows in _cells(table, lower))
-        sections.append((title, html + f'<p class="note">{_NOTE}</p>'))
-    qa = [t for _, t, lower in tables if not lower]
-    plots = [("Perplexity vs. number of removed layers (dashed: +LinearPatch)", _ppl_plots(df)),
-             ("Per-task accuracy", _qa_plots(qa[0], df) if qa else []),
-             ("Layer similarity / importance scores (pruning.scores)", _score_plots(results))]
-    sections += [(title, _grid(charts)) for title, charts in plots if charts]
-    cols = [c for c in ("job", "status", "name", "n", "removed_layers", "pruned_ratio", "time/total") if c in df]
-    jobs = [(str(r["job"]), [("—" if pd.isna(r[c]) else str(r[c]), False) for c in cols[1:]],
-             r["status"] != "ok") for _, r in df.iterrows()]
-    sections.append(("Jobs", html_table(cols, jobs)))
-    fails = "".join(
-        f"<h3>job {escape(str(r['job']))}: {r['status']}</h3><p>{escape(str(r['name']))}<br>"
-        f"<code>{escape(str(r['dir']))}</code></p><pre>{escape(str(r['error'])[:4000])}</pre>"
-        for _, r in failures.iterrows())
-    sections.append((f"Failures ({len(failures)})", fails or "<p>None.</p>"))
-    return page("LinearPatch sweep dashboard", sections)

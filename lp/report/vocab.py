@@ -1,0 +1,96 @@
+"""The reporting vocabulary, defined once: display labels, the dense/n helpers and table cells.
+
+Used by :mod:`lp.report.tables`, :mod:`lp.report.render` and :mod:`lp.report.dashboard` (and so by
+``summary.csv``, ``table.md``/``.tex`` and ``dashboard.html`` alike). Nothing here reads files.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+# Display name of each pruner, keyed by its `conf/pruner/<name>.yaml` (= `pruning.method` in result.json);
+# tests check that this matches the conf folder exactly. `linearpatch` without a patch is the paper's
+# block selection; its patched row reads "+LinearPatch".
+PRUNERS = {"none": "Dense", "manual": "Manual", "shortgpt": "ShortGPT", "streamline": "LLM-Streamline",
+           "sleb": "SLEB", "taylor": "Taylor+", "angular": "Angular (Gromov)", "ppl": "PPL",
+           "linearpatch": "LinearPatch block"}
+PPL_SETS = {"wikitext2": "WikiText2", "ptb": "PTB", "c4": "C4"}
+QA_TASKS = {"wsc273": "WSC", "wsc": "WSC", "hellaswag": "HellaSwag", "piqa": "PIQA", "arc_easy": "ARC-e",
+            "arc_challenge": "ARC-c", "boolq": "BoolQ", "winogrande": "WinoGrande", "race": "RACE",
+            "copa": "COPA"}
+DENSE, NONE = {"none", "dense"}, {None, "none", "null", ""}
+KEYS = ("block", "method", "status", "job")  # non-value columns of a table frame
+NOTE = "Bold: best successful pruned row per block. —: not available (failed/missing: see Failures)."
+
+
+def pruner_label(pruner: str) -> str:
+    return PRUNERS.get(pruner, pruner)
+
+
+def variant_label(pruner: str, patch: str, distill: str, several_patches: bool = False) -> str:
+    """Self-contained name of a pruned variant, e.g. "ShortGPT +LinearPatch" (kind shown if several)."""
+    return (pruner_label(pruner) + ("" if patch in NONE else " +LinearPatch")
+            + (f"({patch})" if patch not in NONE and several_patches else "")
+            + ("" if distill in NONE else f" +{distill}"))
+
+
+def num(v) -> float:
+    """``float(v)``, NaN for anything that is not a number (None, strings, missing)."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def parse_overrides(overrides) -> dict[str, str]:
+    """``["pruner.n=4", "+x=1"]`` -> ``{"pruner.n": "4", "x": "1"}``."""
+    return {k.lstrip("+~"): v for k, s, v in (o.partition("=") for o in overrides or []) if s}
+
+
+def n_of(r: dict) -> int | None:
+    """Number of removed layers of a result record: ``pruning.n``, else its override or config, else 0
+    for a dense pruner; None when unknown."""
+    n = (r.get("pruning") or {}).get("n")
+    if n is None:
+        n = parse_overrides(r.get("overrides")).get("pruner.n")
+    if n is None:
+        n = ((r.get("config") or {}).get("pruner") or {}).get("n")
+    if n is None and (r.get("choices") or {}).get("pruner") in DENSE:
+        n = 0
+    try:
+        return int(n)
+    except (TypeError, ValueError):
+        return None
+
+
+def normalize(df: pd.DataFrame) -> pd.DataFrame:
+    """A copy of a summary frame whose model/pruner/patch/distill columns exist and hold no NaN."""
+    df = df.copy()
+    for c, fill in (("model", "?"), ("pruner", "?"), ("patch", "none"), ("distill", "none")):
+        df[c] = df[c].astype(object).where(df[c].notna(), fill) if c in df else fill
+    return df
+
+
+def is_dense(df: pd.DataFrame) -> pd.Series:
+    """Rows of a normalized summary frame that are dense references (dense pruner, or ok with n = 0)."""
+    return df["pruner"].isin(DENSE) | ((df["n"] == 0).fillna(False) & (df["status"] == "ok"))
+
+
+def cells(table: pd.DataFrame, lower_is_better: bool):
+    """[(block, header, [(label, [(text, bold)], bad)])]: 2-decimal text, best per block+column bold.
+
+    ``table`` is a frame of :mod:`lp.report.tables` (columns :data:`KEYS` + value columns); the best
+    value is taken among successful pruned rows (never Dense)."""
+    cols = [c for c in table if c not in KEYS]
+    out = []
+    for block, g in table.groupby("block", sort=False):
+        cand = g[(g["status"] == "ok") & (g["method"] != "Dense")]
+        best = {c: (cand[c].round(2).min() if lower_is_better else cand[c].round(2).max()) for c in cols}
+        rows = [(r["method"], [("—", False) if pd.isna(r[c]) else
+                               (f"{r[c]:.2f}", r["status"] == "ok" and r["method"] != "Dense"
+                                and round(r[c], 2) == best[c]) for c in cols], r["status"] != "ok")
+                for _, r in g.iterrows()]
+        out.append((block, ["Method", *cols], rows))
+    return out

@@ -259,18 +259,16 @@ def teacher_key(cfg, prov: dict, windows: torch.Tensor) -> dict:
             "k": int(d.k), "windows_sha256": windows_digest(windows)}
 
 
-def prepare_teacher(cfg, model: nn.Module, tokenizer, provenance: dict | None = None) -> TeacherCache:
+def prepare_teacher(cfg, model: nn.Module, tokenizer) -> tuple[TeacherCache, dict]:
     """Build (or verify present) the teacher cache for `cfg.distill` from the *dense* `model`.
-    Call before `drop_layers`. Records the windows' provenance in `provenance["distill"]`."""
+    Call before `drop_layers`. Returns `(cache, provenance)`: where its windows came from and the
+    cache folder (for `result["data"]["distill"]`)."""
     train, val, prov = distill_windows(cfg, tokenizer)
     windows = torch.cat([train, val])
     key = teacher_key(cfg, prov, windows)
     cache = build_teacher(model, windows, len(train), int(cfg.distill.k), key, batch_size=int(cfg.distill.batch_size),
                           progress=bool(cfg.distill.get("progress", True)))
-    if provenance is not None:
-        provenance["distill"] = {**prov, "teacher_cache": str(cache.path), "teacher_cache_mb": round(
-            cache.meta["bytes"] / 2**20, 2)}
-    return cache
+    return cache, {**prov, "teacher_cache": str(cache.path), "teacher_cache_mb": round(cache.meta["bytes"] / 2**20, 2)}
 
 
 # ----------------------------------------------------------------------------- loss + suffix student

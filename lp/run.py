@@ -8,6 +8,7 @@ when the run fails (then with `status: "failed"` and the error), so a reader nev
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -17,15 +18,20 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import hydra
 import torch
+import transformers
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lp import data, models
+from lp import data, distill, models
 from lp.evaluate import lm_eval_tasks
 from lp.evaluate.lm_eval_tasks import paper_scores, retained_performance
 from lp.evaluate.ppl import perplexity
+from lp.export import save_pruned
+from lp.patch import build_patches, insert_patches
 from lp.pruners import PruneContext
 from lp.tracking import log_result
 
@@ -62,16 +68,12 @@ def write_json_atomic(path: Path, obj: dict) -> None:
 
 
 def environment() -> dict:
-    import hydra
-    import transformers
-
+    """Library versions and the git commit (and dirty flag) of the lp checkout, for result.json."""
     versions = {"python": platform.python_version(), "torch": torch.__version__,
                 "transformers": transformers.__version__, "hydra": hydra.__version__}
     try:
-        import lm_eval
-
-        versions["lm_eval"] = getattr(lm_eval, "__version__", "unknown")
-    except ImportError:
+        versions["lm_eval"] = importlib.metadata.version("lm_eval")  # without importing lm-eval (slow)
+    except importlib.metadata.PackageNotFoundError:
         pass
     here = Path(__file__).resolve().parent
     try:
@@ -86,8 +88,6 @@ def environment() -> dict:
 
 def hydra_runtime() -> tuple[dict, list[str]]:
     """(group -> chosen option, task overrides) of the running Hydra job; empty outside Hydra."""
-    from hydra.core.hydra_config import HydraConfig
-
     if not HydraConfig.initialized():
         return {}, []
     hc = HydraConfig.get()
@@ -147,9 +147,9 @@ def run(cfg: DictConfig) -> dict:
         "status": "running", "error": None, "name": None, "choices": choices, "overrides": overrides,
         "config": OmegaConf.to_container(cfg, resolve=True), **environment(),
     }
-    trackers = []  # the tracker _run starts once the run has a name; finished here, also on failure
+    trackers = []  # the tracker `recipe` starts once the run has a name; finished here, also on failure
     try:
-        _run(cfg, out, stages, result, trackers)
+        recipe(cfg, out, stages, result, trackers)
         result["status"] = "ok"
     except BaseException as e:
         result.update(status="failed", error=f"{type(e).__name__}: {e}")
@@ -163,87 +163,55 @@ def run(cfg: DictConfig) -> dict:
     return result
 
 
-def _run(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: list) -> None:
+def recipe(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: list) -> None:
+    """The stages in order. Each stage function returns its part of the result; only this function
+    writes into `result`, as each part becomes known (so a failed run's result.json holds every part
+    that finished)."""
     torch.manual_seed(cfg.seed)
     pruner = build(cfg.pruner)
     mconf = models.load_config(cfg.model)
     num_layers = mconf.num_hidden_layers
     validate(cfg, pruner, num_layers, getattr(mconf, "max_position_embeddings", None),
              getattr(mconf, "hidden_size", None))
-    result["name"] = "/".join(str(x) for x in (cfg.model.name, pruner.name, cfg.patch.kind, f"n{getattr(pruner, 'n', 0)}"))
+    result["name"] = run_name(cfg, pruner)
     tracker = start_tracker(cfg, out, result, job_type=pruner.name)  # hand on to stages that log curves
     trackers.append(tracker)
 
     with stages("load"):
         model, tokenizer = models.load_model(cfg.model)
-    dec = models.Decoder(model)
-    result["model"] = {"name": cfg.model.name, "num_layers": dec.num_layers, "hidden_size": dec.hidden_size,
-                       "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                       "device": str(next(model.parameters()).device)}
+    result["model"] = model_info(cfg, model)
     params_dense = models.count_params(model)
-    dense_qa, qa_tasks = None, None
-    if cfg.eval.get("qa"):
-        qa_tasks = list(cfg.eval.qa.tasks)
-        if cfg.eval.qa.dense_reference:
-            dense_qa = dense_reference(cfg, qa_tasks)
-        elif cfg.eval.qa.eval_dense and pruner.name != "none":
-            with stages("eval_qa_dense"):
-                m, _ = eval_lm(cfg.eval.qa, model, tokenizer, cfg.data.root)
-            dense_qa = paper_scores(m, qa_tasks)
+    dense_qa = dense_qa_scores(cfg, pruner, model, tokenizer, stages)
 
-    ctx = PruneContext(model, tokenizer, calib_fn=lambda: calibration(cfg, tokenizer),
-                       cache_key=stats_key(cfg), batch_size=cfg.calib.batch_size,
-                       hadamard_fallback_seed=cfg.patch.get("hadamard_fallback_seed"))
+    ctx = prune_context(cfg, model, tokenizer)
     with stages("select"):
         sel = pruner.select(ctx)
-
-    patches_info = None
-    if cfg.patch.kind != "none" and sel.removed:
-        from lp.patch import build_patches  # noqa: PLC0415  (LinearPatch issue)
-
-        with stages("patch"):
-            patches, patches_info = build_patches(ctx, sel.removed, cfg.patch)
+    patches, patches_info = make_patches(cfg, ctx, sel.removed, stages)
     result["data"] = {"calibration": ctx.provenance}  # None only if nothing needed calibration
     teacher = None
     if cfg.distill.name != "none":  # the teacher is the dense model: cache its top-k logits before the drop
-        from lp import distill as distill_mod  # noqa: PLC0415
-
         with stages("teacher"):
-            teacher = distill_mod.prepare_teacher(cfg, model, tokenizer, result["data"])
+            teacher, result["data"]["distill"] = distill.prepare_teacher(cfg, model, tokenizer)
     with stages("drop"):
         models.drop_layers(model, sel.removed)
-    params_patch = 0
-    if patches_info is not None:
-        from lp.patch import insert_patches  # noqa: PLC0415
-
-        insert_patches(model, patches)
-        params_patch = sum(p.numel() for p in patches.values() for p in p.parameters())
-    params_pruned = models.count_params(model) - params_patch
-    result["pruning"] = {
-        "method": pruner.name, "n": len(sel.removed), "removed_layers": sel.removed,
-        "num_layers_after": num_layers - len(sel.removed), "params_dense": params_dense,
-        "params_pruned": params_pruned, "params_patch": params_patch,
-        "pruned_ratio": 1 - params_pruned / params_dense,
-        "pruned_ratio_with_patch": 1 - (params_pruned + params_patch) / params_dense, **sel.info,
-    }
+    params_patch = attach_patches(model, patches)
+    result["pruning"] = pruning_info(pruner, sel, num_layers, params_dense, models.count_params(model) - params_patch,
+                                     params_patch)
     result["patch"] = {"kind": cfg.patch.kind, **(patches_info or {})}
     if teacher is not None:
         with stages("distill"):
-            result["distill"] = distill_mod.distill(model, teacher, cfg.distill, tracker=tracker)
+            result["distill"] = distill.distill(model, teacher, cfg.distill, tracker=tracker)
     if cfg.patch.get("save", False):
-        from lp.export import save_pruned  # noqa: PLC0415
-
         with stages("save"):
             result["saved_model"] = str(save_pruned(model, tokenizer, out / "model", {
                 "name": result["name"], "removed_layers": sel.removed, "patch": result["patch"]}))
 
-    metrics = {}
-    result["metrics"] = metrics
-    if teacher is not None:
-        metrics.update(distill_mod.metrics(result["distill"]))
+    metrics = result["metrics"] = distill.metrics(result["distill"]) if teacher is not None else {}
     if cfg.eval.get("ppl"):
         with stages("eval_ppl"):
-            metrics.update(eval_ppl(cfg, model, tokenizer, result["data"]))
+            m, provenance = eval_ppl(cfg, model, tokenizer)
+        metrics.update(m)
+        result["data"].update(provenance)
     for section in ("qa", "mmlu"):
         if cfg.eval.get(section):
             with stages(f"eval_{section}"):
@@ -251,11 +219,80 @@ def _run(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: lis
             metrics.update(m)
     if cfg.eval.get("qa") and (dense_qa or cfg.eval.qa.dense_reference):
         result["qa_dense"] = dense_qa
-        try:
-            metrics["qa/rp"] = retained_performance(paper_scores(metrics, qa_tasks), dense_qa)
-        except ValueError as e:  # e.g. a dense score of 0: RP undefined, the other metrics stand
-            log.warning("RP not computed: %s", e)
-            metrics["qa/rp"] = None
+        metrics["qa/rp"] = qa_retained(metrics, dense_qa, list(cfg.eval.qa.tasks))
+
+
+# ----------------------------------------------------------------------------- stages
+def run_name(cfg: DictConfig, pruner) -> str:
+    """`model/pruner/patch/n<removed>`, e.g. `smollm2_135m/shortgpt/rotate/n4`."""
+    return "/".join(str(x) for x in (cfg.model.name, pruner.name, cfg.patch.kind, f"n{getattr(pruner, 'n', 0)}"))
+
+
+def model_info(cfg: DictConfig, model) -> dict:
+    """`result["model"]`: name, dense layer count, hidden size, dtype and device of the loaded model."""
+    dec = models.Decoder(model)
+    param = next(model.parameters())
+    return {"name": cfg.model.name, "num_layers": dec.num_layers, "hidden_size": dec.hidden_size,
+            "dtype": str(param.dtype).removeprefix("torch."), "device": str(param.device)}
+
+
+def dense_qa_scores(cfg: DictConfig, pruner, model, tokenizer, stages: Stages) -> dict[str, float] | None:
+    """Dense per-task QA scores for RP: read from `eval.qa.dense_reference`, or (`eval.qa.eval_dense`)
+    measured on the dense model before pruning; None when there is no QA or no dense reference."""
+    if not cfg.eval.get("qa"):
+        return None
+    tasks = list(cfg.eval.qa.tasks)
+    if cfg.eval.qa.dense_reference:
+        return dense_reference(cfg, tasks)
+    if cfg.eval.qa.eval_dense and pruner.name != "none":
+        with stages("eval_qa_dense"):
+            m, _ = eval_lm(cfg.eval.qa, model, tokenizer, cfg.data.root)
+        return paper_scores(m, tasks)
+    return None
+
+
+def prune_context(cfg: DictConfig, model, tokenizer) -> PruneContext:
+    """What the pruner (and the patch statistics) may read; calibration windows are built lazily."""
+    return PruneContext(model, tokenizer, calib_fn=lambda: calibration(cfg, tokenizer),
+                        cache_key=stats_key(cfg), batch_size=cfg.calib.batch_size,
+                        hadamard_fallback_seed=cfg.patch.get("hadamard_fallback_seed"))
+
+
+def make_patches(cfg: DictConfig, ctx: PruneContext, removed: list[int], stages: Stages) -> tuple[dict, dict | None]:
+    """`(patches, info)`: one LinearPatch per contiguous removed run (`({}, None)` for `patch=none`
+    or nothing removed). Built on the dense model, before the drop."""
+    if cfg.patch.kind == "none" or not removed:
+        return {}, None
+    with stages("patch"):
+        return build_patches(ctx, removed, cfg.patch)
+
+
+def attach_patches(model, patches: dict) -> int:
+    """Insert `patches` into the pruned `model`; returns their parameter count."""
+    if not patches:
+        return 0
+    insert_patches(model, patches)
+    return sum(p.numel() for patch in patches.values() for p in patch.parameters())
+
+
+def pruning_info(pruner, sel, num_layers: int, params_dense: int, params_pruned: int, params_patch: int) -> dict:
+    """`result["pruning"]`: what was removed and the parameter accounting (the patch counted apart)."""
+    return {
+        "method": pruner.name, "n": len(sel.removed), "removed_layers": sel.removed,
+        "num_layers_after": num_layers - len(sel.removed), "params_dense": params_dense,
+        "params_pruned": params_pruned, "params_patch": params_patch,
+        "pruned_ratio": 1 - params_pruned / params_dense,
+        "pruned_ratio_with_patch": 1 - (params_pruned + params_patch) / params_dense, **sel.info,
+    }
+
+
+def qa_retained(metrics: dict, dense_qa: dict | None, tasks: list[str]) -> float | None:
+    """RP (%) of the pruned QA scores in `metrics` against the dense ones; None (logged) where undefined."""
+    try:
+        return retained_performance(paper_scores(metrics, tasks), dense_qa)
+    except ValueError as e:  # e.g. a dense score of 0: RP undefined, the other metrics stand
+        log.warning("RP not computed: %s", e)
+        return None
 
 
 def build(node: DictConfig):
@@ -273,8 +310,6 @@ def start_tracker(cfg: DictConfig, out: Path, result: dict, job_type: str):
     """`cfg.tracker` built with `dir=out` and the resolved config. Null `group` / `job_type` / `name`
     keys of the tracker config (wandb) become the sweep name (multirun only, else null), `job_type`
     (the pruner) and the run's name (e.g. `smollm2_135m/shortgpt/rotate/n4`)."""
-    from hydra.core.hydra_config import HydraConfig
-
     multirun = HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
     fill = {"group": cfg.get("sweep_name") if multirun else None, "job_type": job_type, "name": result["name"]}
     fill = {k: v for k, v in fill.items() if k in cfg.tracker and cfg.tracker[k] is None}
@@ -310,15 +345,17 @@ def stats_key(cfg: DictConfig) -> dict:
             "calib": OmegaConf.to_container(cfg.calib, resolve=True)}
 
 
-def eval_ppl(cfg: DictConfig, model, tokenizer, provenance: dict) -> dict:
+def eval_ppl(cfg: DictConfig, model, tokenizer) -> tuple[dict, dict]:
+    """`(metrics, provenance)`: `ppl/<dataset>` for every `eval.ppl.datasets` entry, and where its
+    windows came from (for `result["data"]`)."""
     e = cfg.eval.ppl
-    metrics = {}
+    metrics, provenance = {}, {}
     for name in e.datasets:
         windows, prov = data.eval_windows(tokenizer, name, e.split, e.seqlen, cfg.data.root, cfg.data.source,
                                           e.max_windows)
         metrics[f"ppl/{name}"] = perplexity(model, windows, e.batch_size, desc=f"ppl {name}", progress=e.progress)
         provenance[f"ppl/{name}"] = {**prov, "windows": len(windows), "seqlen": e.seqlen}
-    return metrics
+    return metrics, provenance
 
 
 def eval_lm(section: DictConfig, model, tokenizer, data_root) -> tuple[dict, dict]:

@@ -228,7 +228,7 @@ def test_run_hands_the_tracker_to_distillation(cfg_factory, monkeypatch):
     import lp.distill
 
     got = {}
-    monkeypatch.setattr(lp.distill, "prepare_teacher", lambda *a, **k: "teacher")
+    monkeypatch.setattr(lp.distill, "prepare_teacher", lambda *a, **k: ("teacher", {}))
     monkeypatch.setattr(lp.distill, "distill", lambda model, teacher, d, tracker=None, **k: got.update(
         teacher=teacher, tracker=tracker) or {"steps": 0})
     monkeypatch.setattr(lp.distill, "metrics", lambda info: {"distill/steps": info["steps"]})

@@ -225,7 +225,7 @@ def recipe(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: l
 # ----------------------------------------------------------------------------- stages
 def run_name(cfg: DictConfig, pruner) -> str:
     """`model/pruner/patch/n<removed>`, e.g. `smollm2_135m/shortgpt/rotate/n4`."""
-    return "/".join(str(x) for x in (cfg.model.name, pruner.name, cfg.patch.kind, f"n{getattr(pruner, 'n', 0)}"))
+    return "/".join(str(x) for x in (cfg.model.name, pruner.name, cfg.patch.kind, f"n{pruner.n}"))
 
 
 def model_info(cfg: DictConfig, model) -> dict:
@@ -278,7 +278,7 @@ def attach_patches(model, patches: dict) -> int:
 def pruning_info(pruner, sel, num_layers: int, params_dense: int, params_pruned: int, params_patch: int) -> dict:
     """`result["pruning"]`: what was removed and the parameter accounting (the patch counted apart)."""
     return {
-        "method": pruner.name, "n": len(sel.removed), "removed_layers": sel.removed,
+        "method": pruner.name, "label": pruner.label, "n": len(sel.removed), "removed_layers": sel.removed,
         "num_layers_after": num_layers - len(sel.removed), "params_dense": params_dense,
         "params_pruned": params_pruned, "params_patch": params_patch,
         "pruned_ratio": 1 - params_pruned / params_dense,

@@ -139,3 +139,30 @@ def test_paper_presets_match_the_paper(hydra_ctx):
         assert cfg.hydra.runtime.choices.calib == "wikitext2"
     assert list(make("sweeps=paper_ppl").eval.ppl.datasets) == ["wikitext2", "ptb", "c4"]
     assert make("sweeps=paper_qa", hydra_cfg=True).hydra.runtime.choices.eval == "qa"
+
+
+PRUNER_OPTIONS = sorted(f.stem for f in (CONF / "pruner").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("option", PRUNER_OPTIONS)
+def test_every_pruner_follows_the_protocol(hydra_ctx, option):
+    from lp.pruners import Pruner
+    from lp.report.vocab import PRUNERS
+
+    pruner = instantiate(make(f"pruner={option}").pruner)
+    assert isinstance(pruner, Pruner) and pruner.name == option
+    assert pruner.label == PRUNERS[option]  # the class and the report vocabulary agree
+    assert type(pruner.n) is int and pruner.n >= 0 and (pruner.n == 0) == (option == "none")
+    assert type(pruner.needs_calibration) is bool
+    assert pruner.needs_calibration == (option not in ("none", "manual"))
+
+
+def test_pruner_none_takes_only_n_0(hydra_ctx):
+    from lp.pruners.none import NoPruner
+
+    assert instantiate(make("pruner=none").pruner).n == 0
+    launching = make("sweeps=smollm2_quick", "pruner.n=4")  # no `override /pruner` in the preset any more
+    assert launching.pruner._target_ == "lp.pruners.none.NoPruner" and launching.pruner.n == 4  # composes
+    for bad in (4, True):
+        with pytest.raises(ValueError, match=rf"pruner=none removes nothing: pruner.n={bad!r} must be 0"):
+            NoPruner(bad)

@@ -10,10 +10,6 @@ enters it), so the model without `kept[p]` has NLL `suffix_nll(H_p, kept[p+1:])`
 after p, the final norm and the LM head run. `PrefixCache` keeps H_p for as many leading
 positions as a memory budget allows and walks forward from the last stored one otherwise.
 
-`ScoreCache` keeps a pruner's calibration scores on disk (keyed like `lp.calib`'s statistics), so a
-sweep over n scores once: `ppl`/`taylor` scores do not depend on n, and SLEB's greedy steps for n
-are the first n steps for any larger n.
-
 Layers are called by hand, so their keyword arguments (causal mask, rotary `(cos, sin)`,
 `position_ids`, ...) are captured per layer with forward pre-hooks during one ordinary forward
 of a batch of each size used (per layer: Gemma2/3 give sliding and full-attention layers
@@ -23,20 +19,12 @@ arguments depend only on the batch shape, never on token values.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import os
-from pathlib import Path
-
 import torch
 from torch import Tensor
 
 from lp.evaluate.ppl import token_nll
-from lp.models import Decoder, cache_dir, input_of
-
-log = logging.getLogger(__name__)
-SCORES_VERSION = 2  # bump when stored pruner scores (or the entry format) change (invalidates the disk cache)
+from lp.models import Decoder, input_of
+from lp.pruners.base import check_cache_gb, check_flag
 
 
 class LayerRunner:
@@ -224,86 +212,12 @@ def score_removals(runner: LayerRunner, kept: list[int], candidates, prefix: Pre
     return scores
 
 
-# --------------------------------------------------------------------------- settings
-def check_n(name: str, n, max_n: int, constraint: str) -> int:
-    """Validate `pruner.n` against `1 <= n <= max_n`; the error names the method's constraint."""
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise ValueError(f"pruner={name}: pruner.n={n!r} must be an integer")
-    if not 1 <= n <= max_n:
-        raise ValueError(f"pruner={name}: pruner.n={n} out of range: {constraint}, so 1 <= n <= {max_n}")
-    return n
-
-
-def check_flag(name: str, key: str, value) -> bool:
-    """A true/false setting: anything but a bool (e.g. the string "no") is an error, not truthy."""
-    if not isinstance(value, bool):
-        raise ValueError(f"pruner={name}: pruner.{key}={value!r} must be true or false")
-    return value
-
-
-def check_cache_gb(name: str, cache_gb) -> float:
-    if isinstance(cache_gb, bool) or not isinstance(cache_gb, (int, float)) or cache_gb < 0:
-        raise ValueError(f"pruner={name}: pruner.cache_gb={cache_gb!r} must be a number >= 0 (GiB)")
-    return float(cache_gb)
-
-
-def per_layer(values: dict[int, float], num_layers: int) -> list[float | None]:
-    """Dense per-layer list from `{layer: value}`, None where a layer has no value."""
-    return [values.get(i) for i in range(num_layers)]
-
-
-# --------------------------------------------------------------------------- disk cache
-class ScoreCache:
-    """A pruner's scores for one model + calibration set: `<lp cache>/select/<method>-<sha256>.json`.
-
-    Key = `ctx.cache_key` (model config, data source, calibration settings) + method + `settings`
-    that change the values + batch size, device type, dtype and `SCORES_VERSION`; the file repeats
-    the key and an entry whose key differs is ignored. It also records the calibration provenance,
-    which `load` hands to `ctx.cached_provenance`. Disabled (`path` None) when `enabled` is false or
-    `ctx.cache_key` is empty (tests, benchmarks). Writes are atomic (temp file + rename).
-    """
-
-    def __init__(self, ctx, method: str, enabled: bool = True, **settings):
-        self.ctx = ctx
-        param = next(ctx.model.parameters())
-        self.key = json.loads(json.dumps({
-            "ctx": ctx.cache_key, "method": method, "settings": settings, "batch_size": ctx.batch_size,
-            "device": param.device.type, "dtype": str(param.dtype), "version": SCORES_VERSION,
-        }, sort_keys=True, default=str))
-        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:20]
-        self.path = cache_dir() / "select" / f"{method}-{digest}.json" if enabled and ctx.cache_key else None
-
-    def load(self) -> dict | None:
-        if self.path is None or not self.path.is_file():
-            return None
-        try:
-            entry = json.loads(self.path.read_text())
-        except (OSError, ValueError) as e:
-            log.warning("ignoring unreadable score cache %s (%s)", self.path, e)
-            return None
-        if entry.get("key") != self.key:
-            return None
-        self.ctx.cached_provenance = entry.get("calibration")
-        return entry["value"]
-
-    def save(self, value: dict) -> None:
-        if self.path is None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(f"{self.path}.{os.getpid()}.tmp")
-        entry = {"key": self.key, "calibration": self.ctx.calib_provenance, "value": value}
-        tmp.write_text(json.dumps(entry, default=str))
-        os.replace(tmp, self.path)
-
-    def info(self, **extra) -> dict:
-        return {"path": str(self.path) if self.path else None, **extra}
-
-
 # --------------------------------------------------------------------------- pruner base
 class SuffixPruner:
     """Settings and bookkeeping shared by `sleb` and `ppl`, which score removals with `score_removals`."""
 
     name = ""
+    label = ""
     needs_calibration = True
 
     def __init__(self, n: int = 5, cache: bool = True, cache_gb: float = 4.0, disk_cache: bool = True):

@@ -8,12 +8,12 @@ j = 0..L-n). No healing fine-tune here. Reads the shared one-pass `lp.calib.Cali
 """
 
 from lp.calib import get_stats
-from lp.pruners.base import PruneContext, Selection
-from lp.pruners.linearpatch import StatsPruner, block_selection
+from lp.pruners.base import PruneContext, Selection, StatsPruner, block_selection
 
 
 class AngularPruner(StatsPruner):
     name = "angular"
+    label = "Angular (Gromov)"
 
     def select(self, ctx: PruneContext) -> Selection:
         stats = get_stats(ctx)

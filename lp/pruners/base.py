@@ -1,14 +1,29 @@
-"""The pruner protocol, the selection it returns and the context it reads from."""
+"""What every pruner shares: the `Pruner` protocol, the `Selection` it returns, the `PruneContext` it
+reads from, the base classes (`StatsPruner`, `block_selection`), the settings checks and the on-disk
+`ScoreCache`. Layer indices are dense (0..L-1); h_l = residual stream entering dense layer l,
+h_L = last layer output before the final norm.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Protocol
+from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+from lp.calib import check_block
+from lp.models import cache_dir
+
+log = logging.getLogger(__name__)
+SCORES_VERSION = 2  # bump when stored pruner scores (or the entry format) change (invalidates the disk cache)
 
 
 @dataclass
@@ -60,9 +75,126 @@ class PruneContext:
         return "_calib" in self.__dict__
 
 
+@runtime_checkable
 class Pruner(Protocol):
+    """A layer-selection method, built by Hydra from `conf/pruner/<name>.yaml`.
+
+    `name`: the conf file's name (= `pruning.method` in result.json); `label`: its display name in
+    tables and logs; `n`: how many layers it removes (0 for `none`); `needs_calibration`: whether
+    `select` reads calibration windows (so the corpus is checked before any weights load).
+    `check(num_layers)` validates the settings against the dense layer count before loading;
+    `select(ctx)` chooses the layers to remove.
+    """
+
     name: str
+    label: str
+    n: int
+    needs_calibration: bool
 
     def check(self, num_layers: int) -> None: ...
 
     def select(self, ctx: PruneContext) -> Selection: ...
+
+
+# --------------------------------------------------------------------------- one-shot statistics pruners
+def nan_to_none(values) -> list:
+    return [None if v != v else float(v) for v in values.tolist()]
+
+
+def block_selection(method: str, scores, n: int, kind: str, lower_is_better: bool = False, **extra) -> Selection:
+    """Pick the best start from a per-start curve `scores` [L-n+1] (NaN = not a candidate)."""
+    masked = scores.nan_to_num(float("inf") if lower_is_better else float("-inf"))
+    start = int((masked.argmin() if lower_is_better else masked.argmax()).item())
+    return Selection(list(range(start, start + n)), {
+        "block": [start, start + n], "scores": {"kind": kind, "values": nan_to_none(scores)}, **extra})
+
+
+class StatsPruner:
+    """Base of the one-shot pruners that remove `n` layers chosen from the shared `lp.calib.CalibStats`."""
+
+    name = ""
+    label = ""
+    needs_calibration = True
+
+    def __init__(self, n: int = 5):
+        self.n = n
+
+    def check(self, num_layers: int) -> None:
+        check_block(f"pruner={self.name}", self.n, num_layers)
+
+
+# --------------------------------------------------------------------------- settings
+def check_n(name: str, n, max_n: int, constraint: str) -> int:
+    """Validate `pruner.n` against `1 <= n <= max_n`; the error names the method's constraint."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise ValueError(f"pruner={name}: pruner.n={n!r} must be an integer")
+    if not 1 <= n <= max_n:
+        raise ValueError(f"pruner={name}: pruner.n={n} out of range: {constraint}, so 1 <= n <= {max_n}")
+    return n
+
+
+def check_flag(name: str, key: str, value) -> bool:
+    """A true/false setting: anything but a bool (e.g. the string "no") is an error, not truthy."""
+    if not isinstance(value, bool):
+        raise ValueError(f"pruner={name}: pruner.{key}={value!r} must be true or false")
+    return value
+
+
+def check_cache_gb(name: str, cache_gb) -> float:
+    if isinstance(cache_gb, bool) or not isinstance(cache_gb, (int, float)) or cache_gb < 0:
+        raise ValueError(f"pruner={name}: pruner.cache_gb={cache_gb!r} must be a number >= 0 (GiB)")
+    return float(cache_gb)
+
+
+def per_layer(values: dict[int, float], num_layers: int) -> list[float | None]:
+    """Dense per-layer list from `{layer: value}`, None where a layer has no value."""
+    return [values.get(i) for i in range(num_layers)]
+
+
+# --------------------------------------------------------------------------- disk cache
+class ScoreCache:
+    """A pruner's scores for one model + calibration set: `<lp cache>/select/<method>-<sha256>.json`.
+
+    So a sweep over n scores once: `ppl`/`taylor` scores do not depend on n, and SLEB's greedy steps
+    for n are the first n steps for any larger n. Key = `ctx.cache_key` (model config, data source,
+    calibration settings) + method + `settings` that change the values + batch size, device type,
+    dtype and `SCORES_VERSION`; the file repeats the key and an entry whose key differs is ignored.
+    It also records the calibration provenance, which `load` hands to `ctx.cached_provenance`.
+    Disabled (`path` None) when `enabled` is false or `ctx.cache_key` is empty (tests, benchmarks).
+    Reading and writing happen only in `load` / `save`; writes are atomic (temp file + rename).
+    """
+
+    def __init__(self, ctx, method: str, enabled: bool = True, **settings):
+        self.ctx = ctx
+        param = next(ctx.model.parameters())
+        self.key = json.loads(json.dumps({
+            "ctx": ctx.cache_key, "method": method, "settings": settings, "batch_size": ctx.batch_size,
+            "device": param.device.type, "dtype": str(param.dtype), "version": SCORES_VERSION,
+        }, sort_keys=True, default=str))
+        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:20]
+        self.path = cache_dir() / "select" / f"{method}-{digest}.json" if enabled and ctx.cache_key else None
+
+    def load(self) -> dict | None:
+        if self.path is None or not self.path.is_file():
+            return None
+        try:
+            entry = json.loads(self.path.read_text())
+        except (OSError, ValueError) as e:
+            log.warning("ignoring unreadable score cache %s (%s)", self.path, e)
+            return None
+        if entry.get("key") != self.key:
+            return None
+        self.ctx.cached_provenance = entry.get("calibration")
+        return entry["value"]
+
+    def save(self, value: dict) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(f"{self.path}.{os.getpid()}.tmp")
+        entry = {"key": self.key, "calibration": self.ctx.calib_provenance, "value": value}
+        tmp.write_text(json.dumps(entry, default=str))
+        os.replace(tmp, self.path)
+
+    def info(self, **extra) -> dict:
+        return {"path": str(self.path) if self.path else None, **extra}

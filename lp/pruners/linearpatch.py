@@ -11,36 +11,12 @@ Scores come from the shared one-pass `lp.calib.CalibStats`, which also gives the
 """
 
 from lp.calib import VARIANTS, check_block, get_stats
-from lp.pruners.base import PruneContext, Selection
-
-
-def nan_to_none(values) -> list:
-    return [None if v != v else float(v) for v in values.tolist()]
-
-
-def block_selection(method: str, scores, n: int, kind: str, lower_is_better: bool = False, **extra) -> Selection:
-    """Pick the best start from a per-start curve `scores` [L-n+1] (NaN = not a candidate)."""
-    masked = scores.nan_to_num(float("inf") if lower_is_better else float("-inf"))
-    start = int((masked.argmin() if lower_is_better else masked.argmax()).item())
-    return Selection(list(range(start, start + n)), {
-        "block": [start, start + n], "scores": {"kind": kind, "values": nan_to_none(scores)}, **extra})
-
-
-class StatsPruner:
-    """Base of the one-shot pruners that remove `n` layers chosen from the shared `CalibStats`."""
-
-    name = ""
-    needs_calibration = True
-
-    def __init__(self, n: int = 5):
-        self.n = n
-
-    def check(self, num_layers: int) -> None:
-        check_block(f"pruner={self.name}", self.n, num_layers)
+from lp.pruners.base import PruneContext, Selection, StatsPruner, block_selection
 
 
 class LinearPatchPruner(StatsPruner):
     name = "linearpatch"
+    label = "LinearPatch block"
 
     def __init__(self, n: int = 5, variant: str = "paper"):
         if variant not in VARIANTS:

@@ -6,6 +6,8 @@ from lp.pruners.base import PruneContext, Selection
 
 class ManualPruner:
     name = "manual"
+    label = "Manual"
+    needs_calibration = False
 
     def __init__(self, layers):
         if layers is None or len(layers) == 0:

@@ -20,12 +20,13 @@ import math
 import time
 
 from lp.models import Decoder
-from lp.pruners._suffix import LayerRunner, ScoreCache, SuffixPruner, check_n, per_layer, score_removals
-from lp.pruners.base import PruneContext, Selection
+from lp.pruners._suffix import LayerRunner, SuffixPruner, score_removals
+from lp.pruners.base import PruneContext, ScoreCache, Selection, check_n, per_layer
 
 
 class PPLPruner(SuffixPruner):
     name = "ppl"
+    label = "PPL"
 
     def check(self, num_layers: int) -> None:
         check_n(self.name, self.n, num_layers - 1, f"at least one of the model's {num_layers} layers must remain")

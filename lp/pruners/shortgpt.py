@@ -11,12 +11,12 @@ contiguous, so LinearPatch then places one patch per contiguous run. Reads the s
 import torch
 
 from lp.calib import get_stats
-from lp.pruners.base import PruneContext, Selection
-from lp.pruners.linearpatch import StatsPruner
+from lp.pruners.base import PruneContext, Selection, StatsPruner
 
 
 class ShortGPTPruner(StatsPruner):
     name = "shortgpt"
+    label = "ShortGPT"
 
     def select(self, ctx: PruneContext) -> Selection:
         stats = get_stats(ctx)

@@ -32,12 +32,13 @@ from __future__ import annotations
 import time
 
 from lp.models import Decoder
-from lp.pruners._suffix import LayerRunner, ScoreCache, SuffixPruner, check_n, per_layer, score_removals
-from lp.pruners.base import PruneContext, Selection
+from lp.pruners._suffix import LayerRunner, SuffixPruner, score_removals
+from lp.pruners.base import PruneContext, ScoreCache, Selection, check_n, per_layer
 
 
 class SLEBPruner(SuffixPruner):
     name = "sleb"
+    label = "SLEB"
 
     def check(self, num_layers: int) -> None:
         check_n(self.name, self.n, num_layers - 2,

@@ -8,12 +8,12 @@ included. Reads the shared one-pass `lp.calib.CalibStats`.
 """
 
 from lp.calib import get_stats
-from lp.pruners.base import PruneContext, Selection
-from lp.pruners.linearpatch import StatsPruner, block_selection
+from lp.pruners.base import PruneContext, Selection, StatsPruner, block_selection
 
 
 class StreamlinePruner(StatsPruner):
     name = "streamline"
+    label = "LLM-Streamline"
 
     def select(self, ctx: PruneContext) -> Selection:
         stats = get_stats(ctx)

@@ -24,7 +24,7 @@ one micro-batch. Llama-3-8B at seqlen 2048, micro-batch 1: 16 GB bf16 weights + 
 host if memory were tighter. Gradients of a bf16 model are bf16 per micro-batch before the fp32 sum.
 The model is left as found: weights, `requires_grad` flags, existing `.grad`s and train/eval mode.
 The scores do not depend on n: with `disk_cache: true` they are stored and reused by runs with any n
-(see `lp.pruners._suffix.ScoreCache`).
+(see `lp.pruners.base.ScoreCache`).
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ import torch
 
 from lp.evaluate.ppl import token_nll
 from lp.models import Decoder
-from lp.pruners._suffix import ScoreCache, check_flag, check_n, per_layer
-from lp.pruners.base import PruneContext, Selection
+from lp.pruners.base import PruneContext, ScoreCache, Selection, check_flag, check_n, per_layer
 
 KEEP_FIRST, KEEP_LAST = 4, 2
 
@@ -86,6 +85,7 @@ def taylor_scores(model, windows: torch.Tensor, layers: list[int], micro_batch: 
 
 class TaylorPruner:
     name = "taylor"
+    label = "Taylor+"
     needs_calibration = True
 
     def __init__(self, n: int = 5, micro_batch: int = 1, disk_cache: bool = True):

@@ -38,9 +38,9 @@ from hydra import compose, initialize_config_dir
 
 from lp import models
 from lp.pruners import PruneContext
-from lp.pruners._suffix import LayerRunner
 from lp.pruners.sleb import SLEBPruner
 from lp.pruners.taylor import TaylorPruner
+from lp.replay import Replay
 from lp.run import calibration
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ _, windows = windows_for(args.nsamples)
 ctx = PruneContext(model, None, calib_fn=lambda: (windows, {}), batch_size=args.batch_size)
 
 # Unit costs (CPU seconds): one layer / one head (norm + LM head + CE) over all windows.
-runner = LayerRunner(model, windows, args.batch_size)
+runner = Replay(model, windows, args.batch_size)
 h0 = runner.embed()
 runner.advance(h0, 0, torch.empty_like(h0))  # warm-up (captures layer kwargs)
 t = time.process_time()
@@ -110,7 +110,7 @@ for i in range(1, 4):
     runner.advance(h0, i, torch.empty_like(h0))
 layer_s = (time.process_time() - t) / 3
 t = time.process_time()
-runner.suffix_nll(h0, [])
+runner.nll(h0, [])
 head_s = time.process_time() - t
 del runner, h0
 

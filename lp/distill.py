@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from lp import data, models
 from lp.evaluate.ppl import token_nll
 from lp.patch import Patched
+from lp.replay import Head, LayerCalls
 
 log = logging.getLogger(__name__)
 
@@ -285,12 +286,12 @@ def topk_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 class Suffix:
-    """The student from its first patched module onwards.
+    """The student from its first patched module onwards, replayed with `lp.replay.LayerCalls`.
 
     `modules`: decoder layers from the first `Patched` one, then the final norm (only the norm when
-    the first patch wraps it). `prefix(ids)` -> hidden state entering `modules[0]` `[B,T,D]`;
-    `hidden(h)` -> final-normed hidden `[B,T,D]`; `logits_at(hn, idx)` -> logits `[B,T,k]` at
-    vocabulary indices `idx`; `logits(hn)` -> full logits `[B,T,V]`.
+    the first patch wraps it). `prefix(ids)` -> hidden state entering `modules[0]` `[B,T,D]` (no
+    grad, no autocast); `hidden(h)` -> final-normed hidden `[B,T,D]`; `logits_at(hn, idx)` -> logits
+    `[B,T,k]` at vocabulary indices `idx`; `logits(hn)` -> full logits `[B,T,V]` (`lp.replay.Head`).
     """
 
     def __init__(self, model: nn.Module):
@@ -303,68 +304,28 @@ class Suffix:
             self.modules, self.start = [norm], "model.norm"
         else:
             raise ValueError("distill: the model has no patched module to train (patch=none?)")
-        self.model = model
         self.patches = [m.patch for m in [*layers, norm] if isinstance(m, Patched)]
-        self.head = model.get_output_embeddings()
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        self._calls: dict[tuple, list] = {}  # (B, T) -> [(args, kwargs)] per module, as the model passed them
+        self.calls = LayerCalls(model, self.modules)
+        self._head = Head(model)
+        self.head = self._head.lm_head
 
-    @torch.no_grad()
     def prefix(self, ids: torch.Tensor) -> torch.Tensor:
-        """Hidden state entering the first patched module for windows `ids [B,T]` (no grad, no autocast).
-        The first batch of each shape runs the model up to its final norm once to capture every suffix
-        call's arguments; later batches stop at the first patched module."""
-        shape = tuple(ids.shape)
-        device = next(self.model.parameters()).device
-        with torch.autocast(device.type, enabled=False):
-            if shape in self._calls:
-                return models.input_of(self.model, self.modules[0], ids.to(device)).detach()
-            calls, first = [], []
+        return self.calls.capture(ids)
 
-            def grab(mod, args, kwargs):
-                if "hidden_states" in kwargs:
-                    kwargs = dict(kwargs)
-                    args = (kwargs.pop("hidden_states"), *args)
-                if not calls:
-                    first.append(args[0])
-                calls.append((args[1:], kwargs))
-                if len(calls) == len(self.modules):  # all suffix calls seen: skip the LM head
-                    raise models.StopForward
-
-            handles = [m.register_forward_pre_hook(grab, with_kwargs=True) for m in self.modules]
-            try:
-                self.model(input_ids=ids.to(device), use_cache=False)
-            except models.StopForward:
-                pass
-            else:
-                raise RuntimeError("the model's forward never reached its final norm")
-            finally:
-                for hd in handles:
-                    hd.remove()
-        self._calls[shape] = calls
-        return first[0].detach()
+    def has_shape(self, shape) -> bool:
+        """Whether the arguments for batch shape `(B, T)` were captured (by `prefix`)."""
+        return tuple(shape) in self.calls.shapes
 
     def hidden(self, h: torch.Tensor) -> torch.Tensor:
-        calls = self._calls.get(tuple(h.shape[:2]))
-        if calls is None:
-            raise RuntimeError(f"no captured suffix arguments for batch shape {tuple(h.shape[:2])}; call prefix first")
-        for mod, (args, kwargs) in zip(self.modules, calls, strict=True):
-            h = mod(h, *args, **kwargs)
+        for i in range(len(self.modules)):
+            h = self.calls.call(i, h)
         return h
 
-    def _cap(self, logits):
-        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
-
     def logits_at(self, hn: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        if type(self.head) is nn.Linear:  # exact and ~V/k times cheaper than the full head
-            out = torch.matmul(self.head.weight[idx], hn.unsqueeze(-1)).squeeze(-1)  # [B,T,k,D] @ [B,T,D,1]
-            if self.head.bias is not None:
-                out = out + self.head.bias[idx]
-            return self._cap(out)
-        return self.logits(hn).gather(-1, idx)
+        return self._head.logits_at(hn, idx)
 
     def logits(self, hn: torch.Tensor) -> torch.Tensor:
-        return self._cap(self.head(hn))
+        return self._head.logits(hn)
 
 
 def full_student_loss(model: nn.Module, ids: torch.Tensor, idx: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -484,7 +445,7 @@ def distill(model: nn.Module, teacher: TeacherCache, d, tracker=None, progress: 
             if states is None:
                 return suffix.prefix(ids)
             h = torch.stack([states[r] for r in rows])
-            if tuple(h.shape[:2]) not in suffix._calls:  # a batch shape not seen when caching
+            if not suffix.has_shape(h.shape[:2]):  # a batch shape not seen when caching
                 suffix.prefix(ids)
             return h
 

@@ -12,10 +12,11 @@ from hydra import compose, initialize_config_dir
 from lp.evaluate.ppl import window_nll
 from lp.models import drop_layers, tiny_model
 from lp.pruners import PruneContext
-from lp.pruners._suffix import LayerRunner, PrefixCache, score_removals
+from lp.pruners._suffix import PrefixCache, score_removals
 from lp.pruners.ppl import PPLPruner
 from lp.pruners.sleb import SLEBPruner
 from lp.pruners.taylor import TaylorPruner
+from lp.replay import Replay
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = ["llama", "qwen2", "gemma3_text"]
@@ -52,7 +53,7 @@ def naive_sleb(model, w, n):
 @pytest.mark.parametrize("budget", [1e9, 0])  # every position cached / only H_0 plus a walking buffer
 def test_suffix_scores_equal_full_forward(arch, budget):
     model, w = tiny_model(arch, num_layers=5), windows()
-    runner = LayerRunner(model, w, batch_size=4)  # 6 windows: batches of 4 and 2
+    runner = Replay(model, w, batch_size=4)  # 6 windows: batches of 4 and 2
     kept = list(range(5))
     got = score_removals(runner, kept, kept, PrefixCache(runner, kept, budget))
     for i in kept:
@@ -61,7 +62,7 @@ def test_suffix_scores_equal_full_forward(arch, budget):
 
 def test_prefix_cache_after_removals_matches_fresh_forward():
     model, w = tiny_model("llama", num_layers=6), windows()
-    runner = LayerRunner(model, w, batch_size=4)
+    runner = Replay(model, w, batch_size=4)
     for budget in (1e9, 0):
         cache = PrefixCache(runner, list(range(6)), budget)
         cache.get(4)

@@ -20,8 +20,9 @@ import math
 import time
 
 from lp.models import Decoder
-from lp.pruners._suffix import LayerRunner, SuffixPruner, score_removals
+from lp.pruners._suffix import SuffixPruner, score_removals
 from lp.pruners.base import PruneContext, ScoreCache, Selection, check_n, per_layer
+from lp.replay import Replay
 
 
 class PPLPruner(SuffixPruner):
@@ -40,7 +41,7 @@ class PPLPruner(SuffixPruner):
         if not hit:
             windows = ctx.windows  # built (tokenized) before the clock starts
             t0 = time.perf_counter()
-            runner = LayerRunner(ctx.model, windows, ctx.batch_size)
+            runner = Replay(ctx.model, windows, ctx.batch_size)
             kept = list(range(L))
             prefix, h0 = self.start(runner, kept)
             stored = {"nll": per_layer(score_removals(runner, kept, kept, prefix, h0), L)}

@@ -32,8 +32,9 @@ from __future__ import annotations
 import time
 
 from lp.models import Decoder
-from lp.pruners._suffix import LayerRunner, SuffixPruner, score_removals
+from lp.pruners._suffix import SuffixPruner, score_removals
 from lp.pruners.base import PruneContext, ScoreCache, Selection, check_n, per_layer
+from lp.replay import Replay
 
 
 class SLEBPruner(SuffixPruner):
@@ -53,7 +54,7 @@ class SLEBPruner(SuffixPruner):
         if reused < self.n:
             windows = ctx.windows  # built (tokenized) before the clock starts
             t0 = time.perf_counter()
-            runner = LayerRunner(ctx.model, windows, ctx.batch_size)
+            runner = Replay(ctx.model, windows, ctx.batch_size)
             prefix = self._greedy(runner, L, steps)
             seconds = time.perf_counter() - t0
             disk.save({"steps": steps})
@@ -68,7 +69,7 @@ class SLEBPruner(SuffixPruner):
         }
         return Selection(order, info)
 
-    def _greedy(self, runner: LayerRunner, L: int, steps: list[dict]):
+    def _greedy(self, runner: Replay, L: int, steps: list[dict]):
         """Append steps len(steps)+1..n to `steps`, from the model without the layers they removed.
         Returns the prefix cache used (None with `cache: false`)."""
         kept = [i for i in range(L) if i not in {s["removed"] for s in steps}]

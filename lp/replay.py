@@ -1,0 +1,210 @@
+"""The one layer-replay engine: run a decoder's layers, final norm and LM head by hand.
+
+Used by the removal-scoring pruners (`sleb`, `ppl`: NLL of the model without a layer), the
+distillation student (`lp.distill`: only the layers from the first patch on, with gradients) and
+held-out patch verification (NLL of the suffix after a cut, with a patch applied at the cut).
+
+Conventions. Dense layers are numbered 0..L-1 as the model held them when the engine was built;
+h_l = the residual stream entering dense layer l, `[N, T, D]` in the model dtype (h_0 = the
+embedding output, scaling included); h_L = the last layer's output *before* the final norm. Token
+windows are `[N, T]` int64; no `attention_mask` is passed to the model, so every layer's extra
+arguments depend only on the batch shape `(B, T)`, never on token values.
+
+  * `LayerCalls(model, modules)`: each module's positional/keyword arguments besides the hidden
+    state (causal mask, rotary `(cos, sin)`, `position_ids`, ...), captured by forward pre-hooks
+    during one ordinary forward per batch shape (per module, since e.g. Gemma2/3 give sliding and
+    full-attention layers different masks and rotary tables); `call(i, h)` replays module i.
+  * `Head(model)`: final norm + LM head + logit soft-capping (Gemma2/3 `final_logit_softcapping`),
+    written once.
+  * `Replay(model, windows, batch_size)`: fixed windows, processed in the same batches always, so a
+    hidden state computed here is bitwise the one an ordinary forward of the same batches gives.
+    `stream(l)` -> h_l; `nll(h, layers, patch)` -> per-window NLL `[N]` when `h` (optionally passed
+    through `patch`) enters the dense `layers` in order, then the head.
+
+Example: held-out NLL of the model without the block [i, i+n), bridged by `patch` (a module
+`[B, T, D] -> [B, T, D]`, e.g. `lp.patch.LinearPatch`), against no patch:
+
+    rp = Replay(dense_model, windows, batch_size=4)
+    h = rp.stream(i)                                   # h_i, what enters the first removed layer
+    after = list(range(i + n, rp.num_layers))          # the kept layers after the cut
+    with_patch, without = rp.nll(h, after, patch), rp.nll(h, after)    # [N] float64 each
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lp.evaluate.ppl import token_nll
+from lp.models import Decoder, StopForward, input_of
+
+
+def softcap(logits: Tensor, cap: float | None) -> Tensor:
+    """Gemma2/3 final logit soft-capping `cap * tanh(logits / cap)`, as in their CausalLM forward
+    (identity for `cap` None/0)."""
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+class Head:
+    """Final norm + LM head + logit soft-capping of `model`.
+
+    `__call__(h)`: logits `[B, T, V]` from a last hidden state `h` `[B, T, D]` (h_L: norm, head,
+    cap); `logits(hn)` the same from an already normed `hn`; `logits_at(hn, idx)`: logits
+    `[B, T, k]` at vocabulary indices `idx` `[B, T, k]` only (exact: `W[idx] . hn` for a plain
+    linear head, ~V/k times cheaper than the full head).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.norm = Decoder(model).norm
+        self.lm_head = model.get_output_embeddings()
+        self.cap = getattr(model.config, "final_logit_softcapping", None)
+
+    def __call__(self, h: Tensor) -> Tensor:
+        return self.logits(self.norm(h))
+
+    def logits(self, hn: Tensor) -> Tensor:
+        return softcap(self.lm_head(hn), self.cap)
+
+    def logits_at(self, hn: Tensor, idx: Tensor) -> Tensor:
+        if type(self.lm_head) is nn.Linear:
+            out = torch.matmul(self.lm_head.weight[idx], hn.unsqueeze(-1)).squeeze(-1)  # [B,T,k,D] @ [B,T,D,1]
+            if self.lm_head.bias is not None:
+                out = out + self.lm_head.bias[idx]
+            return softcap(out, self.cap)
+        return self.logits(hn).gather(-1, idx)
+
+
+class LayerCalls:
+    """The arguments `model` passes each of `modules` (decoder layers and/or the final norm, in call
+    order) besides the hidden state, captured per batch shape `(B, T)`.
+
+    `capture(ids)`: for windows `ids` `[B, T]`, the hidden state entering `modules[0]` (no grad, no
+    autocast); the first batch of each shape runs the model up to the last module's input once to
+    record every module's arguments, later ones stop at `modules[0]`. `call(i, h)`: module i on
+    `h` `[B, T, D]` with the arguments captured for that shape (its output hidden state).
+    """
+
+    def __init__(self, model: nn.Module, modules: list[nn.Module]):
+        if not modules:
+            raise ValueError("LayerCalls needs at least one module")
+        self.model = model
+        self.modules = list(modules)
+        self.shapes: dict[tuple, list[tuple[tuple, dict]]] = {}
+
+    @torch.no_grad()
+    def capture(self, ids: Tensor) -> Tensor:
+        shape = tuple(ids.shape)
+        device = next(self.model.parameters()).device
+        ids = ids.to(device)
+        with torch.autocast(device.type, enabled=False):
+            if shape in self.shapes:
+                return input_of(self.model, self.modules[0], ids).detach()
+            calls, first = [], []
+
+            def grab(_mod, args, kwargs):
+                if "hidden_states" in kwargs:
+                    kwargs = dict(kwargs)
+                    args = (kwargs.pop("hidden_states"), *args)
+                if not calls:
+                    first.append(args[0])
+                calls.append((args[1:], kwargs))
+                if len(calls) == len(self.modules):  # all seen: the rest of the model never runs
+                    raise StopForward
+
+            handles = [m.register_forward_pre_hook(grab, with_kwargs=True) for m in self.modules]
+            try:
+                self.model(input_ids=ids, use_cache=False)
+            except StopForward:
+                pass
+            else:
+                raise RuntimeError(f"the model's forward called only {len(calls)} of the {len(self.modules)} "
+                                   "modules to replay")
+            finally:
+                for hd in handles:
+                    hd.remove()
+        self.shapes[shape] = calls
+        return first[0].detach()
+
+    def call(self, i: int, h: Tensor) -> Tensor:
+        calls = self.shapes.get(tuple(h.shape[:2]))
+        if calls is None:
+            raise RuntimeError(f"no captured arguments for batch shape {tuple(h.shape[:2])}; capture it first")
+        args, kwargs = calls[i]
+        out = self.modules[i](h, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+class Replay:
+    """Decoder layers, final norm and LM head of `model` run by hand on fixed `windows` `[N, T]`.
+
+    Windows are always processed in the same batches of `batch_size` (`batches`). Work is counted
+    in units of the whole window set: `layer_calls` (one decoder layer over all N windows) and
+    `head_calls` (final norm + LM head + cross-entropy over all N windows).
+    """
+
+    def __init__(self, model: nn.Module, windows: Tensor, batch_size: int = 1):
+        if windows.dim() != 2 or windows.shape[1] < 2:
+            raise ValueError(f"windows must be [N, T] with T >= 2, got shape {tuple(windows.shape)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        self.model = model
+        self.layers = list(Decoder(model).layers)  # dense numbering, whatever the caller removes later
+        self.calls = LayerCalls(model, self.layers)
+        self.head = Head(model)
+        self.windows = windows.to(next(model.parameters()).device)
+        n = len(windows)
+        self.batches = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+        self.layer_calls = 0
+        self.head_calls = 0
+
+    @property
+    def num_windows(self) -> int:
+        return len(self.windows)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def _layer(self, index: int, h: Tensor, b: slice) -> Tensor:
+        if tuple(h.shape[:2]) not in self.calls.shapes:
+            self.calls.capture(self.windows[b])
+        return self.calls.call(index, h)
+
+    @torch.inference_mode()
+    def embed(self) -> Tensor:
+        """h_0 `[N, T, D]`: what enters layer 0 (the model's embedding path, scaling included)."""
+        return torch.cat([self.calls.capture(self.windows[b]) for b in self.batches])
+
+    @torch.inference_mode()
+    def advance(self, h: Tensor, index: int, out: Tensor) -> Tensor:
+        """`out` <- dense layer `index` applied to `h` (both `[N, T, D]`; `out` may be `h`)."""
+        for b in self.batches:
+            out[b] = self._layer(index, h[b], b)
+        self.layer_calls += 1
+        return out
+
+    def stream(self, layer: int) -> Tensor:
+        """h_layer `[N, T, D]` (0 <= layer <= L): the embedding output run through dense layers
+        0..layer-1 (h_L: before the final norm)."""
+        if not 0 <= layer <= self.num_layers:
+            raise ValueError(f"stream({layer}): the model has layers 0..{self.num_layers - 1} (h_0..h_{self.num_layers})")
+        h = self.embed()
+        for i in range(layer):
+            self.advance(h, i, h)
+        return h
+
+    @torch.inference_mode()
+    def nll(self, h: Tensor, layers: list[int], patch: nn.Module | None = None) -> Tensor:
+        """Per-window mean next-token NLL `[N]` (float64) when `h` `[N, T, D]` -- passed through
+        `patch` first, if given -- enters the dense `layers` (in order), then the head."""
+        out = []
+        for b in self.batches:
+            x = h[b] if patch is None else patch(h[b])
+            for i in layers:
+                x = self._layer(i, x, b)
+            logits = self.head(x[:, :-1])
+            nll = [token_nll(lg, t[1:]).mean() for lg, t in zip(logits, self.windows[b], strict=True)]
+            out.append(torch.stack(nll).double())
+        self.layer_calls += len(layers)
+        self.head_calls += 1
+        return torch.cat(out)

@@ -19,7 +19,8 @@ import torch
 from omegaconf import OmegaConf
 
 from lp import data, models
-from lp.calib import Rotation, collect
+from lp.calib import collect
+from lp.hadamard import Rotation
 
 p = argparse.ArgumentParser()
 p.add_argument("--nsamples", type=int, default=16)

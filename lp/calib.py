@@ -19,8 +19,8 @@ follow without another forward pass: `s_c = mean_w abs_mean[w, b, c] / abs_mean[
 
 The pairwise cosines use one Gram matrix per batch: each layer's activations are normalised
 (per token, resp. per channel over tokens) and flattened, `X [L+1, B*T*D]`, and `X X^T` sums
-the dot products of every pair at once. The Hadamard rotation is applied in its Kronecker form
-(`Rotation`), ~D/(sum of factor sizes) times cheaper than a dense D x D matmul.
+the dot products of every pair at once. The rotation H is the run's basis (`patch.hadamard`, see
+`lp.hadamard`), applied by `lp.hadamard.Rotation` (Kronecker form where H has one).
 
 `get_stats(ctx)` caches the result on disk under `<lp cache>/calib/<sha of the key>/`
 (safetensors + json) and on the `PruneContext`, so selection and patch scales share one pass.
@@ -49,85 +49,7 @@ log = logging.getLogger(__name__)
 STATS_VERSION = 1  # bump when the meaning of a stored statistic changes (invalidates the disk cache)
 VARIANTS = ("paper", "reference")
 SCALE_KINDS = ("diag", "rotate")
-_MAX_FACTOR = 64  # largest Sylvester factor applied as one matmul in the Kronecker rotation
 _CTX_ATTR = "_lp_calib_stats"
-
-
-# --------------------------------------------------------------------------- rotation
-class Rotation:
-    """x -> x H for the orthonormal rotation LinearPatch uses (row-vector convention).
-
-    For a supported D, H = hadamard(D) = (S_p ⊗ B_m) / sqrt(D) (see `lp.hadamard`); S_p is split
-    further into Sylvester factors of size <= 64 (S_{2^a} ⊗ S_{2^b} = S_{2^(a+b)}), and x H is
-    computed axis by axis on x reshaped to [..., p1, p2, ..., m]: cost D * (p1 + p2 + ... + m)
-    per row instead of D^2. For an unsupported D, `fallback_seed` selects the seeded random
-    orthogonal matrix of `lp.hadamard.hadamard` (applied densely); without it the Hadamard
-    ValueError propagates.
-    """
-
-    def __init__(self, dim: int, fallback_seed: int | None = None):
-        self.dim = dim
-        self.spec = rotation_spec(dim, fallback_seed)
-        if self.spec is None:
-            hd.hadamard(dim)  # raises the descriptive ValueError
-        self.fallback_seed = fallback_seed
-        self._cache: dict = {}
-        if hd.supported(dim):
-            p, m = hd.factorize(dim)
-            sizes = []
-            while p > 1:
-                f = min(p, _MAX_FACTOR)
-                sizes.append(f)
-                p //= f
-            self.sizes = sizes + [m] if m > 1 else sizes
-            self.factors64 = [_sylvester(f) for f in sizes] + ([hd.paley(m)] if m > 1 else [])
-        else:
-            self.sizes = None
-
-    def matrix(self, dtype=torch.float64, device=None) -> torch.Tensor:
-        """The dense H [D, D] (same matrix `apply` multiplies by)."""
-        return hd.hadamard(self.dim, dtype=dtype, device=device,
-                           fallback_seed=None if self.sizes else self.fallback_seed)
-
-    def _factors(self, device):
-        key = str(device)
-        if key not in self._cache:
-            if self.sizes:  # the 1/sqrt(D) normalisation folded into the first factor
-                self._cache[key] = [(f * (self.dim ** -0.5 if i == 0 else 1.0)).to(device=device, dtype=torch.float32)
-                                    for i, f in enumerate(self.factors64)]
-            else:
-                self._cache[key] = [self.matrix(torch.float32, device)]
-        return self._cache[key]
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., D] float32 -> x H [..., D] float32."""
-        factors = self._factors(x.device)
-        if not self.sizes:
-            return x @ factors[0]
-        shape = x.shape
-        y = x.reshape(-1, self.dim)
-        after = self.dim
-        for size, f in zip(self.sizes, factors, strict=True):
-            after //= size
-            if after == 1:  # last axis: y[..., b] = sum_a y[..., a] f[a, b]
-                y = y.reshape(-1, size) @ f
-            else:  # middle axis, f symmetric (Sylvester): broadcast left-multiply, no transposed copies
-                y = f @ y.reshape(-1, size, after)
-        return y.reshape(shape)
-
-
-def _sylvester(n: int) -> torch.Tensor:
-    s = torch.ones(1, 1, dtype=torch.float64)
-    while s.shape[0] < n:
-        s = torch.cat([torch.cat([s, s], 1), torch.cat([s, -s], 1)], 0)
-    return s
-
-
-def rotation_spec(dim: int, fallback_seed: int | None) -> str | None:
-    """Name of the rotation used for `dim` ("hadamard", "random_orthogonal:<seed>") or None if none exists."""
-    if hd.supported(dim):
-        return "hadamard"
-    return None if fallback_seed is None else f"random_orthogonal:{int(fallback_seed)}"
 
 
 # --------------------------------------------------------------------------- statistics
@@ -198,8 +120,9 @@ class CalibStats:
             raise ValueError(f"scale kind={kind!r}; choose one of {list(SCALE_KINDS)}")
         src = self.abs_mean if kind == "diag" else self.abs_mean_rot
         if src is None:
-            raise ValueError(f"no Hadamard matrix for hidden size {self.hidden_size} and no "
-                             "patch.hadamard_fallback_seed: rotated scales are unavailable")
+            raise ValueError(f"no rotation basis for hidden size {self.hidden_size} (meta rotation="
+                             f"{self.meta.get('rotation')!r}) and no patch.hadamard_fallback_seed: "
+                             "rotated scales are unavailable")
         num, den = src[:, b].double(), src[:, a].double()
         ratio = torch.where(den > 0, num / den.clamp_min(1e-300), torch.ones_like(num))
         return ratio.mean(0).float()
@@ -245,7 +168,7 @@ def _first(out):
 
 
 @torch.inference_mode()
-def collect(model, windows: torch.Tensor, batch_size: int = 1, rotation: Rotation | None = None,
+def collect(model, windows: torch.Tensor, batch_size: int = 1, rotation: hd.Rotation | None = None,
             progress: bool = False) -> CalibStats:
     """Run the dense `model` once over `windows` [W, T] (int64) and return its `CalibStats`.
 
@@ -357,15 +280,18 @@ def get_stats(ctx, fallback_seed: int | None = None, progress: bool = False) -> 
 
     Looked up, in order, on the context (same object for every caller of one run), then on disk in
     `<lp cache>/calib/<sha256 of json.dumps(key, sort_keys=True)>/`, with key = `ctx.cache_key` +
-    statistics version + rotation; otherwise computed in one pass and saved atomically (a temporary
-    folder renamed into place). An empty `ctx.cache_key` disables the disk cache. `fallback_seed`
-    (default: `ctx.hadamard_fallback_seed`) names the random orthogonal rotation used when
-    the hidden size has no Hadamard matrix. `stats.cost` = {"seconds", "cached", "path"}.
+    statistics version + rotation basis; otherwise computed in one pass and saved atomically (a
+    temporary folder renamed into place). An empty `ctx.cache_key` disables the disk cache. The
+    rotated abs-means use the basis `ctx.hadamard` / `ctx.hadamard_seed` (`lp.hadamard.spec`), or
+    the seeded random orthogonal matrix `fallback_seed` (default `ctx.hadamard_fallback_seed`) where
+    that basis has no matrix for the hidden size; with neither, `abs_mean_rot` is None.
+    `stats.cost` = {"seconds", "cached", "path"}.
     """
     if fallback_seed is None:
         fallback_seed = ctx.hadamard_fallback_seed
     D = Decoder(ctx.model).hidden_size
-    spec = rotation_spec(D, fallback_seed)
+    kind, seed = ctx.hadamard, ctx.hadamard_seed
+    spec = hd.spec(D, kind, seed, fallback_seed)
     memo = ctx.__dict__.setdefault(_CTX_ATTR, {})
     if spec in memo:
         return memo[spec]
@@ -381,7 +307,7 @@ def get_stats(ctx, fallback_seed: int | None = None, progress: bool = False) -> 
         stats.cost = {"seconds": round(time.perf_counter() - t0, 3), "cached": True, "path": str(path)}
         log.info("calibration statistics loaded from %s in %.2fs", path, stats.cost["seconds"])
     else:
-        rotation = Rotation(D, fallback_seed) if spec is not None else None
+        rotation = hd.Rotation(D, kind, seed, fallback_seed) if spec is not None else None
         windows = ctx.windows
         stats = collect(ctx.model, windows, ctx.batch_size, rotation, progress)
         stats.meta["calibration"] = ctx.calib_provenance

@@ -1,33 +1,52 @@
-"""Orthonormal Hadamard matrices for LinearPatch rotations.
+"""Orthonormal bases for the LinearPatch rotation, and `Rotation` (x -> x H, fast).
 
-Conventions
------------
-* ``hadamard(D)`` returns ``H`` with ``H @ H.T == I`` and every entry ``±1/sqrt(D)``.
-  ``H`` is not symmetric in general (Paley I bases are not): never assume ``H == H.T``.
-* ``D = 2^k · m``: ``H = (S_{2^k} ⊗ B_m) / sqrt(D)`` where ``S`` is the Sylvester
-  matrix (``S_1 = [1]``, ``S_{2n} = [[S_n, S_n], [S_n, -S_n]]``) and ``B_m`` is an
-  unnormalised ±1 base Hadamard matrix of order ``m`` (``B_1 = [1]``, otherwise Paley):
-  ``H[i*m + a, j*m + b] = S[i, j] · B[a, b] / sqrt(D)``.
-* Base orders come from primes ``q`` only:
-  Paley I  (``q ≡ 3 mod 4``): order ``q + 1``;
-  Paley II (``q ≡ 1 mod 4``): order ``2(q + 1)``.
-  Paley I is preferred when both give the same order (e.g. 12 = 11+1 = 2·(5+1)).
-* ``factorize(D)`` picks the largest ``2^k`` whose cofactor ``m`` is a base order.
-* The base matrix is built in float64, the exact ±1 sign pattern is doubled and
-  cached as int8 per ``D`` (CPU); the result is
-  ``signs.to(dtype) * round_to_dtype(1/sqrt(D))``, bit-identical to building in
-  float64 and casting. Every call returns a fresh tensor.
+Row vectors throughout: the rotation maps x [..., D] to x H, H orthonormal (H H^T = I).
+`patch.hadamard` (one of `BASES`) picks H; `basis(dim, kind, seed)` returns it, `spec(...)` names
+it (the name goes into calibration cache keys and result.json):
+
+* ``constructed`` (lp's own): ``D = 2^k · m``, ``H = (S_{2^k} ⊗ B_m) / sqrt(D)`` where ``S`` is
+  the Sylvester matrix (``S_1 = [1]``, ``S_{2n} = [[S_n, S_n], [S_n, -S_n]]``) and ``B_m`` an
+  unnormalised ±1 base matrix of order ``m`` (``B_1 = [1]``, otherwise Paley):
+  ``H[i*m + a, j*m + b] = S[i, j] · B[a, b] / sqrt(D)``. Base orders come from primes ``q`` only:
+  Paley I (``q ≡ 3 mod 4``): order ``q + 1``; Paley II (``q ≡ 1 mod 4``): order ``2(q + 1)``;
+  Paley I is preferred when both give the same order. ``factorize(D)`` picks the largest ``2^k``
+  whose cofactor is a base order. ``H`` is not symmetric in general: never assume ``H == H.T``.
+* ``official``: the matrix of the official LinearPatch code, QuaRot's ``matmul_hadU`` applied to
+  the identity. ``get_hadK`` takes the first ``K`` of `OFFICIAL_ORDERS` dividing ``D`` (``D / K``
+  must then be a power of two, else the size is unsupported; ``K = 1`` for a power of two);
+  ``matmul_hadU`` maps each row x to ``(T_K ⊗ S_{D/K}) x / sqrt(D)`` (``T_K`` the hard-coded ±1
+  table of order K, `lp/hadamard_tables.txt`), so on the identity it returns
+  ``H = (T_K^T ⊗ S_{D/K}) / sqrt(D)``, with ``sqrt(D)`` the float32 ``torch.tensor(D).sqrt()``.
+  In float32 / float64 it equals ``matmul_hadU(torch.eye(D, dtype=...))`` bit for bit.
+  (Assumption, stated: the official `get_hadamard_matrix(D)` is that matrix, as in SpinQuant's
+  ``hadamard_matrix``; its file is not in the public index.)
+* ``random``: a seeded Haar-random orthogonal matrix (QR of a float64 Gaussian from
+  ``torch.Generator().manual_seed(seed)``, columns' signs fixed so ``diag(R) > 0``).
+* ``random_hadamard``: QuaRot's randomized Hadamard ``diag(z) H_official``, ``z`` seeded ±1.
+
+A hidden size with no construction for the chosen kind raises a ValueError naming the supported
+sizes, unless ``fallback_seed`` is given: then the seeded random orthogonal matrix
+(``random_orthogonal:<seed>``, entries *not* ±1/sqrt(D)) stands in.
+Sign patterns are built exactly (int8, cached per D); ``hadamard(D)`` (constructed) returns
+``signs.to(dtype) * round_to_dtype(1/sqrt(D))``, bit-identical to building in float64 and casting.
+Every call returns a fresh tensor.
 """
 from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 
 import torch
 
-__all__ = ["hadamard", "supported", "factorize", "base_orders", "paley"]
+__all__ = ["BASES", "OFFICIAL_ORDERS", "Rotation", "base_orders", "basis", "factorize", "hadamard",
+           "official_factorize", "official_table", "paley", "spec", "supported"]
 
 _SHOWN_BASE_LIMIT = 256  # base orders listed in error messages
+BASES = ("constructed", "official", "random", "random_hadamard")
+OFFICIAL_ORDERS = (172, 156, 140, 108, 60, 52, 36, 28, 40, 20, 12)  # the order get_hadK tries them
+_TABLES = Path(__file__).with_name("hadamard_tables.txt")
+_MAX_FACTOR = 64  # largest Sylvester factor applied as one matmul by `Rotation`
 
 
 def _is_prime(n: int) -> bool:
@@ -106,12 +125,9 @@ def paley(m: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=16)
 def _signs(dim: int) -> torch.Tensor:
-    """Cached ±1 sign pattern (int8, CPU) of the Hadamard matrix of order ``dim``."""
-    _, m = factorize(dim)
-    H = paley(m).to(torch.int8)  # exact: entries are ±1
-    while H.shape[0] < dim:  # Sylvester doubling: S_{2n} ⊗ B = [[X, X], [X, -X]]
-        H = torch.cat([torch.cat([H, H], 1), torch.cat([H, -H], 1)], 0)
-    return H
+    """Cached ±1 sign pattern (int8, CPU) of the constructed Hadamard matrix of order ``dim``."""
+    p, m = factorize(dim)
+    return torch.kron(_sylvester(p), paley(m).to(torch.int8))  # exact: entries are ±1
 
 
 @functools.lru_cache(maxsize=4)
@@ -145,3 +161,190 @@ def hadamard(dim: int, *, dtype: torch.dtype = torch.float32, device=None,
             f"(m = q+1 for prime q ≡ 3 mod 4, or m = 2(q+1) for prime q ≡ 1 mod 4). "
             f"Pass fallback_seed=<int> to get a seeded random orthogonal matrix instead.")
     return _random_orthogonal(dim, int(fallback_seed)).to(device=device, dtype=dtype, copy=True)
+
+
+# --------------------------------------------------------------------------- official (QuaRot tables)
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@functools.lru_cache(maxsize=1)
+def _official_tables() -> dict[int, torch.Tensor]:
+    """`lp/hadamard_tables.txt` -> {K: ±1 int8 [K, K]} (format in the file's header)."""
+    tables, rows, order = {}, [], None
+    for line in _TABLES.read_text().splitlines():
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("K "):
+            order, rows = int(line[2:]), []
+            continue
+        bits = bin(int(line, 16))[2:].zfill(order)
+        rows.append([-1 if b == "1" else 1 for b in bits])
+        if len(rows) == order:
+            tables[order] = torch.tensor(rows, dtype=torch.int8)
+    return tables
+
+
+def official_table(order: int) -> torch.Tensor:
+    """The unnormalised ±1 table ``T_K`` of order K (float64), as QuaRot's ``get_had<K>()``."""
+    tables = _official_tables()
+    if order not in tables:
+        raise ValueError(f"no official Hadamard table of order {order}; tables: {sorted(tables)}")
+    return tables[order].double()
+
+
+def official_factorize(dim: int) -> tuple[int, int] | None:
+    """``(K, D / K)`` as the official ``get_hadK`` picks them (K = 1 for a power of two), or None
+    where it fails (its assertion: the first K of `OFFICIAL_ORDERS` dividing D leaves no power of two)."""
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        return None
+    for k in OFFICIAL_ORDERS:
+        if dim % k == 0:
+            return (k, dim // k) if _is_pow2(dim // k) else None
+    return (1, dim) if _is_pow2(dim) else None
+
+
+def _sylvester(n: int) -> torch.Tensor:
+    s = torch.ones(1, 1, dtype=torch.int8)
+    while s.shape[0] < n:
+        s = torch.cat([torch.cat([s, s], 1), torch.cat([s, -s], 1)], 0)
+    return s
+
+
+@functools.lru_cache(maxsize=16)
+def _official_signs(dim: int) -> torch.Tensor:
+    k, p = official_factorize(dim)
+    t = _official_tables()[k].T.contiguous() if k > 1 else torch.ones(1, 1, dtype=torch.int8)
+    return torch.kron(t, _sylvester(p))  # exact: int8 ±1
+
+
+def _official(dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """matmul_hadU(eye(D)): ±1 / sqrt(D), divided in `dtype` by the float32 ``sqrt(D)`` (float32 and
+    float64 as the official code computes them; other dtypes: the float32 matrix cast)."""
+    work = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    return (_official_signs(dim).to(work) / torch.tensor(dim).sqrt()).to(dtype)
+
+
+# --------------------------------------------------------------------------- bases
+def _check(kind: str, seed) -> None:
+    if kind not in BASES:
+        raise ValueError(f"patch.hadamard={kind!r}; choose one of {list(BASES)}")
+    random = kind.startswith("random")
+    if random and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"patch.hadamard={kind} needs an integer patch.hadamard_seed, got {seed!r}")
+    if not random and seed is not None:
+        raise ValueError(f"patch.hadamard_seed={seed!r} is only used by the random bases "
+                         f"(random, random_hadamard), not by patch.hadamard={kind}; set it to null")
+
+
+def spec(dim: int, kind: str = "constructed", seed: int | None = None,
+         fallback_seed: int | None = None) -> str | None:
+    """Name of the basis `basis` returns: "constructed", "official", "random:<seed>",
+    "random_hadamard:<seed>", "random_orthogonal:<fallback_seed>"; None if there is none."""
+    _check(kind, seed)
+    if kind == "random":
+        return f"random:{seed}"
+    exists = supported(dim) if kind == "constructed" else official_factorize(dim) is not None
+    if exists:
+        return kind if kind != "random_hadamard" else f"random_hadamard:{seed}"
+    return None if fallback_seed is None else f"random_orthogonal:{int(fallback_seed)}"
+
+
+def unsupported(dim: int, kind: str) -> ValueError:
+    if kind == "constructed":
+        try:
+            hadamard(dim)
+        except ValueError as e:
+            return e
+    return ValueError(
+        f"No official (QuaRot-table) Hadamard matrix for D = {dim} (patch.hadamard={kind}): get_hadK takes "
+        f"the first K of {list(OFFICIAL_ORDERS)} dividing D and needs D / K to be a power of two (or D a "
+        f"power of two). Use patch.hadamard=constructed or random, or pass fallback_seed=<int>.")
+
+
+def _random_signs(dim: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 2, (dim,), generator=g) * 2 - 1).to(torch.float64)
+
+
+def basis(dim: int, kind: str = "constructed", seed: int | None = None, *, fallback_seed: int | None = None,
+          dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+    """The orthonormal D×D matrix H of basis `kind` (module docstring), row-vector convention x -> x H."""
+    name = spec(dim, kind, seed, fallback_seed)
+    if name is None:
+        raise unsupported(dim, kind)
+    if kind == "random" or name.startswith("random_orthogonal:"):
+        q = _random_orthogonal(dim, seed if kind == "random" else int(fallback_seed))
+        return q.to(device=device, dtype=dtype, copy=True)
+    if kind == "constructed":
+        return hadamard(dim, dtype=dtype, device=device)
+    if kind == "official":
+        return _official(dim, dtype).to(device)
+    return (_official(dim, torch.float64) * _random_signs(dim, seed)[:, None]).to(device=device, dtype=dtype)
+
+
+class Rotation:
+    """x -> x H for ``H = basis(dim, kind, seed, fallback_seed=...)``, float32 in and out.
+
+    Kronecker-structured bases (constructed, official, random_hadamard) are applied factor by
+    factor on x reshaped to [..., d1, d2, ...] (Sylvester parts split into factors <= 64):
+    cost D * (d1 + d2 + ...) per row instead of D^2. Random orthogonal bases multiply densely.
+    """
+
+    def __init__(self, dim: int, kind: str = "constructed", seed: int | None = None,
+                 fallback_seed: int | None = None):
+        self.dim, self.kind, self.seed, self.fallback_seed = dim, kind, seed, fallback_seed
+        self.spec = spec(dim, kind, seed, fallback_seed)
+        if self.spec is None:
+            raise unsupported(dim, kind)
+        self.signs = _random_signs(dim, seed).float() if kind == "random_hadamard" else None
+        self.factors = None  # Kronecker factors, outermost first (float64 ±1)
+        if kind == "constructed" and supported(dim):
+            p, m = factorize(dim)
+            self.factors = _split(p) + ([paley(m)] if m > 1 else [])
+            self.scale = dim ** -0.5
+        elif kind in ("official", "random_hadamard") and official_factorize(dim):
+            k, p = official_factorize(dim)
+            self.factors = ([official_table(k).T] if k > 1 else []) + _split(p)
+            self.scale = float(1 / torch.tensor(dim).sqrt().double())
+        self._cache: dict = {}
+
+    def matrix(self, dtype=torch.float64, device=None) -> torch.Tensor:
+        """The dense H [D, D] (the matrix `apply` multiplies by)."""
+        return basis(self.dim, self.kind, self.seed, fallback_seed=self.fallback_seed, dtype=dtype, device=device)
+
+    def _operands(self, device) -> list[torch.Tensor]:
+        key = str(device)
+        if key not in self._cache:
+            if self.factors is None:
+                self._cache[key] = [self.matrix(torch.float32, device)]
+            else:  # scale folded into the first factor; middle axes are left-multiplied by f^T
+                fs = [f * self.scale if i == 0 else f for i, f in enumerate(self.factors or [torch.ones(1, 1)])]
+                fs = [f if i == len(fs) - 1 else f.T for i, f in enumerate(fs)]
+                self._cache[key] = [f.to(device=device, dtype=torch.float32).contiguous() for f in fs]
+        return self._cache[key]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D] float32 -> x H [..., D] float32."""
+        ops = self._operands(x.device)
+        if self.signs is not None:
+            x = x * self.signs.to(x.device)
+        if self.factors is None:
+            return x @ ops[0]
+        shape, y, after = x.shape, x.reshape(-1, self.dim), self.dim
+        for f in ops:
+            size = f.shape[0]
+            after //= size
+            # axis of this factor: y[..., b, r] = sum_a y[..., a, r] F[a, b] (f = F^T except the last)
+            y = y.reshape(-1, size) @ f if after == 1 else f @ y.reshape(-1, size, after)
+        return y.reshape(shape)
+
+
+def _split(p: int) -> list[torch.Tensor]:
+    """Sylvester S_p as Kronecker factors S_{<=64} ⊗ ... (S_{2^a} ⊗ S_{2^b} = S_{2^(a+b)})."""
+    out = []
+    while p > 1:
+        f = min(p, _MAX_FACTOR)
+        out.append(_sylvester(f).double())
+        p //= f
+    return out

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from lp import hadamard as hd
-from lp.calib import Rotation, get_stats, rotation_spec
+from lp.calib import get_stats
 from lp.models import Decoder
 
 log = logging.getLogger(__name__)
@@ -101,11 +101,11 @@ def check_patch(patch_cfg, hidden_size: int) -> None:
     seed = patch_cfg.get("hadamard_fallback_seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"patch.hadamard_fallback_seed={seed!r} must be null or an integer")
-    if kind == "rotate" and rotation_spec(hidden_size, seed) is None:
-        try:
-            hd.hadamard(hidden_size)
-        except ValueError as e:
-            raise ValueError(f"patch=rotate: {e} (set patch.hadamard_fallback_seed=<int> to opt in)") from None
+    kind_h, seed_h = patch_cfg.get("hadamard", "constructed"), patch_cfg.get("hadamard_seed")
+    if hd.spec(hidden_size, kind_h, seed_h, seed) is None:  # also checks the basis name and its seed
+        if kind == "rotate":
+            raise ValueError(f"patch=rotate: {hd.unsupported(hidden_size, kind_h)} "
+                             "(set patch.hadamard_fallback_seed=<int> to opt in)")
 
 
 def runs_of(removed) -> list[tuple[int, int]]:
@@ -146,7 +146,15 @@ def build_patches(ctx, removed, patch_cfg) -> tuple[dict[int, LinearPatch], dict
     if not runs:
         raise ValueError("build_patches: no layers removed, nothing to patch")
     stats = get_stats(ctx, fallback_seed=seed)
-    R = Rotation(D, seed).matrix(torch.float64) if kind == "rotate" else None
+    R = None
+    if kind == "rotate":
+        basis = dict(kind=patch_cfg.get("hadamard", "constructed"), seed=patch_cfg.get("hadamard_seed"),
+                     fallback_seed=seed)
+        rotation = hd.spec(D, **basis)
+        if stats.meta.get("rotation") != rotation:  # scales measured in another basis than P uses
+            raise ValueError(f"calibration statistics were rotated by {stats.meta.get('rotation')!r} but the "
+                             f"patch uses basis {rotation!r}: build the PruneContext with the patch's basis")
+        R = hd.basis(D, basis["kind"], basis["seed"], fallback_seed=seed)
     device = next(ctx.model.parameters()).device
     patches, cuts = {}, []
     for a, b in runs:
@@ -154,7 +162,9 @@ def build_patches(ctx, removed, patch_cfg) -> tuple[dict[int, LinearPatch], dict
         patches[a] = LinearPatch(patch_matrix(s, kind, R), a, b, L, kind, s).to(device)
         cuts.append({"start": a, "end": b, "before": b if b < L else "norm",
                      "scale_min": s.min().item(), "scale_median": s.median().item(), "scale_max": s.max().item()})
-    info = {"kind": kind, "rotation": rotation_spec(D, seed) if kind == "rotate" else None, "cuts": cuts,
+    info = {"kind": kind, "rotation": rotation if kind == "rotate" else None,
+            "hadamard": basis["kind"] if kind == "rotate" else None,
+            "hadamard_seed": basis["seed"] if kind == "rotate" else None, "cuts": cuts,
             "num_patches": len(patches), "params": sum(p.weight.numel() for p in patches.values()),
             "calibration": stats.cost}
     return patches, info

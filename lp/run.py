@@ -255,6 +255,7 @@ def prune_context(cfg: DictConfig, model, tokenizer) -> PruneContext:
     """What the pruner (and the patch statistics) may read; calibration windows are built lazily."""
     return PruneContext(model, tokenizer, calib_fn=lambda: calibration(cfg, tokenizer),
                         cache_key=stats_key(cfg), batch_size=cfg.calib.batch_size,
+                        hadamard=cfg.patch.get("hadamard", "constructed"), hadamard_seed=cfg.patch.get("hadamard_seed"),
                         hadamard_fallback_seed=cfg.patch.get("hadamard_fallback_seed"))
 
 

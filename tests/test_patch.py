@@ -202,6 +202,27 @@ def test_run_unsupported_hidden_size(cfg_factory, tmp_path, monkeypatch):
     assert run(cfg_factory(*odd[:-1], "patch=diag"))["patch"]["kind"] == "diag"  # diag needs no rotation
 
 
+def test_run_records_basis_and_keeps_a_calibration_cache_entry_per_basis(cfg_factory, tmp_path, monkeypatch):
+    """D = 96: the official matrix (T_12^T kron S_8) differs from lp's (S_8 kron Paley 12)."""
+    monkeypatch.setenv("LP_CACHE_DIR", str(tmp_path / "cache"))
+    base = [*SMALL, "pruner=linearpatch", "pruner.n=2", "patch=rotate", "model.tiny.hidden_size=96"]
+    runs = {name: run(cfg_factory(*base, *extra)) for name, extra in (
+        ("constructed", []), ("official", ["patch.hadamard=official"]),
+        ("random", ["patch.hadamard=random", "patch.hadamard_seed=4"]))}
+    start = runs["constructed"]["patch"]["cuts"][0]["start"]
+    for name, r in runs.items():
+        p = r["patch"]
+        assert (p["hadamard"], p["rotation"]) == (name, name if name != "random" else "random:4")
+        assert p["hadamard_seed"] == (4 if name == "random" else None)
+        assert r["pruning"]["calibration"]["cached"] is False  # one cache entry per basis, never another's
+        assert p["cuts"][0]["start"] == start  # the selection does not depend on the basis
+    assert len({r["metrics"]["ppl/ptb"] for r in runs.values()}) == 3
+    again = run(cfg_factory(*base, "patch.hadamard=official"))
+    assert again["pruning"]["calibration"]["cached"] is True and again["metrics"] == runs["official"]["metrics"]
+    with pytest.raises(ValueError, match="patch.hadamard_seed=1 is only used by the random bases"):
+        run(cfg_factory(*base, "patch.hadamard_seed=1"))
+
+
 @pytest.mark.parametrize("overrides, msg", [
     (["pruner=linearpatch", "pruner.n=0"], "pruner=linearpatch.*n=0 is out of range"),
     (["pruner=linearpatch", "pruner.n=8"], "n=8 is out of range for a model of L=8"),
@@ -247,3 +268,14 @@ def test_real_smollm2_patch_lowers_perplexity(cfg_factory):
     ppl = {kind: run(cfg_factory(*small, f"patch={kind}"))["metrics"]["ppl/wikitext2"]
            for kind in ("none", "diag", "rotate")}
     assert ppl["diag"] < ppl["none"] and ppl["rotate"] < ppl["none"], ppl
+
+
+def test_build_patches_refuses_scales_of_another_basis():
+    from omegaconf import OmegaConf
+
+    dense = tiny_model("llama", num_layers=4, hidden_size=96, seed=2)
+    windows = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(3))
+    cfg = OmegaConf.create({"kind": "rotate", "hadamard": "official", "hadamard_seed": None,
+                            "hadamard_fallback_seed": None})
+    with pytest.raises(ValueError, match="rotated by 'constructed' but the patch uses basis 'official'"):
+        build_patches(make_ctx(dense, windows, {}), [1], cfg)

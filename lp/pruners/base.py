@@ -50,6 +50,8 @@ class PruneContext:
     calib_fn: Callable[[], tuple[torch.Tensor, dict]]
     cache_key: dict = field(default_factory=dict)  # model/data/sampler identity for on-disk caches
     batch_size: int = 1
+    hadamard: str = "constructed"  # basis of the rotated statistics (`lp.hadamard.BASES`)
+    hadamard_seed: int | None = None  # its seed (random bases only)
     hadamard_fallback_seed: int | None = None  # rotation of the shared statistics where no Hadamard exists
     cached_provenance: dict | None = None  # set by a disk cache whose entry served this run instead
 

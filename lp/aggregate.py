@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lp.report import dashboard, render
 from lp.report.results import NoResultsError, load_results, summarize
-from lp.report.tables import ppl_table, qa_table
+from lp.report.tables import ppl_table, qa_table, report_tables
 from lp.report.vocab import normalize
 
 __all__ = ["NoResultsError", "load_results", "main", "ppl_table", "qa_table", "summarize", "write_all"]
@@ -35,9 +35,7 @@ def write_all(sweep_dir, out=None) -> dict[str, Path]:
     results = load_results(sweep_dir)
     df = summarize(results)
     norm = normalize(df)
-    tables = [(t, tab, low) for t, tab, low in (
-        ("Perplexity (lower is better)", ppl_table(norm), True),
-        ("Zero-shot QA accuracy x100 (higher is better)", qa_table(norm), False)) if len(tab)]
+    tables = report_tables(norm)
     out = Path(out or sweep_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / f for k, f in (("summary_csv", "summary.csv"), ("table_md", "table.md"),

@@ -86,15 +86,18 @@ def _grid(charts: list[str]) -> str:
 
 
 def build(df, results, tables, failures) -> str:
-    """The dashboard page for a normalized summary frame, the records, the (title, table, lower is better)
-    triples of :mod:`lp.report.tables` and the failed/missing rows (see :func:`lp.aggregate.write_all`)."""
+    """The dashboard page for a normalized summary frame, the records, the :class:`lp.report.tables.Table`
+    list and the failed/missing rows (see :func:`lp.aggregate.write_all`)."""
     counts = ", ".join(f"{v} {k}" for k, v in df["status"].value_counts().items())
     links = " ".join(f'<a href="{f}">{f}</a>' for f in ("summary.csv", "table.md", "table.tex"))
     sections = [("Overview", f"<p>{len(df)} jobs: {counts}. Files: {links}</p>")]
-    for title, table, lower in tables:
-        html = "".join(f"<h3>{escape(b)}</h3>" + html_table(h, rows) for b, h, rows in cells(table, lower))
-        sections.append((title, html + f'<p class="note">{NOTE}</p>'))
-    qa = [t for _, t, lower in tables if not lower]
+    for t in tables:
+        html = "".join(f"<h3>{escape(b)}</h3>" + html_table(h, rows)
+                       for b, h, rows in cells(t.frame, t.lower_is_better, bold=not t.smoke))
+        notes = "".join(f"<li>{escape(n)}</li>" for n in t.notes)
+        sections.append((t.title, html + f'<p class="{"warn" if t.smoke else "note"}">{escape(t.caption)}</p>'
+                         f'<p class="note">{NOTE}</p>' + (f'<ul class="warn">{notes}</ul>' if notes else "")))
+    qa = [t.frame for t in tables if not t.lower_is_better]
     plots = [("Perplexity vs. number of removed layers (dashed: +LinearPatch)", _ppl_plots(df)),
              ("Per-task accuracy", _qa_plots(qa[0], df) if qa else []),
              ("Layer similarity / importance scores (pruning.scores)", _score_plots(results))]

@@ -7,6 +7,7 @@ without one as *missing*; neither is ever dropped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -90,21 +91,100 @@ def load_results(sweep_dir) -> list[dict]:
     return records
 
 
+# Settings every row carries as flat columns (dotted config paths): the table captions and the
+# ablation labels read them; summary.csv shows them.
+SETTINGS = ("seed", "calib.corpus", "calib.split", "calib.nsamples", "calib.seqlen", "patch.hadamard",
+            "patch.hadamard_seed", "eval.ppl.split", "eval.ppl.seqlen", "eval.ppl.max_windows",
+            "eval.qa.limit", "eval.qa.num_fewshot", "eval.mmlu.limit", "eval.mmlu.num_fewshot")
+_SKIP = ("hydra", "paths", "sweeps", "sweep_name", "resume", "force", "tracker")  # bookkeeping overrides
+_NOT_EVAL = ("progress", "batch_size", "dense_reference", "eval_dense", "device", "device_map")
+
+
+def setting(r: dict, key: str):
+    """Value of dotted config path ``key`` in a record's ``config`` (else its override string); lists
+    are joined with commas, dicts give None (summary.csv holds flat values only)."""
+    node, found = r.get("config") or {}, True
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            found = False
+            break
+        node = node[part]
+    if not found:
+        node = parse_overrides(r.get("overrides")).get(key)
+    if isinstance(node, list):
+        return ",".join(map(str, node))
+    return None if isinstance(node, dict) else node
+
+
+def eval_signature(r: dict) -> str | None:
+    """Short hash of what the evaluated numbers depend on besides the pruning: the eval section, the
+    model node and the data source (progress bars, batch sizes, devices excluded). None: no config."""
+    cfg = r.get("config") or {}
+    if "eval" not in cfg and "model" not in cfg:
+        return None
+
+    def strip(x):
+        return {k: strip(v) for k, v in x.items() if k not in _NOT_EVAL} if isinstance(x, dict) else x
+
+    key = {"eval": strip(cfg.get("eval")), "model": strip(cfg.get("model")),
+           "data": (cfg.get("data") or {}).get("source")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def override_keys(results: list[dict]) -> list[str]:
+    """Non-group keys set on the command line or by the sweep (e.g. ``calib.nsamples``, ``seed``),
+    in first-seen order; groups (``pruner=...``) and bookkeeping keys excluded."""
+    keys = {}
+    for r in results:
+        groups = set(r.get("choices") or {})
+        for k in parse_overrides(r.get("overrides")):
+            if k not in groups and k.split(".")[0] not in _SKIP:
+                keys.setdefault(k, None)
+    return list(keys)
+
+
+def _flat(prefix: str, d: dict) -> dict:
+    """Scalars of ``d`` (lists joined with spaces) under ``prefix + key``; nested dicts dropped."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, list) and all(not isinstance(x, (dict, list)) for x in v):
+            out[prefix + k] = " ".join(map(str, v))
+        elif not isinstance(v, (dict, list)):
+            out[prefix + k] = v
+    return out
+
+
 def summarize(results: list[dict]) -> pd.DataFrame:
-    """One row per job: status, error, every choice, n, removed layers, pruning stats, metrics, timing."""
+    """One row per job, flat columns only: status, error, every group choice, ``model`` (= model.name),
+    n, removed layers, pruned ratio in percent, the :data:`SETTINGS` and every non-group override key
+    (dotted config paths), pruning stats, metrics, timing, warnings, ``eval_settings`` (signature)."""
+    keys = [*SETTINGS, *(k for k in override_keys(results) if k not in SETTINGS)]
     rows = []
     for r in results:
         p = r.get("pruning") or {}
         row = {"job": r["job_num"], "status": r["status"], "error": r.get("error"),
                "name": r.get("name") or " ".join(r.get("overrides") or [])}
         row.update(r.get("choices") or {})
+        model = r.get("model") or {}
+        row.update(model_config=row.get("model"), model=model.get("name") or setting(r, "model.name")
+                   or row.get("model"), dtype=model.get("dtype") or setting(r, "model.dtype"))
         removed = p.get("removed_layers")
         row.update(n=n_of(r), removed_layers=" ".join(map(str, removed)) if removed else None)
-        row.update({k: v for k, v in p.items() if k not in ("n", "removed_layers", "method", "scores")})
-        row.update(r.get("metrics") or {})
-        row.update({f"time/{k}": v for k, v in (r.get("timing") or {}).items()})
-        row.update(overrides=" ".join(r.get("overrides") or []), dir=r["job"])
+        for k in ("pruned_ratio", "pruned_ratio_with_patch"):
+            if isinstance(p.get(k), (int, float)):
+                row[f"{k}_%"] = round(100 * p[k], 4)
+        row.update(_flat("", {k: v for k, v in p.items() if k not in ("n", "removed_layers", "method")}))
+        row.update({k: setting(r, k) for k in keys})
+        windows = [v.get("windows") for k, v in ((r.get("data") or {}).items())
+                   if k.startswith("ppl/") and isinstance(v, dict)]
+        row["ppl_windows"] = min((w for w in windows if isinstance(w, int)), default=None)
+        row.update(_flat("", r.get("metrics") or {}))
+        row.update(_flat("time/", r.get("timing") or {}))
+        row.update(warnings="; ".join(map(str, r.get("warnings") or [])) or None,
+                   eval_settings=eval_signature(r), overrides=" ".join(r.get("overrides") or []),
+                   dir=r["job"], resumed_from=r.get("resumed_from"))
         rows.append(row)
     df = pd.DataFrame(rows)
     df["n"] = df["n"].astype("Int64")
-    return df
+    unset = [k for k in (*keys, "dtype", "ppl_windows") if df[k].isna().all()]  # e.g. no patch.hadamard
+    return df.drop(columns=unset)

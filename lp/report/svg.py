@@ -21,7 +21,7 @@ th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}th{background:#f4f4
 td:first-child,th:first-child{text-align:left}tr.bad td{background:#fff1f0;color:#a00}
 .grid{display:flex;flex-wrap:wrap;gap:12px}.grid svg{border:1px solid #eee;background:#fff}
 pre{white-space:pre-wrap;background:#f8f8f8;padding:6px;font-size:.85em;max-height:240px;overflow:auto}
-.note{color:#666;font-size:.88em}
+.note{color:#666;font-size:.88em}.warn{color:#a00;font-weight:600}
 """
 
 

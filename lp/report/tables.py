@@ -1,72 +1,190 @@
-"""Paper-style tables as frames: one block per (model, n = number of removed layers).
+"""Paper-style tables as frames: one block per (model, evaluation settings, n = removed layers).
 
-Each block starts with the ``Dense`` reference row, then every pruner in sweep order followed by its
-``+LinearPatch`` row(s) (``patch != none``; the patch kind is appended when a pruner has several).
-PPL: lower is better, ``Avg.`` = mean over the datasets shown. QA: scores x100, ``Avg`` = ``qa/avg``
-(else the mean of the tasks shown), ``RP`` = ``qa/rp`` (else 100 * Avg / Dense Avg), MMLU (x100) as
-an extra column when present; higher is better. Failed/missing jobs keep their row, with the status
-in the label and NaN values.
+Each block starts with the ``Dense`` row of the same model *and* evaluation settings (a dense result
+evaluated differently is refused: listed, never shown beside the pruned rows), then every pruner in
+sweep order followed by its ``+LinearPatch`` row(s) (``patch != none``; the patch kind is appended
+when a pruner has several). Rows that differ in a non-group setting (``calib.nsamples=4,16``,
+``patch.hadamard=...``) are labelled with its values; rows that differ only in seed-like keys
+(:data:`lp.report.vocab.SEED_KEYS`) are one row, ``mean`` with a ``<col> std`` column.
+
+PPL: lower is better, ``Avg.`` = mean over the datasets (only with two or more). QA: scores x100,
+``Avg`` = ``qa/avg`` (else the mean of the tasks; only with two or more tasks), ``RP`` = 100 * Avg /
+Dense Avg of the block (else the run's ``qa/rp``), MMLU (x100) when present; higher is better.
+Failed/missing jobs keep their row, with the status in the label and NaN values.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import pandas as pd
 
-from lp.report.vocab import KEYS, NONE, PPL_SETS, QA_TASKS, is_dense, normalize, num, pruner_label
+from lp.report.caption import caption
+from lp.report.vocab import (
+    BLOCK_KEYS,
+    KEYS,
+    NONE,
+    PPL_SETS,
+    QA_TASKS,
+    STD,
+    is_dense,
+    is_seed_key,
+    normalize,
+    num,
+    pruner_label,
+)
 
 
-def rows_by_block(df: pd.DataFrame) -> list[tuple[str, list[tuple[str, pd.Series]]]]:
-    """[(block title, [(method label, summary row)])] in paper order (see module doc)."""
+@dataclass
+class Row:
+    label: str
+    status: str
+    members: list[pd.Series]  # the runs averaged into this row (several: seeds)
+    pruner: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Block:
+    title: str
+    dense: pd.Series | None
+    rows: list[Row]
+
+
+def varying_keys(df: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """(label keys, seed keys): config-path columns (dotted, or ``seed``) whose values differ between
+    the pruned rows; model/eval/data keys and ``pruner.n`` excluded (they make blocks)."""
+    pruned = df[~is_dense(df)]
+    keys = [c for c in df if ("." in c or c == "seed") and "/" not in c and not c.startswith(BLOCK_KEYS)
+            and pruned[c].astype(str).nunique(dropna=False) > 1]
+    return [k for k in keys if not is_seed_key(k)], [k for k in keys if is_seed_key(k)]
+
+
+def _short(keys: list[str]) -> dict[str, str]:
+    last = [k.split(".")[-1] for k in keys]
+    return {k: (s if last.count(s) == 1 else k) for k, s in zip(keys, last, strict=True)}
+
+
+def _variant(r: pd.Series, keys: list[str]) -> tuple:
+    """Values of ``keys`` for a row; patch settings do not apply to an unpatched row."""
+    return tuple(None if (k.startswith("patch.") and r["patch"] in NONE) or pd.isna(r.get(k)) else str(r[k])
+                 for k in keys)
+
+
+def _label(name: str, patched: bool, alone: bool, patch: str, many: bool, distill: str,
+           variant: tuple, keys: list[str]) -> str:
+    label = name
+    if patched:  # "+LinearPatch" reads as "the row above, patched" - else name the selection too
+        label = ("+LinearPatch" if not alone else f"{name} +LinearPatch") + (f" ({patch})" if many else "")
+    label += "" if distill in NONE else f" +{distill}"
+    short = _short(keys)
+    parts = [f"{short[k]}={v}" for k, v in zip(keys, variant, strict=True) if v is not None]
+    return label + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _pruner_rows(g: pd.DataFrame, pruner: str, keys: list[str]) -> list[Row]:
+    g = g.assign(_p=~g["patch"].isin(NONE), _d=~g["distill"].isin(NONE),
+                 _v=[_variant(r, keys) for _, r in g.iterrows()])
+    order = {v: i for i, v in enumerate(dict.fromkeys(g["_v"]))}
+    g = g.assign(_o=g["_v"].map(order)).sort_values(["_p", "_d", "_o"], kind="stable")
+    many, alone = g.loc[g["_p"], "patch"].nunique() > 1, not (~g["_p"]).any()
+    rows: list[Row] = []
+    for (patched, patch, distill, variant), grp in g.groupby(["_p", "patch", "distill", "_v"], sort=False):
+        label = f"job {grp['job'].iloc[0]}" if pruner == "?" else _label(
+            pruner_label(pruner), patched, alone, patch, many, distill, variant, keys)
+        ok = [r for _, r in grp.iterrows() if r["status"] == "ok"]
+        if ok:
+            rows.append(Row(label, "ok", ok, pruner))
+        rows += [Row(f"{label} ({r['status']})", r["status"], [r], pruner) for _, r in grp.iterrows()
+                 if r["status"] != "ok"]
+    for row in rows:
+        row.warnings = [f"job {m['job']}: {w}" for m in row.members
+                        if isinstance(m.get("warnings"), str) for w in m["warnings"].split("; ") if w]
+    return rows
+
+
+def _eval_diff(df: pd.DataFrame, sig: str) -> str:
+    """The evaluation settings that set rows of signature ``sig`` apart from the model's other rows."""
+    cols = [c for c in df if c.startswith(("eval.", "model.")) or c in ("dtype", "ppl_windows")]
+    mine, other = df[df["eval_settings"] == sig], df[df["eval_settings"] != sig]
+    parts = [f"{c.split('.')[-1]}={mine[c].iloc[0]}" for c in cols
+             if mine[c].astype(str).nunique() == 1 and set(mine[c].astype(str)) != set(other[c].astype(str))]
+    return ", ".join(parts) or f"eval settings {sig}"
+
+
+def blocks(df: pd.DataFrame) -> tuple[list[Block], list[str]]:
+    """The table blocks in paper order (see module doc) and the notes on refused dense results."""
     df = normalize(df)
-    dense, blocks = is_dense(df), []
-    keys = list(dict.fromkeys(zip(df.loc[~dense, "model"], df.loc[~dense, "n"], strict=True)))
-    models = list(dict.fromkeys(df["model"]))  # models in sweep order, then n ascending
-    keys.sort(key=lambda k: (models.index(k[0]), math.inf if pd.isna(k[1]) else k[1]))
-    keys = keys or [(m, 0) for m in dict.fromkeys(df["model"])]
-    for model, n in keys:
-        rows = [("Dense", r, "") for _, r in df[dense & (df["model"] == model)].iterrows()]
-        same_n = df["n"].isna() if pd.isna(n) else (df["n"] == n).fillna(False)
-        sub = df[~dense & (df["model"] == model) & same_n]
-        for pruner in dict.fromkeys(sub["pruner"]):
-            g = sub[sub["pruner"] == pruner]
-            g = g.assign(_p=~g["patch"].isin(NONE), _d=~g["distill"].isin(NONE)).sort_values(
-                ["_p", "_d"], kind="stable")
-            many, name = g.loc[g["_p"], "patch"].nunique() > 1, pruner_label(pruner)
-            for _, r in g.iterrows():
-                if pruner == "?":
-                    label = f"job {r['job']}"
-                elif r["_p"]:  # "+LinearPatch" reads as "the row above, patched" - else name it
-                    label = ("+LinearPatch" if (~g["_p"]).any() else f"{name} +LinearPatch") + (
-                        f" ({r['patch']})" if many else "")
-                else:
-                    label = name
-                label += f" +{r['distill']}" if r["_d"] else ""
-                rows.append((label + ("" if r["status"] == "ok" else f" ({r['status']})"), r, pruner))
-        seen = [(lab, p) for lab, _, p in rows]  # same label twice under one pruner: add the job number
-        rows = [(f"{lab} #{r['job']}" if seen.count((lab, p)) > 1 else lab, r) for lab, r, p in rows]
+    if "eval_settings" not in df:
+        df["eval_settings"] = None
+    first = df.groupby("model", sort=False)["eval_settings"].agg(lambda s: s.dropna().iloc[0] if s.notna().any()
+                                                                 else "?")
+    df["eval_settings"] = [s if isinstance(s, str) else first[m] for m, s in zip(df["model"], df["eval_settings"],
+                                                                                 strict=True)]
+    dense = is_dense(df)
+    pruned = df[~dense]
+    keys = list(dict.fromkeys(zip(pruned["model"], pruned["eval_settings"], pruned["n"], strict=True)))
+    models, sigs = list(dict.fromkeys(df["model"])), list(dict.fromkeys(df["eval_settings"]))
+    keys.sort(key=lambda k: (models.index(k[0]), sigs.index(k[1]), math.inf if pd.isna(k[2]) else k[2]))
+    label_keys, _ = varying_keys(df)
+    out, notes = [], []
+    for model, sig, n in keys or [(m, s, 0) for m, s in dict.fromkeys(zip(df["model"], df["eval_settings"],
+                                                                          strict=True))]:
+        here = df[(df["model"] == model) & (df["eval_settings"] == sig)]
+        d = here[dense.loc[here.index]].sort_values("status", key=lambda s: s != "ok", kind="stable")
+        same_n = here["n"].isna() if pd.isna(n) else (here["n"] == n).fillna(False)
+        sub = here[~dense.loc[here.index] & same_n]
+        rows = [r for p in dict.fromkeys(sub["pruner"]) for r in _pruner_rows(sub[sub["pruner"] == p], p, label_keys)]
+        labels = [(r.label, r.pruner) for r in rows]  # same label twice under one pruner: add the job number
+        for r in rows:
+            r.label += f" #{r.members[0]['job']}" if labels.count((r.label, r.pruner)) > 1 else ""
         title = f"{model}, n = {'?' if pd.isna(n) else n}" + (" (dense only)" if not len(sub) else "")
-        blocks.append((title, rows))
-    return blocks
+        if len(df[df["model"] == model]["eval_settings"].unique()) > 1:
+            title += f" [{_eval_diff(df[df['model'] == model], sig)}]"
+        out.append(Block(title, d.iloc[0] if len(d) else None, rows))
+    for _, r in df[dense].iterrows():
+        if keys and (r["model"], r["eval_settings"]) not in {(m, s) for m, s, _ in keys}:
+            notes.append(f"Dense job {r['job']} ({r['model']}) not shown: its evaluation settings "
+                         f"({_eval_diff(df[df['model'] == r['model']], r['eval_settings'])}) match no pruned row.")
+    return out, notes
 
 
-def _frame(df, columns: dict[str, callable]) -> pd.DataFrame:
-    out = [{"block": t, "method": lab, "status": r["status"], "job": r["job"],
-            **{c: f(r, rows) for c, f in columns.items()}}
-           for t, rows in rows_by_block(df) for lab, r in rows]
-    return pd.DataFrame(out, columns=[*KEYS, *columns])
+def _frame(df: pd.DataFrame, columns: dict[str, callable]) -> tuple[pd.DataFrame, list[str]]:
+    """One frame row per table row: ``columns`` maps a name to ``f(run row, dense row or None)``;
+    rows of several runs hold the mean and, in ``<name> std``, the sample standard deviation."""
+    bl, notes = blocks(df)
+    out, spread = [], False
+    for b in bl:
+        entries = [("Dense", b.dense["status"], [b.dense], [])] if b.dense is not None else []
+        entries += [(r.label, r.status, r.members, r.warnings) for r in b.rows]
+        for label, status, members, warns in entries:
+            rec = {"block": b.title, "method": label, "status": status,
+                   "job": ",".join(str(m["job"]) for m in members), "runs": len(members),
+                   "warnings": "; ".join(warns) or None}
+            for c, f in columns.items():
+                vals = pd.Series([f(m, b.dense) for m in members], dtype=float)
+                rec[c] = vals.mean(skipna=False)
+                if len(members) > 1:
+                    rec[c + STD], spread = vals.std(skipna=False), True
+            out.append(rec)
+    cols = [*KEYS, *(x for c in columns for x in ((c, c + STD) if spread else (c,)))]
+    return pd.DataFrame(out, columns=cols), notes
 
 
 def ppl_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows = methods per block; columns = PPL datasets (display names) + ``Avg.``. Empty if no PPL."""
+    """Rows = methods per block; columns = PPL datasets (display names) + ``Avg.``. Empty if no PPL.
+    ``.attrs["notes"]``: refused dense results."""
     sets = sorted((c for c in df if c.startswith("ppl/")), key=lambda c: (
         list(PPL_SETS).index(c[4:]) if c[4:] in PPL_SETS else 99, c))
     if not sets:
         return pd.DataFrame(columns=KEYS)
     cols = {PPL_SETS.get(c[4:], c[4:]): (lambda r, _, c=c: num(r.get(c))) for c in sets}
-    cols["Avg."] = lambda r, _: sum(num(r.get(c)) for c in sets) / len(sets)  # nan if any is nan
-    return _frame(df, cols)
+    if len(sets) > 1:
+        cols["Avg."] = lambda r, _: sum(num(r.get(c)) for c in sets) / len(sets)  # nan if any is nan
+    table, notes = _frame(df, cols)
+    table.attrs["notes"] = notes
+    return table
 
 
 def qa_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -81,14 +199,45 @@ def qa_table(df: pd.DataFrame) -> pd.DataFrame:
         given = num(r.get("qa/avg"))
         return 100 * (given if not math.isnan(given) else sum(num(r.get(c)) for c in tasks) / len(tasks))
 
-    def rp(r, rows):
-        given = num(r.get("qa/rp"))
-        ref = [avg(d, rows) for lab, d in rows if lab == "Dense" and d["status"] == "ok"]
-        return given if not math.isnan(given) else (100 * avg(r, rows) / ref[0] if ref else math.nan)
+    def rp(r, dense):
+        if dense is not None and dense["status"] == "ok":
+            return 100 * avg(r, None) / avg(dense, None)
+        return num(r.get("qa/rp"))
 
     cols = {QA_TASKS.get(c[3:-6], c[3:-6]): (lambda r, _, c=c: 100 * num(r.get(c))) for c in tasks}
+    if len(tasks) > 1:
+        cols["Avg"] = avg
     if tasks:
-        cols.update(Avg=avg, RP=rp)
+        cols["RP"] = rp
     if "mmlu/acc" in df:
         cols["MMLU"] = lambda r, _: 100 * num(r.get("mmlu/acc"))
-    return _frame(df, cols)
+    table, notes = _frame(df, cols)
+    table.attrs["notes"] = notes
+    return table
+
+
+@dataclass
+class Table:
+    """One reported table: its frame, caption (settings), whether it is a smoke table (subset
+    evaluation: nothing bolded) and notes (refused dense results, warnings of its rows)."""
+
+    title: str
+    frame: pd.DataFrame
+    lower_is_better: bool
+    caption: str
+    smoke: bool
+    notes: list[str]
+
+
+def report_tables(df: pd.DataFrame) -> list[Table]:
+    """The non-empty PPL and QA tables of a summary frame."""
+    out = []
+    for title, section, build, lower in (("Perplexity (lower is better)", "ppl", ppl_table, True),
+                                         ("Zero-shot QA accuracy x100 (higher is better)", "qa", qa_table, False)):
+        frame = build(df)
+        if len(frame):
+            text, smoke = caption(df, section)
+            warns = [w for ws in frame["warnings"].dropna() for w in ws.split("; ")]
+            out.append(Table(title, frame, lower, text, smoke, [*frame.attrs.get("notes", []),
+                                                                  *(f"⚠ {w}" for w in dict.fromkeys(warns))]))
+    return out

@@ -21,8 +21,18 @@ QA_TASKS = {"wsc273": "WSC", "wsc": "WSC", "hellaswag": "HellaSwag", "piqa": "PI
             "arc_challenge": "ARC-c", "boolq": "BoolQ", "winogrande": "WinoGrande", "race": "RACE",
             "copa": "COPA"}
 DENSE, NONE = {"none", "dense"}, {None, "none", "null", ""}
-KEYS = ("block", "method", "status", "job")  # non-value columns of a table frame
+KEYS = ("block", "method", "status", "job", "runs", "warnings")  # non-value columns of a table frame
+STD = " std"  # suffix of a value column's standard deviation (rows averaged over seeds)
+WARN = "⚠"  # marks a row whose run recorded warnings (e.g. patch worse than none)
 NOTE = "Bold: best successful pruned row per block. —: not available (failed/missing: see Failures)."
+# Config keys whose values are repetitions, not settings: rows differing only in them are averaged.
+SEED_KEYS = ("seed", "patch.hadamard_seed", "calib.seed")
+# Config prefixes that belong to a block (model, evaluation), never to a row label.
+BLOCK_KEYS = ("model.", "eval.", "data.", "pruner.n")
+
+
+def is_seed_key(key: str) -> bool:
+    return key in SEED_KEYS or key.endswith("_seed")
 
 
 def pruner_label(pruner: str) -> str:
@@ -78,19 +88,27 @@ def is_dense(df: pd.DataFrame) -> pd.Series:
     return df["pruner"].isin(DENSE) | ((df["n"] == 0).fillna(False) & (df["status"] == "ok"))
 
 
-def cells(table: pd.DataFrame, lower_is_better: bool):
-    """[(block, header, [(label, [(text, bold)], bad)])]: 2-decimal text, best per block+column bold.
+def cells(table: pd.DataFrame, lower_is_better: bool, bold: bool = True):
+    """[(block, header, [(label, [(text, bold)], bad)])] of a table frame of :mod:`lp.report.tables`.
 
-    ``table`` is a frame of :mod:`lp.report.tables` (columns :data:`KEYS` + value columns); the best
-    value is taken among successful pruned rows (never Dense)."""
-    cols = [c for c in table if c not in KEYS]
+    Text has 2 decimals (``mean ± std`` where the frame has a std column); with ``bold`` the best
+    value per block and column is bold, among successful pruned rows (never Dense). A row whose runs
+    recorded warnings gets :data:`WARN` after its label."""
+    cols = [c for c in table if c not in KEYS and not c.endswith(STD)]
     out = []
     for block, g in table.groupby("block", sort=False):
         cand = g[(g["status"] == "ok") & (g["method"] != "Dense")]
         best = {c: (cand[c].round(2).min() if lower_is_better else cand[c].round(2).max()) for c in cols}
-        rows = [(r["method"], [("—", False) if pd.isna(r[c]) else
-                               (f"{r[c]:.2f}", r["status"] == "ok" and r["method"] != "Dense"
-                                and round(r[c], 2) == best[c]) for c in cols], r["status"] != "ok")
-                for _, r in g.iterrows()]
+        rows = []
+        for _, r in g.iterrows():
+            texts = []
+            for c in cols:
+                sd = r.get(c + STD)
+                text = "—" if pd.isna(r[c]) else f"{r[c]:.2f}" + ("" if pd.isna(sd) else f" ± {sd:.2f}")
+                win = bold and not pd.isna(r[c]) and r["status"] == "ok" and r["method"] != "Dense" \
+                    and round(r[c], 2) == best[c]
+                texts.append((text, win))
+            warn = f" {WARN}" if isinstance(r.get("warnings"), str) and r["warnings"] else ""
+            rows.append((r["method"] + warn, texts, r["status"] != "ok"))
         out.append((block, ["Method", *cols], rows))
     return out

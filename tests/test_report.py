@@ -1,0 +1,121 @@
+"""lp.report on hand-written result records: ablation labels, seeds as mean ± std, refused dense
+results, settings captions (smoke = subset evaluation: nothing bolded), run warnings, flat summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lp import aggregate as agg
+
+
+def _rec(pruner, n, patch="none", ppl=10.0, overrides=(), seed=0, nsamples=16, hadamard=None,
+         max_windows=8, limit=None, qa=None, warnings=None, model="smol", status="ok"):
+    config = {"seed": seed, "model": {"name": model, "dtype": "bfloat16"},
+              "calib": {"corpus": "wikitext2_tok", "split": "train", "nsamples": nsamples, "seqlen": 512},
+              "patch": {"kind": patch, **({"hadamard": hadamard} if hadamard else {})},
+              "eval": {"ppl": {"datasets": ["wikitext2"], "split": "test", "seqlen": 512,
+                               "max_windows": max_windows, "progress": False},
+                       "qa": None if qa is None else {"tasks": list(qa), "limit": limit, "num_fewshot": None}}}
+    metrics = {"ppl/wikitext2": ppl} | {f"qa/{t}/score": v for t, v in (qa or {}).items()}
+    return {"status": status, "name": f"{model}/{pruner}/{patch}/n{n}", "config": config,
+            "choices": {"model": "smollm2_135m", "pruner": pruner, "patch": patch, "distill": "none"},
+            "overrides": [f"pruner={pruner}", f"patch={patch}", *overrides],
+            "model": {"name": model, "dtype": "bfloat16"},
+            "pruning": {"n": n, "removed_layers": list(range(10, 10 + n)), "pruned_ratio": 0.0123 * n},
+            "data": {"ppl/wikitext2": {"windows": max_windows or 40, "seqlen": 512}},
+            "patch": {"kind": patch}, "metrics": metrics, "warnings": warnings or []}
+
+
+def _sweep(tmp_path: Path, records: list[dict]) -> Path:
+    for i, r in enumerate(records):
+        (tmp_path / str(i)).mkdir(parents=True)
+        (tmp_path / str(i) / "result.json").write_text(json.dumps(r))
+    return tmp_path
+
+
+def _ppl(tmp_path, records) -> pd.DataFrame:
+    return agg.ppl_table(agg.summarize(agg.load_results(_sweep(tmp_path, records))))
+
+
+def test_non_group_ablation_rows_are_labelled_with_their_values(tmp_path):
+    recs = [_rec("none", 0, ppl=9.0)] + [
+        _rec("shortgpt", 2, patch, ppl=20.0 - k - (3 if patch != "none" else 0),
+             overrides=[f"calib.nsamples={k}"], nsamples=k) for patch in ("none", "rotate") for k in (4, 16)]
+    table = _ppl(tmp_path, recs)
+    assert list(table["method"]) == ["Dense", "ShortGPT (nsamples=4)", "ShortGPT (nsamples=16)",
+                                     "+LinearPatch (nsamples=4)", "+LinearPatch (nsamples=16)"]
+    assert list(table["WikiText2"]) == [9.0, 16.0, 4.0, 13.0, 1.0]
+    assert not table["method"].str.contains("#").any()
+
+
+def test_seeds_aggregate_to_mean_and_std_and_bases_label(tmp_path):
+    recs = [_rec("none", 0, ppl=9.0)]
+    for basis, vals in (("constructed", (10.0, 12.0, 14.0)), ("random", (11.0, 11.0, 11.0))):
+        recs += [_rec("linearpatch", 3, "rotate", ppl=v, hadamard=basis, seed=s,
+                      overrides=[f"patch.hadamard={basis}", f"seed={s}"]) for s, v in enumerate(vals)]
+    table = _ppl(tmp_path, recs)
+    rows = table.set_index("method")
+    assert list(rows.index) == ["Dense", "LinearPatch block +LinearPatch (hadamard=constructed)",
+                                "LinearPatch block +LinearPatch (hadamard=random)"]
+    r = rows.loc["LinearPatch block +LinearPatch (hadamard=constructed)"]
+    assert r["WikiText2"] == 12.0 and r["WikiText2 std"] == pytest.approx(2.0) and r["runs"] == 3
+    assert r["job"] == "1,2,3"
+    md = agg.write_all(tmp_path)["table_md"].read_text()
+    assert "| LinearPatch block +LinearPatch (hadamard=constructed) | 12.00 ± 2.00 |" in md
+    assert "| LinearPatch block +LinearPatch (hadamard=random) | 11.00 ± 0.00 |" in md
+
+
+def test_dense_with_other_eval_settings_is_refused(tmp_path):
+    recs = [_rec("none", 0, ppl=46.06, max_windows=16), _rec("shortgpt", 2, ppl=40.83)]
+    table = _ppl(tmp_path, recs)
+    assert list(table["method"]) == ["ShortGPT"]  # never shown beside the pruned rows
+    assert "Dense job 0" in table.attrs["notes"][0] and "max_windows=16" in table.attrs["notes"][0]
+    md = agg.write_all(tmp_path)["table_md"].read_text()
+    assert "46.06" not in md and "Dense job 0 (smol) not shown" in md
+
+
+def test_caption_smoke_settings_and_single_dataset(tmp_path):
+    qa = {"piqa": 0.6}
+    recs = [_rec("none", 0, ppl=9.0, qa=qa, limit=20), _rec("shortgpt", 2, ppl=12.0, qa={"piqa": 0.5}, limit=20)]
+    paths = agg.write_all(_sweep(tmp_path, recs))
+    md = paths["table_md"].read_text()
+    assert "Settings: Model: smol (bfloat16); calibration: wikitext2_tok/train, 16 × 512 tokens; " \
+           "PPL: test split, 8 windows × 512 tokens." in md
+    assert "QA: protocol-default shots, limit 20 examples per task" in md
+    assert "SMOKE SETTINGS" in md and "QA on a SUBSET (20 examples per task)" in md
+    assert "**" not in md  # a smoke table is never bolded
+    assert "Avg" not in md  # one PPL dataset, one QA task: no average column
+    assert "| ShortGPT | 12.00 |" in md and "| ShortGPT | 50.00 | 83.33 |" in md  # RP = 50 / 60
+    assert r"$\times$" in paths["table_tex"].read_text()
+    full = [_rec("none", 0, ppl=9.0, max_windows=None), _rec("shortgpt", 2, ppl=12.0, max_windows=None),
+            _rec("sleb", 2, ppl=11.0, max_windows=None)]
+    md = agg.write_all(_sweep(tmp_path / "full", full))["table_md"].read_text()
+    assert "SMOKE" not in md and "| SLEB | **11.00** |" in md and "40 windows × 512" in md
+
+
+def test_warnings_mark_the_row(tmp_path):
+    recs = [_rec("none", 0, ppl=9.0), _rec("shortgpt", 2, ppl=12.0),
+            _rec("shortgpt", 2, "rotate", ppl=13.0, warnings=["patch worse than none: held-out NLL 3.2 > 3.1"])]
+    paths = agg.write_all(_sweep(tmp_path, recs))
+    md = paths["table_md"].read_text()
+    assert "| +LinearPatch ⚠ | 13.00 |" in md
+    assert "- ⚠ job 2: patch worse than none: held-out NLL 3.2 > 3.1" in md
+    assert r"+LinearPatch $^\dagger$" in paths["table_tex"].read_text()
+    html = paths["dashboard"].read_text()
+    assert "+LinearPatch ⚠" in html and "patch worse than none" in html
+
+
+def test_summary_csv_has_flat_settings(tmp_path):
+    recs = [_rec("shortgpt", 2, "rotate", overrides=["calib.nsamples=4", "seed=1"], nsamples=4, seed=1,
+                 hadamard="official", model="local-x")]
+    df = pd.read_csv(agg.write_all(_sweep(tmp_path, recs))["summary_csv"])
+    row = df.iloc[0]
+    assert row["model"] == "local-x" and row["model_config"] == "smollm2_135m"  # model.name, not the group
+    assert row["calib.nsamples"] == 4 and row["calib.seqlen"] == 512 and row["seed"] == 1
+    assert row["patch.hadamard"] == "official" and row["pruned_ratio_%"] == pytest.approx(2.46)
+    assert row["eval.ppl.max_windows"] == 8 and row["ppl_windows"] == 8
+    assert not any(isinstance(v, str) and v.startswith("{") for v in row.values)  # no dict strings

@@ -43,21 +43,11 @@ def _multirun(config: DictConfig) -> bool:
 
 # ------------------------------------------------------------------------------------ callbacks
 def count_jobs(config: DictConfig) -> int | None:
-    """Number of jobs the basic sweeper makes of ``hydra.sweeper.params`` + the command line
-    (a command-line key replaces the preset's entry for that key); None for other sweepers or
-    sweeps it cannot expand here (e.g. ``glob``)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    """Number of jobs of the multirun (see :func:`lp.sweeper.sweep_jobs`); None if unknown."""
+    from lp.sweeper import sweep_jobs
 
-    if OmegaConf.select(config, "hydra.sweeper._target_") != f"{BasicSweeper.__module__}.BasicSweeper":
-        return None
-    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
-    args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
-    try:
-        batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args), None)
-    except Exception:  # noqa: BLE001 - only a progress count
-        return None
-    return sum(len(b) for b in batches)
+    jobs = sweep_jobs(config)
+    return None if jobs is None else len(jobs)
 
 
 class SweepProgress(Callback):

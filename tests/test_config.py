@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict, read_write
 
 from lp.callbacks import count_jobs
+from lp.sweeper import with_dense_jobs
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -42,12 +43,14 @@ def make(*overrides: str, hydra_cfg: bool = False):
     return compose("config", overrides=[*base, *overrides], return_hydra_config=hydra_cfg)
 
 
-def grid(preset_cfg) -> list[list[str]]:
-    """The jobs' overrides, expanded exactly as the basic sweeper does (params, then command line)."""
+def grid(preset_cfg, dense: bool = True) -> list[list[str]]:
+    """The jobs' overrides, expanded exactly as the basic sweeper does (params, then command line),
+    preceded by the grid's dense twins (lp.sweeper) unless ``dense=False``."""
     params = [f"{k}={v}" for k, v in preset_cfg.hydra.sweeper.params.items()]
     args = params + [o for o in preset_cfg.hydra.overrides.task if not o.startswith(("paths.", "data."))]
     batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args), None)
-    return [job for batch in batches for job in batch]
+    jobs = [job for batch in batches for job in batch]
+    return with_dense_jobs(jobs, preset_cfg.hydra.runtime.choices.pruner) if dense else jobs
 
 
 def test_groups_found():
@@ -114,17 +117,17 @@ def test_preset_and_every_grid_point_composes(hydra_ctx, preset):
             del job_cfg["hydra"]
         OmegaConf.to_container(job_cfg, resolve=True)
         pruner = instantiate(job_cfg.pruner)  # grid keys such as pruner.n are accepted
-        assert getattr(pruner, "n", None) is not None
+        assert getattr(pruner, "n", None) is not None or job_cfg.pruner._target_.endswith("NoPruner")
 
 
 def test_command_line_replaces_a_grid_key(hydra_ctx):
     full = make("sweeps=smollm2_ppl", hydra_cfg=True)
-    assert count_jobs(full) == 7 * 8 * 2
+    assert count_jobs(full) == 1 + 7 * 8 * 2  # + the dense twin
     narrowed = make("sweeps=smollm2_ppl", hydra_cfg=True)
     with read_write(narrowed.hydra):  # the command line of `run.py sweeps=smollm2_ppl pruner.n=1,2 pruner=shortgpt`
         narrowed.hydra.overrides.task = ["sweeps=smollm2_ppl", "pruner.n=1,2", "pruner=shortgpt"]
-    jobs = grid(narrowed)
-    assert count_jobs(narrowed) == len(jobs) == 2 * 2
+    jobs = grid(narrowed, dense=False)
+    assert count_jobs(narrowed) == len(jobs) + 1 == 2 * 2 + 1
     assert {tuple(sorted(j)) for j in jobs} == {
         tuple(sorted(["sweeps=smollm2_ppl", "pruner=shortgpt", f"pruner.n={n}", f"patch={p}"]))
         for n in (1, 2) for p in ("none", "rotate")}
@@ -166,3 +169,22 @@ def test_pruner_none_takes_only_n_0(hydra_ctx):
     for bad in (4, True):
         with pytest.raises(ValueError, match=rf"pruner=none removes nothing: pruner.n={bad!r} must be 0"):
             NoPruner(bad)
+
+
+def test_dense_twins_one_per_model_and_eval_settings(hydra_ctx):
+    """The sweeper adds one dense job per distinct (model, evaluation) of the pruned jobs, first;
+    pruning, patch, calibration and seed keys do not make another; a dense job in the grid counts."""
+    cfg = make("sweeps=smollm2_quick", hydra_cfg=True)
+    with read_write(cfg.hydra):
+        cfg.hydra.overrides.task = ["sweeps=smollm2_quick", "calib.nsamples=4,16", "seed=0,1",
+                                    "eval.ppl.max_windows=4,8"]
+    jobs = grid(cfg)
+    assert len(jobs) == count_jobs(cfg) == 2 + 8 * 2 * 2 * 2
+    assert jobs[:2] == [["sweeps=smollm2_quick", f"eval.ppl.max_windows={w}", "pruner=none", "patch=none",
+                         "distill=none"] for w in (4, 8)]
+    for _job, job_cfg in compose_jobs("smollm2_quick", jobs[:2]):
+        assert job_cfg.hydra.runtime.choices.pruner == "none" and job_cfg.patch.kind == "none"
+    with_dense = [["pruner=none", "model=a"], ["pruner=shortgpt", "pruner.n=2", "model=a"], ["pruner=shortgpt", "model=b"]]
+    assert with_dense_jobs(with_dense, "linearpatch") == [["model=b", "pruner=none", "patch=none", "distill=none"],
+                                                         *with_dense]
+    assert with_dense_jobs([["model=a"]], "none") == [["model=a"]]  # a dense grid: nothing added

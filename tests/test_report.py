@@ -26,7 +26,8 @@ def _rec(pruner, n, patch="none", ppl=10.0, overrides=(), seed=0, nsamples=16, h
             "overrides": [f"pruner={pruner}", f"patch={patch}", *overrides],
             "model": {"name": model, "dtype": "bfloat16"},
             "pruning": {"n": n, "removed_layers": list(range(10, 10 + n)), "pruned_ratio": 0.0123 * n},
-            "data": {"ppl/wikitext2": {"windows": max_windows or 40, "seqlen": 512}},
+            "data": {"ppl/wikitext2": {"windows": max_windows or 40, "seqlen": 512},
+                     "calibration": {"corpus": "wikitext2_tok"} if n else None},
             "patch": {"kind": patch}, "metrics": metrics, "warnings": warnings or []}
 
 

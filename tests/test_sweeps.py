@@ -40,19 +40,25 @@ def test_tiny_sweep_fails_one_job_aggregates_and_resumes(tmp_path):
     first = cli(tmp_path, "sweeps=tiny_smoke", f"hydra.sweep.dir={root / 'first'}", "pruner.layers=[2,3],[9],[5]")
     log = first.stdout + first.stderr
     assert first.returncode == 0, log
-    assert "sweep tiny_smoke: 3 jobs" in log and "job 1/3: pruner.layers=[2,3]" in log and "job 3/3:" in log
+    # job 1 is the dense twin of the grid (same model and evaluation), added by the sweeper
+    assert "sweep tiny_smoke: 4 jobs" in log and "job 2/4: pruner.layers=[2,3]" in log and "job 4/4:" in log
+    assert "job 1/4: sweeps=tiny_smoke pruner=none patch=none distill=none" in log
     r = results(root / "first")
-    assert [r[i]["status"] for i in range(3)] == ["ok", "failed", "ok"]  # job 2 ran after job 1 failed
-    assert "out of range" in r[1]["error"] and "[9]" in r[1]["error"]
-    assert r[0]["pruning"]["removed_layers"] == [2, 3] and r[2]["pruning"]["removed_layers"] == [5]
-    ppl = {i: r[i]["metrics"]["ppl/ptb"] for i in (0, 2)}
-    assert all(math.isfinite(v) for v in ppl.values()) and ppl[0] != ppl[2]
+    assert [r[i]["status"] for i in range(4)] == ["ok", "ok", "failed", "ok"]  # job 3 ran after job 2 failed
+    assert r[0]["pruning"]["removed_layers"] == [] and r[0]["choices"]["pruner"] == "none"
+    assert "out of range" in r[2]["error"] and "[9]" in r[2]["error"]
+    assert r[1]["pruning"]["removed_layers"] == [2, 3] and r[3]["pruning"]["removed_layers"] == [5]
+    ppl = {i: r[i]["metrics"]["ppl/ptb"] for i in (0, 1, 3)}
+    assert all(math.isfinite(v) for v in ppl.values()) and len(set(ppl.values())) == 3
 
     table = (root / "first" / "table.md").read_text()  # written by the AggregateOnMultirunEnd callback
     failures = table.split("## Failures")[1]
-    assert "job 1 (failed)" in failures and "out of range" in failures and "job 0" not in failures
-    assert f"{ppl[0]:.2f}" in table and f"{ppl[2]:.2f}" in table
-    assert (root / "first" / "summary.csv").read_text().count("\n") == 4
+    assert "job 2 (failed)" in failures and "out of range" in failures and "job 1" not in failures
+    assert f"| Manual (layers=2,3) | {ppl[1]:.2f} |" in table and f"| Manual (layers=5) | {ppl[3]:.2f} |" in table
+    assert table.count(f"| Dense | {ppl[0]:.2f} |") == 2  # first in each block (n = 1, n = 2)
+    assert "Settings: Model: tiny_llama (float32); PPL: test split, 4 windows × 128 tokens." in table
+    assert "SMOKE SETTINGS: PPL on at most 4 windows" in table and "**" not in table
+    assert (root / "first" / "summary.csv").read_text().count("\n") == 5
     assert (root / "first" / "table.tex").is_file()
     html = (root / "first" / "dashboard.html").read_text()
     assert "<svg" in html and "Perplexity vs. number of removed layers" in html and "Failures (1)" in html
@@ -64,27 +70,29 @@ def test_tiny_sweep_fails_one_job_aggregates_and_resumes(tmp_path):
     log = second.stdout + second.stderr
     assert second.returncode == 0, log
     r2 = results(root / "second")
-    assert len(r2) == 6 and "job 6/6:" in log
+    assert len(r2) == 8 and "job 8/8:" in log  # 2 dense twins (cpu, bogus) + 6
     resumed = {i: x for i, x in r2.items() if x.get("resumed_from")}
-    assert sorted(resumed) == [0, 4]  # ([2,3], cpu) and ([5], cpu)
+    assert sorted(resumed) == [0, 2, 6]  # dense cpu, ([2,3], cpu) and ([5], cpu)
     assert resumed[0]["resumed_from"] == str((root / "first" / "0" / "result.json").resolve())
-    assert resumed[4]["resumed_from"] == str((root / "first" / "2" / "result.json").resolve())
-    assert resumed[0]["metrics"] == r[0]["metrics"] and resumed[4]["metrics"] == r[2]["metrics"]
-    assert sorted(resumed[4]["overrides"]) == ["model.device=cpu", "pruner.layers=[5]", "sweeps=tiny_smoke"]
-    assert log.count("skipped") == 2 and "force=true re-runs it" in log
-    assert r2[2]["status"] == "failed" and "out of range" in r2[2]["error"]  # ([9], cpu): run again
-    for i in (1, 5):  # bogus device: fails while loading, not a config error
+    assert resumed[2]["resumed_from"] == str((root / "first" / "1" / "result.json").resolve())
+    assert resumed[6]["resumed_from"] == str((root / "first" / "3" / "result.json").resolve())
+    assert resumed[2]["metrics"] == r[1]["metrics"] and resumed[6]["metrics"] == r[3]["metrics"]
+    assert sorted(resumed[6]["overrides"]) == ["model.device=cpu", "pruner.layers=[5]", "sweeps=tiny_smoke"]
+    assert log.count("skipped") == 3 and "force=true re-runs it" in log
+    assert r2[4]["status"] == "failed" and "out of range" in r2[4]["error"]  # ([9], cpu): run again
+    for i in (1, 3, 7):  # bogus device: fails while loading, not a config error
         assert r2[i]["status"] == "failed" and "bogus" in r2[i]["error"], r2[i]["error"]
     assert "Traceback" in log  # unexpected errors are logged with their traceback
     table = (root / "second" / "table.md").read_text()
-    assert table.split("## Failures")[1].count("- job") == 4 and f"{ppl[2]:.2f}" in table
-    assert "4 failed, 2 ok (2 resumed)" in log
+    assert table.split("## Failures")[1].count("- job") == 5 and f"{ppl[3]:.2f}" in table
+    assert "5 failed, 3 ok (3 resumed)" in log
 
     # force=true re-runs a finished job
     third = cli(tmp_path, "sweeps=tiny_smoke", f"hydra.sweep.dir={root / 'third'}", "pruner.layers=[5]", "force=true")
     assert third.returncode == 0, third.stdout + third.stderr
-    r3 = results(root / "third")[0]
-    assert r3["status"] == "ok" and "resumed_from" not in r3 and r3["metrics"] == r[2]["metrics"]
+    r3 = results(root / "third")
+    assert r3[0]["status"] == "ok" and "resumed_from" not in r3[0] and r3[0]["metrics"] == r[0]["metrics"]
+    assert r3[1]["status"] == "ok" and "resumed_from" not in r3[1] and r3[1]["metrics"] == r[3]["metrics"]
 
 
 def test_unknown_preset_fails_loudly(tmp_path):

@@ -15,7 +15,8 @@ from lp.report.vocab import is_dense
 def _values(df: pd.DataFrame, col: str) -> str | None:
     if col not in df:
         return None
-    vals = [str(v) for v in dict.fromkeys(df[col].dropna())]
+    vals = [str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in dict.fromkeys(df[col].dropna())]
+    vals = list(dict.fromkeys(vals))
     return " / ".join(vals) if vals else None
 
 
@@ -30,7 +31,7 @@ def caption(df: pd.DataFrame, section: str) -> tuple[str, bool]:
     """(caption text, smoke) for the ``section`` ("ppl" or "qa") table of summary frame ``df``."""
     ok = df[df["status"] == "ok"]
     parts = [f"Model: {_values(ok, 'model') or '?'}" + (f" ({_values(ok, 'dtype')})" if _values(ok, "dtype") else "")]
-    calib = ok[~is_dense(ok)]
+    calib = ok[~is_dense(ok) & (ok["calibrated"] if "calibrated" in ok else True)]
     if len(calib) and _values(calib, "calib.nsamples"):
         parts.append(f"calibration: {_values(calib, 'calib.corpus')}/{_values(calib, 'calib.split')}, "
                      f"{_values(calib, 'calib.nsamples')} × {_values(calib, 'calib.seqlen')} tokens")

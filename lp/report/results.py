@@ -177,6 +177,7 @@ def summarize(results: list[dict]) -> pd.DataFrame:
         row.update({k: setting(r, k) for k in keys})
         windows = [v.get("windows") for k, v in ((r.get("data") or {}).items())
                    if k.startswith("ppl/") and isinstance(v, dict)]
+        row["calibrated"] = bool((r.get("data") or {}).get("calibration"))
         row["ppl_windows"] = min((w for w in windows if isinstance(w, int)), default=None)
         row.update(_flat("", r.get("metrics") or {}))
         row.update(_flat("time/", r.get("timing") or {}))

@@ -26,7 +26,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lp import data, distill, models
+from lp import data, distill, models, threads
 from lp.evaluate import lm_eval_tasks
 from lp.evaluate.lm_eval_tasks import paper_scores, retained_performance
 from lp.evaluate.ppl import perplexity
@@ -167,6 +167,8 @@ def recipe(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: l
     """The stages in order. Each stage function returns its part of the result; only this function
     writes into `result`, as each part becomes known (so a failed run's result.json holds every part
     that finished)."""
+    result["runtime"], warnings = threads.apply(cfg.runtime.threads)  # first: before any torch work
+    result.setdefault("warnings", []).extend(warnings)
     torch.manual_seed(cfg.seed)
     pruner = build(cfg.pruner)
     mconf = models.load_config(cfg.model)

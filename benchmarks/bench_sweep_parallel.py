@@ -96,6 +96,7 @@ def run_sweep(name: str, root: Path, warm: Path, grid: list[str]) -> dict:
             "jobs": len(jobs), "ok": len(ok), "wall_s": round(wall, 1),
             "jobs_per_min": round(60 * len(ok) / wall, 3),
             "job_total_s": round(sum(j["timing"]["total"] for j in jobs), 1),
+            "job_select_s": round(sum(j["timing"].get("select", 0) for j in jobs), 1),  # calibration inside
             "ppl": {j["name"]: j["metrics"]["ppl/wikitext2"] for j in ok},
             "loadavg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)]}
 

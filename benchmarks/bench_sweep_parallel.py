@@ -6,9 +6,11 @@ once per setting:
   sequential/auto     basic launcher, runtime.threads=auto (= all cores of this process)
   sequential/1        basic launcher, runtime.threads=1
   joblib2/auto        hydra/launcher=parallel (2 workers), runtime.threads=auto (= cores // 2)
-  joblib2/off         hydra/launcher=parallel, runtime.threads=null and OMP_NUM_THREADS=<cores> in the
-                      environment: every job with all the cores' threads (what submitit_local, or an
-                      OMP_NUM_THREADS exported for a single run, gives each worker without the budget)
+  joblib2/off         hydra/launcher=parallel, runtime.threads=null and OMP_NUM_THREADS=MKL_NUM_THREADS=
+                      <cores> in the environment: every job with all the cores' threads (what
+                      submitit_local, or thread variables exported for a single run, give each worker
+                      without the budget; with neither variable set, joblib itself gives its workers
+                      MKL_NUM_THREADS = cores // n_jobs, which torch's default follows)
 Each setting starts from its own cache folder holding only the converted model (hard links of a warm
 one), so calibration and selection scores are computed afresh by each sweep, as in a first run.
 jobs/minute = finished jobs / sweep wall time (Python start, model loads and the aggregation included).
@@ -54,11 +56,11 @@ SHAPES = {"large 1024x1024x1024": (1024, 1024), "small 16x576x576": (16, 576)}  
 
 
 def env_for(cache: Path, omp: str | None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     env.update(LP_CACHE_DIR=str(cache), LP_DATA_DIR=env.get("LP_DATA_DIR", str(REPO.parent / "shared" / "data")),
                HYDRA_FULL_ERROR="0")
-    if omp:
-        env["OMP_NUM_THREADS"] = str(os.cpu_count()) if omp == "cores" else omp
+    if omp:  # torch's default reads both; joblib's workers get MKL_NUM_THREADS=cores // n_jobs otherwise
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(os.cpu_count()) if omp == "cores" else omp
     return env
 
 

@@ -149,6 +149,22 @@ def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int
     return take(starts), take(vstarts)
 
 
+def ppl_sets(datasets, default_split: str) -> list[tuple[str, str]]:
+    """`eval.ppl.datasets` entries -> `[(corpus, split)]`: `"ptb"` is evaluated on `default_split`
+    (`eval.ppl.split`), `"ptb:validation"` on its own split. Each corpus may appear once: its metric
+    is `ppl/<corpus>` and the split is recorded with its provenance."""
+    out, seen = [], set()
+    for entry in datasets:
+        name, _, split = str(entry).partition(":")
+        corpus(name)  # unknown name -> the error listing the corpora
+        if name in seen:
+            raise ValueError(f"eval.ppl.datasets lists corpus {name!r} twice ({list(datasets)}); "
+                             "each corpus is evaluated on one split per run (metric ppl/<corpus>)")
+        seen.add(name)
+        out.append((name, split or default_split))
+    return out
+
+
 def ppl_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
     """GPTQ protocol: non-overlapping `seqlen` windows of the token stream, remainder dropped."""
     n = ids.shape[-1] // seqlen

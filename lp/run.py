@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from lp import data, distill, models, threads
 from lp.evaluate import lm_eval_tasks
 from lp.evaluate.lm_eval_tasks import paper_scores, retained_performance
-from lp.evaluate.ppl import perplexity
+from lp.evaluate.ppl import check_loss_dtype, perplexity
 from lp.export import save_pruned
 from lp.patch import build_patches, insert_patches
 from lp.pruners import PruneContext
@@ -112,8 +112,9 @@ def validate(cfg: DictConfig, pruner, num_layers: int, max_positions: int | None
     seqlens = {"calib.seqlen": cfg.calib.seqlen}
     if cfg.eval.get("ppl"):
         seqlens["eval.ppl.seqlen"] = cfg.eval.ppl.seqlen
-        for name in cfg.eval.ppl.datasets:
-            data.resolve(name, cfg.eval.ppl.split, cfg.data.root, cfg.data.source)
+        check_loss_dtype(cfg.eval.ppl.get("loss_dtype", "float32"))
+        for name, split in data.ppl_sets(cfg.eval.ppl.datasets, cfg.eval.ppl.split):
+            data.resolve(name, split, cfg.data.root, cfg.data.source)
     for key, value in seqlens.items():
         if value <= 1:
             raise ValueError(f"{key}={value} must be > 1")
@@ -353,11 +354,13 @@ def eval_ppl(cfg: DictConfig, model, tokenizer) -> tuple[dict, dict]:
     windows came from (for `result["data"]`)."""
     e = cfg.eval.ppl
     metrics, provenance = {}, {}
-    for name in e.datasets:
-        windows, prov = data.eval_windows(tokenizer, name, e.split, e.seqlen, cfg.data.root, cfg.data.source,
+    loss_dtype = e.get("loss_dtype", "float32")
+    for name, split in data.ppl_sets(e.datasets, e.split):
+        windows, prov = data.eval_windows(tokenizer, name, split, e.seqlen, cfg.data.root, cfg.data.source,
                                           e.max_windows)
-        metrics[f"ppl/{name}"] = perplexity(model, windows, e.batch_size, desc=f"ppl {name}", progress=e.progress)
-        provenance[f"ppl/{name}"] = {**prov, "windows": len(windows), "seqlen": e.seqlen}
+        metrics[f"ppl/{name}"] = perplexity(model, windows, e.batch_size, desc=f"ppl {name}", progress=e.progress,
+                                            loss_dtype=loss_dtype)
+        provenance[f"ppl/{name}"] = {**prov, "windows": len(windows), "seqlen": e.seqlen, "loss_dtype": loss_dtype}
     return metrics, provenance
 
 

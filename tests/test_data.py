@@ -65,3 +65,25 @@ def test_c4_protocol_picks_long_documents_with_seeded_windows():
     rows = ["short", "x" * 50 + "abcdefghij" * 10, "tiny"]
     a = data.c4_windows(tok, rows, seqlen=20, nsamples=3, seed=0)
     assert a.shape == (3, 20) and torch.equal(a, data.c4_windows(tok, rows, seqlen=20, nsamples=3, seed=0))
+
+
+def test_ppl_sets_give_each_corpus_its_own_split():
+    assert data.ppl_sets(["wikitext2", "ptb:validation"], "test") == [("wikitext2", "test"), ("ptb", "validation")]
+    with pytest.raises(ValueError, match="lists corpus 'ptb' twice"):
+        data.ppl_sets(["ptb", "ptb:validation"], "test")
+    with pytest.raises(ValueError, match="unknown corpus 'wiki'"):
+        data.ppl_sets(["wiki:test"], "test")
+
+
+def test_official_ptb_validation_windows():
+    """datautils_block.get_ptb(test_only): "\\n\\n".join of HF `sentence` rows (= line.strip()) of the
+    *validation* split, tokenized once; test_ppl then cuts non-overlapping seqlen windows."""
+    from lp.models import byte_tokenizer
+
+    tok = byte_tokenizer()
+    lines = (DATA / "ptb" / "validation.txt").read_text(encoding="utf-8").splitlines()
+    ids = tok("\n\n".join(line.strip() for line in lines), return_tensors="pt").input_ids
+    win, prov = data.eval_windows(tok, "ptb", "validation", 2048, str(DATA))
+    n = ids.numel() // 2048
+    assert prov["split"] == "validation" and win.shape == (n, 2048)
+    assert torch.equal(win, torch.stack([ids[0, i * 2048:(i + 1) * 2048] for i in range(n)]))

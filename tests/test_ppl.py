@@ -40,3 +40,42 @@ def test_chunked_token_nll_equals_plain_cross_entropy():
     targets = torch.randint(0, 50, (100,))
     ref = nn.functional.cross_entropy(logits.float(), targets, reduction="none")
     torch.testing.assert_close(token_nll(logits, targets), ref, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- loss arithmetic (eval.ppl.loss_dtype)
+def test_logits_dtype_loss_is_the_official_cross_entropy_bit_for_bit():
+    from lp.evaluate.ppl import window_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(64, 500, generator=g)).bfloat16()
+    ids = torch.randint(0, 500, (64,), generator=g)
+    official = nn.CrossEntropyLoss()(logits[:-1].view(-1, 500), ids[1:].view(-1))  # test_ppl, one window
+    assert official.dtype == torch.bfloat16
+    assert window_loss(logits, ids, "logits").item() == official.float().item()
+    assert window_loss(logits, ids, "bfloat16").item() == official.float().item()
+    accurate = window_loss(logits, ids, "float32").item()
+    assert accurate == nn.functional.cross_entropy(logits[:-1].float(), ids[1:]).item()
+    assert accurate != official.float().item() and abs(accurate - official.float().item()) < 0.02 * accurate
+    # the official loss is rounded to bf16: 8 significant bits
+    assert torch.tensor(official.float().item()).bfloat16().float().item() == official.float().item()
+
+
+def test_official_ppl_formula():
+    """test_ppl: nll_w = float32(loss_w) * seqlen; ppl = exp(sum nll / (W * seqlen)) in float32."""
+    model = FixedLM([0.5, 0.2, 0.2, 0.1]).bfloat16()
+    windows = torch.randint(0, 4, (5, 17), generator=torch.Generator().manual_seed(1))
+    nlls = []
+    for w in windows:
+        logits = model(w[None]).logits
+        nlls.append(nn.CrossEntropyLoss()(logits[:, :-1].reshape(-1, 4), w[None, 1:].reshape(-1)).float() * 17)
+    official = torch.exp(torch.stack(nlls).sum() / (5 * 17)).item()
+    assert perplexity(model, windows, batch_size=2, progress=False, loss_dtype="logits") == official
+    accurate = perplexity(model, windows, batch_size=2, progress=False)
+    assert accurate != official and math.isclose(accurate, official, rel_tol=0.02)
+
+
+def test_bad_loss_dtype():
+    import pytest
+
+    with pytest.raises(ValueError, match=r"eval.ppl.loss_dtype='fp8'; choose one of \['float32', 'logits'"):
+        window_nll(FixedLM([0.5, 0.5]), torch.zeros(1, 3, dtype=torch.long), loss_dtype="fp8")

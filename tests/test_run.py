@@ -42,6 +42,8 @@ def test_same_config_gives_same_numbers(cfg_factory):
     ("pruner.layers=[0,1,2,3,4,5,6,7]", "cannot remove all 8 layers"),
     ("eval.ppl.seqlen=5000", "eval.ppl.seqlen=5000 exceeds the model's context"),
     ("eval.ppl.datasets=[c5]", "unknown corpus 'c5'"),
+    ("eval.ppl.datasets=[wikitext2,ptb:dev]", "corpus 'ptb' has no split 'dev'"),
+    ("eval.ppl.loss_dtype=half", "eval.ppl.loss_dtype='half'; choose one of"),
 ])
 def test_bad_input_fails_before_loading_and_records_failure(cfg_factory, tmp_path, override, msg):
     layers = [] if override.startswith("pruner.layers") else ["pruner.layers=[1]"]
@@ -49,6 +51,22 @@ def test_bad_input_fails_before_loading_and_records_failure(cfg_factory, tmp_pat
         run(cfg_factory(*TINY, "pruner=manual", *layers, override))
     failed = json.loads((tmp_path / "result.json").read_text())
     assert failed["status"] == "failed" and "load" not in failed["timing"]
+
+
+def test_per_dataset_splits_and_official_loss_in_one_run(cfg_factory):
+    """eval=official: WikiText-2 test and PTB validation in one run, loss in the logits' dtype."""
+    cfg = cfg_factory("model=tiny_llama", "eval=official", "eval.ppl.seqlen=64", "eval.ppl.max_windows=2",
+                      "eval.ppl.progress=false")
+    assert list(cfg.eval.ppl.datasets) == ["wikitext2", "ptb:validation"] and cfg.eval.ppl.loss_dtype == "logits"
+    assert (cfg.eval.ppl.split, cfg.eval.ppl.batch_size, cfg.eval.get("qa")) == ("test", 1, None)
+    r = run(cfg)
+    d = r["data"]
+    assert (d["ppl/wikitext2"]["split"], d["ppl/ptb"]["split"]) == ("test", "validation")
+    assert d["ppl/ptb"]["loss_dtype"] == "logits"
+    accurate = run(cfg_factory("model=tiny_llama", "eval=official", "eval.ppl.seqlen=64", "eval.ppl.max_windows=2",
+                               "eval.ppl.progress=false", "eval.ppl.loss_dtype=float32"))
+    for name in ("ppl/wikitext2", "ppl/ptb"):  # tiny_llama runs in float32: both arithmetics agree closely
+        assert math.isclose(r["metrics"][name], accurate["metrics"][name], rel_tol=1e-5)
 
 
 def test_missing_local_split_is_a_clear_error(cfg_factory):

@@ -19,21 +19,53 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     ])
 
 
+LOSS_DTYPES = ("float32", "logits", "bfloat16", "float16")
+
+
+def check_loss_dtype(loss_dtype: str) -> None:
+    if loss_dtype not in LOSS_DTYPES:
+        raise ValueError(f"eval.ppl.loss_dtype={loss_dtype!r}; choose one of {list(LOSS_DTYPES)}")
+
+
+def window_loss(logits: torch.Tensor, ids: torch.Tensor, loss_dtype: str = "float32") -> torch.Tensor:
+    """Mean next-token cross-entropy of one window: logits `[T, V]`, ids `[T]` -> 0-dim float64.
+
+    `float32` (accurate): per-position losses and their mean in float32. Any other choice is
+    the official LinearPatch code's arithmetic: one `CrossEntropyLoss` (mean) over the T-1 shifted
+    positions computed in the logits' own dtype (`logits`) or after casting them (`bfloat16`,
+    `float16`), so the window's loss is rounded to that dtype (bf16 keeps 8 significant bits).
+    """
+    if loss_dtype == "float32":
+        return token_nll(logits[:-1], ids[1:]).mean().double()
+    lg = logits[:-1] if loss_dtype == "logits" else logits[:-1].to(getattr(torch, loss_dtype))
+    return F.cross_entropy(lg, ids[1:]).float().double()
+
+
 @torch.inference_mode()
-def window_nll(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "ppl", progress: bool = True):
-    """Mean next-token cross-entropy of each window: `[W]` float64.
+def window_nll(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "ppl", progress: bool = True,
+               loss_dtype: str = "float32"):
+    """Mean next-token cross-entropy of each window: `[W]` float64 (see `window_loss`).
 
     Window w's value is the mean over its T-1 shifted positions of -log p(x_{t+1} | x_{<=t}).
     """
+    check_loss_dtype(loss_dtype)
     device = next(model.parameters()).device
     out = []
     for i in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, unit="batch"):
         batch = windows[i:i + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
-        out += [token_nll(lg[:-1], ids[1:]).mean().double().cpu() for lg, ids in zip(logits, batch, strict=True)]
+        out += [window_loss(lg, ids, loss_dtype).cpu() for lg, ids in zip(logits, batch, strict=True)]
     return torch.stack(out)
 
 
-def perplexity(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "ppl", progress: bool = True) -> float:
-    """PPL = exp(mean over windows of the per-window mean cross-entropy)."""
-    return math.exp(window_nll(model, windows, batch_size, desc, progress).mean().item())
+def perplexity(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "ppl", progress: bool = True,
+               loss_dtype: str = "float32") -> float:
+    """PPL = exp(mean over windows of the per-window mean cross-entropy).
+
+    `loss_dtype="float32"`: the mean and exp in float64. Otherwise as the official `test_ppl`:
+    `exp(sum_w(float32(loss_w) * T) / (W * T))` in float32 (T = window length)."""
+    nll = window_nll(model, windows, batch_size, desc, progress, loss_dtype)
+    if loss_dtype == "float32":
+        return math.exp(nll.mean().item())
+    T = windows.shape[1]
+    return torch.exp(torch.stack([x.float() * T for x in nll]).sum() / (len(nll) * T)).item()

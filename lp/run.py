@@ -105,6 +105,9 @@ def validate(cfg: DictConfig, pruner, num_layers: int, max_positions: int | None
         raise ValueError(f"patch.kind={kind!r}; choose one of {list(PATCH_KINDS)}")
     if kind != "none" and pruner.name == "none":
         raise ValueError(f"patch={kind} needs layers to remove, but pruner=none removes nothing")
+    if kind != "none" and getattr(pruner, "width", False):
+        raise ValueError(f"patch={kind} bridges removed layers, but pruner={pruner.name} prunes width (attention "
+                         "heads and MLP channels) and removes no layer; use patch=none")
     if kind != "none" and hidden_size:
         from lp.patch import check_patch  # noqa: PLC0415
 
@@ -197,6 +200,8 @@ def recipe(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: l
             teacher, result["data"]["distill"] = distill.prepare_teacher(cfg, model, tokenizer)
     with stages("drop"):
         models.drop_layers(model, sel.removed)
+        if sel.width is not None:  # width pruners: heads/channels instead of layers
+            sel.width.apply(model)
     params_patch = attach_patches(model, patches)
     result["pruning"] = pruning_info(pruner, sel, num_layers, params_dense, models.count_params(model) - params_patch,
                                      params_patch)
@@ -206,7 +211,8 @@ def recipe(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: l
             result["distill"] = distill.distill(model, teacher, cfg.distill, tracker=tracker)
     if cfg.patch.get("save", False):
         with stages("save"):
-            result["saved_model"] = str(save_pruned(model, tokenizer, out / "model", {
+            save = sel.width.save if sel.width is not None else save_pruned  # width: stock save_pretrained
+            result["saved_model"] = str(save(model, tokenizer, out / "model", {
                 "name": result["name"], "removed_layers": sel.removed, "patch": result["patch"]}))
 
     metrics = result["metrics"] = distill.metrics(result["distill"]) if teacher is not None else {}

@@ -33,6 +33,7 @@ class Selection:
 
     removed: list[int]
     info: dict = field(default_factory=dict)
+    width: object | None = None  # width pruners: a `lp.width.WidthPlan` applied at the drop (removed == [])
 
     def __post_init__(self):
         self.removed = sorted(int(i) for i in self.removed)

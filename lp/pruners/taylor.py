@@ -44,16 +44,24 @@ def taylor_scores(model, windows: torch.Tensor, layers: list[int], micro_batch: 
     """`{layer: sum |W * dL/dW|}` over the parameters of each dense layer in `layers`, with L the mean
     per-window next-token NLL of `windows` `[N, T]`, accumulated over micro-batches in float32."""
     dec = Decoder(model)
-    device = next(model.parameters()).device
     params = {i: list(dec.layers[i].parameters()) for i in layers}
-    acc = {id(p): torch.zeros(p.shape, dtype=torch.float32, device=device) for ps in params.values() for p in ps}
+    grads = loss_grads(model, windows, [p for ps in params.values() for p in ps], micro_batch)
+    return {i: sum((grads[p] * p.detach().float()).abs().sum().item() for p in ps) for i, ps in params.items()}
+
+
+def loss_grads(model, windows: torch.Tensor, params: list, micro_batch: int = 1) -> dict:
+    """`{param: dL/dparam}` (float32, the param's shape) for each of `params`, L the mean per-window
+    next-token NLL of `windows` `[N, T]`: the sum of the micro-batch gradients, each added into a
+    float32 accumulator as soon as backward produced it (see the module docstring for memory)."""
+    device = next(model.parameters()).device
+    acc = {p: torch.zeros(p.shape, dtype=torch.float32, device=device) for p in params}
     flags = {p: p.requires_grad for p in model.parameters()}
     old_grads = {p: p.grad for p in model.parameters() if p.grad is not None}
     was_training = model.training
     n = len(windows)
 
     def add(p):
-        acc[id(p)].add_(p.grad)
+        acc[p].add_(p.grad)
         p.grad = None
 
     handles = []
@@ -61,10 +69,9 @@ def taylor_scores(model, windows: torch.Tensor, layers: list[int], micro_batch: 
         for p in model.parameters():
             p.requires_grad_(False)
             p.grad = None
-        for ps in params.values():
-            for p in ps:
-                p.requires_grad_(True)
-                handles.append(p.register_post_accumulate_grad_hook(add))
+        for p in acc:
+            p.requires_grad_(True)
+            handles.append(p.register_post_accumulate_grad_hook(add))
         model.eval()
         with torch.enable_grad():
             for i in range(0, n, micro_batch):
@@ -80,7 +87,7 @@ def taylor_scores(model, windows: torch.Tensor, layers: list[int], micro_batch: 
             p.requires_grad_(flag)
             p.grad = old_grads.get(p)
         model.train(was_training)
-    return {i: sum((acc[id(p)] * p.detach().float()).abs().sum().item() for p in ps) for i, ps in params.items()}
+    return acc
 
 
 class TaylorPruner:

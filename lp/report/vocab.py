@@ -15,7 +15,7 @@ import pandas as pd
 # block selection; its patched row reads "+LinearPatch".
 PRUNERS = {"none": "Dense", "manual": "Manual", "shortgpt": "ShortGPT", "streamline": "LLM-Streamline",
            "sleb": "SLEB", "taylor": "Taylor+", "angular": "Angular (Gromov)", "ppl": "PPL",
-           "linearpatch": "LinearPatch block"}
+           "linearpatch": "LinearPatch block", "llm_pruner": "LLM-Pruner"}
 PPL_SETS = {"wikitext2": "WikiText2", "ptb": "PTB", "c4": "C4"}
 QA_TASKS = {"wsc273": "WSC", "wsc": "WSC", "hellaswag": "HellaSwag", "piqa": "PIQA", "arc_easy": "ARC-e",
             "arc_challenge": "ARC-c", "boolq": "BoolQ", "winogrande": "WinoGrande", "race": "RACE",

@@ -156,7 +156,7 @@ def test_run_llm_pruner_end_to_end(cfg_factory, tmp_path):
 
 def test_patch_with_width_pruner_is_rejected_before_loading(cfg_factory):
     with pytest.raises(ValueError, match="patch=rotate bridges removed layers, but pruner=llm_pruner prunes width"):
-        run(cfg_factory(*TINY, "pruner=llm_pruner", "patch=rotate"))
+        run(cfg_factory(*TINY, "pruner=llm_pruner", "pruner.n=1", "patch=rotate"))
 
 
 @pytest.mark.real

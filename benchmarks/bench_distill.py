@@ -23,7 +23,6 @@ Writes (merges into) benchmarks/results/distill.json, one entry per removed bloc
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -36,8 +35,12 @@ from omegaconf import OmegaConf
 
 from lp import data, models
 from lp import distill as D
+from lp.distill.train import Freeze
 from lp.hadamard import hadamard
 from lp.patch import LinearPatch, find_patches, insert_patches, patch_matrix
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory import peak_rss_mb, reset_peak_rss, rss_mb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 p = argparse.ArgumentParser()
@@ -70,7 +73,7 @@ def tools(model, cache):
     device = next(model.parameters()).device
     suffix = D.Suffix(model)
     params = [q for m in find_patches(model) for q in m.parameters()]
-    D._Freeze.only(model, params)
+    Freeze.only(model, params)
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
     states = [suffix.prefix(cache.get([i])[0]) for i in range(len(cache))]
     amp = D.resolve_autocast("auto", device)
@@ -121,10 +124,6 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def vm(key):
-    return int(re.search(key + r":\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
-
-
 if args.memory:  # one step in a fresh process: peak memory of the step itself
     model, cache = setup(args.seqlen, 1, args.cache_root)
     fns, device, _ = tools(model, cache)
@@ -135,11 +134,11 @@ if args.memory:  # one step in a fresh process: peak memory of the step itself
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated() / 2**20
         else:
-            Path("/proc/self/clear_refs").write_text("5")  # reset this process's peak RSS (VmHWM)
-            before = vm("VmRSS")
+            reset_peak_rss()
+            before = rss_mb()
         fns[name](0)
         sync(device)
-        peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else vm("VmHWM")
+        peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mb()
         out[name] = {"before_mb": round(before, 1), "peak_mb": round(peak, 1), "step_extra_mb": round(peak - before, 1)}
     print(json.dumps(out))
     sys.exit(0)

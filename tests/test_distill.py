@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -25,9 +26,14 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "distill"
 L, DIM, T, K = 6, 64, 24, 8
 
 
-def dcfg(**over):
-    """`conf/distill/output_kl.yaml` with test-sized overrides."""
+def dcfg(lr=None, schedule=None, **over):
+    """`conf/distill/output_kl.yaml` with test-sized overrides (`lr`: the optimizer's; `schedule="constant"`:
+    the cosine schedule with its floor at 1, i.e. a constant lr)."""
     base = dict(nsamples=8, nval=2, seqlen=T, k=K, batch_size=2, autocast="none", progress=False)
+    if lr is not None:
+        base["optimizer"] = {"lr": lr}
+    if schedule == "constant":
+        base["scheduler"] = {"min_lr_rate": 1.0}
     return OmegaConf.merge(OmegaConf.load(CONF / "output_kl.yaml"), {**base, **over})
 
 
@@ -116,7 +122,7 @@ def test_teacher_key_changes_with_k_seed_and_model(cfg_factory):
 
 def test_not_enough_disk_fails_before_writing(dense, tmp_path, monkeypatch):
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(D.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))
     with pytest.raises(OSError, match="not enough disk for the teacher cache"):
         D.build_teacher(dense, windows(), 8, K, {"disk": 1}, root=tmp_path, progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -204,6 +210,25 @@ def test_loss_decreases(dense, cache):
     assert curve[-1] < 0.8 * curve[0]
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_schedule_from_yaml_is_the_cosine_to_a_floor(dense, cache, schedule):
+    """conf/distill/output_kl.yaml's transformers schedule gives lr * (r + (1-r)/2 (1 + cos(pi s / S)))
+    after step s of S (r = min_lr_rate = 0.05; 1.0 = constant), the hand-written lambda it replaced."""
+    lrs = {}
+
+    class Rec:
+        def log(self, metrics, step=None):
+            if "distill/lr" in metrics:
+                lrs[step] = metrics["distill/lr"]
+
+    info = D.distill(patched(dense, [2, 3]), cache, dcfg(lr=1e-2, epochs=3, schedule=schedule), tracker=Rec())
+    total, r = info["planned_steps"], (0.05 if schedule == "cosine" else 1.0)
+    assert sorted(lrs) == list(range(1, total + 1)) and total == 12
+    for s, lr in lrs.items():
+        assert lr == pytest.approx(1e-2 * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * s / total))), rel=1e-12, abs=0)
+    assert lrs[total] == pytest.approx(1e-2 * r, rel=1e-12)
+
+
 def test_keep_best_restores_the_best_validation_patch(dense, cache):
     student = patched(dense, [2, 3])
     info = D.distill(student, cache, dcfg(lr=0.3, epochs=2, batch_size=1, val_every=4, keep="best"))
@@ -260,7 +285,12 @@ def test_no_patch_is_an_error(dense, cache):
 @pytest.mark.parametrize("over,match", [
     ({"keep": "first"}, "distill.keep='first'"), ({"k": 0}, "distill.k=0"),
     ({"nval": 0, "keep": "best"}, "need validation windows"), ({"autocast": "fp8"}, "distill.autocast"),
-    ({"min_lr_ratio": 2}, "min_lr_ratio=2"),
+    ({"scheduler": {"min_lr_rate": 2}}, r"distill.scheduler.min_lr_rate=2 must be in \[0, 1\]"),
+    ({"optimizer": {"lr": 0}}, "distill.optimizer.lr=0 must be > 0"),
+    ({"optimizer": {"_target_": "torch.optim.Adamw"}}, "distill.optimizer._target_='torch.optim.Adamw' cannot be imported"),
+    ({"scheduler": {"_partial_": False}}, "distill.scheduler needs a `_target_` and `_partial_: true`"),
+    ({"scheduler": {"num_training_steps": 9}}, "num_training_steps is set by the loop"),
+    ({"grad_clip": 0}, "distill.grad_clip=0 must be null or > 0"),
 ])
 def test_bad_settings_are_rejected(over, match):
     with pytest.raises(ValueError, match=match):
@@ -283,7 +313,7 @@ def test_run_distills_before_saving_and_reuses_the_teacher_cache(cfg_factory, tm
              "calib=quick", "calib.split=validation", "calib.nsamples=4", "calib.seqlen=64",
              "pruner=manual", "pruner.layers=[2,3]", "patch=rotate", "patch.save=true"]
     dist = ["distill=quick", "distill.nsamples=6", "distill.nval=2", "distill.seqlen=64", "distill.batch_size=2",
-            "distill.val_every=2", "distill.lr=1e-2", "distill.progress=false"]
+            "distill.val_every=2", "distill.optimizer.lr=1e-2", "distill.progress=false"]
     free = run(cfg_factory(*small, "paths.output_dir=" + str(tmp_path / "free")))
     a = run(cfg_factory(*small, *dist, "paths.output_dir=" + str(tmp_path / "a")))
     b = run(cfg_factory(*small, *dist, "paths.output_dir=" + str(tmp_path / "b")))

@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from lp.callbacks import resume_job
-from lp.run import hydra_runtime, run
+from lp.run import hydra_runtime, log_finished, run
 
 log = logging.getLogger("lp")
 
@@ -58,6 +58,7 @@ def resume(cfg: DictConfig, hc) -> dict | None:
         where = Path(prev.get("resumed_from", Path(hc.runtime.output_dir) / "result.json")).parent
         log.info("job %d skipped: %s already finished in %s (force=true re-runs it)",
                  hc.job.num + 1, prev.get("name"), where)
+        log_finished(cfg, Path(hc.runtime.output_dir), prev)  # the tracker still gets every job
     return prev
 
 

@@ -324,6 +324,14 @@ def get_stats(ctx, fallback_seed: int | None = None, progress: bool = False) -> 
     return stats
 
 
+def similarity(ctx) -> list[list[float]] | None:
+    """`cos_token` ([L+1, L+1], 4 decimals) of the statistics this run's pruner or patch computed or
+    loaded through `get_stats(ctx)`, for the report's similarity heatmap; None if none were."""
+    memo = ctx.__dict__.get(_CTX_ATTR) or {}
+    stats = next(iter(memo.values()), None)
+    return None if stats is None else [[round(float(v), 4) for v in row] for row in stats.cos_token.tolist()]
+
+
 def _save_atomic(stats: CalibStats, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -78,17 +78,29 @@ class AggregateOnMultirunEnd(Callback):
 
             paths = aggregate.write_all(sweep_dir)
             records = aggregate.load_results(sweep_dir)
-            counts = Counter(r["status"] for r in records)
-            resumed = sum(1 for r in records if r.get("resumed_from"))
-            log.info("sweep %s done: %s (%d resumed) -> %s, %s", config.get("sweep_name"),
-                     ", ".join(f"{n} {s}" for s, n in sorted(counts.items())), resumed,
-                     paths["table_md"], paths["dashboard"])
-            if counts.get("ok", 0) < sum(counts.values()):
-                log.warning("sweep %s: %d of %d jobs did not finish ok; see the Failures section of %s",
-                            config.get("sweep_name"), sum(counts.values()) - counts.get("ok", 0),
-                            sum(counts.values()), paths["table_md"])
+            failed = any(r["status"] != "ok" for r in records)
+            log.log(logging.WARNING if failed else logging.INFO, "%s", sweep_message(config.get("sweep_name"), records, paths))
         except Exception:  # noqa: BLE001 - the jobs' results are safe; aggregation can be redone
             log.exception("aggregating %s failed; redo with `python -m lp.aggregate %s`", sweep_dir, sweep_dir)
+        try:  # with a tracker: the aggregated tables and the dashboard's charts, in the sweep's group
+            from lp import aggregate
+
+            aggregate.log_sweep(config, sweep_dir)
+        except Exception:  # noqa: BLE001 - the files above are the record; the tracker is a copy
+            log.exception("logging the aggregated sweep %s to the tracker failed", sweep_dir)
+
+
+def sweep_message(name: str | None, records: list[dict], paths: dict) -> str:
+    """The end-of-sweep message: counts, where the table and the dashboard are, each failure."""
+    counts = Counter(r["status"] for r in records)
+    resumed = sum(1 for r in records if r.get("resumed_from"))
+    bad = [r for r in records if r["status"] != "ok"]
+    lines = [f"sweep {name} done: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+             + f" ({resumed} resumed)", f"  table:     {paths['table_md']}", f"  dashboard: {paths['dashboard']}"]
+    lines += [f"  FAILED job {r['job_num']} ({r['status']}): {' '.join(r.get('overrides') or [])} -- "
+              f"{str(r.get('error') or '').splitlines()[0][:300] if r.get('error') else 'no error recorded'}"
+              for r in bad]
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------- resume

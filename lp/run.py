@@ -26,14 +26,14 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lp import data, distill, models, threads
+from lp import calib, data, distill, models, threads
 from lp.evaluate import lm_eval_tasks
 from lp.evaluate.lm_eval_tasks import paper_scores, retained_performance
 from lp.evaluate.ppl import check_loss_dtype, perplexity
 from lp.export import save_pruned
 from lp.patch import build_patches, insert_patches
 from lp.pruners import PruneContext
-from lp.tracking import log_result
+from lp.tracking import log_result, sweep_group
 
 log = logging.getLogger(__name__)
 PATCH_KINDS = ("none", "diag", "rotate")
@@ -163,7 +163,7 @@ def run(cfg: DictConfig) -> dict:
         write_json_atomic(out / "result.json", result)
         for tracker in trackers:
             finish_tracker(tracker, result)
-    print(summary_line(result))
+    print(summary_line(result, out))
     return result
 
 
@@ -205,6 +205,8 @@ def recipe(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: l
     params_patch = attach_patches(model, patches)
     result["pruning"] = pruning_info(pruner, sel, num_layers, params_dense, models.count_params(model) - params_patch,
                                      params_patch)
+    if (sim := calib.similarity(ctx)) is not None:  # pairwise cosines for the dashboard's heatmap
+        result["pruning"]["similarity"] = sim
     result["patch"] = {"kind": cfg.patch.kind, **(patches_info or {})}
     if teacher is not None:
         with stages("distill"):
@@ -318,14 +320,27 @@ def build(node: DictConfig):
 
 def start_tracker(cfg: DictConfig, out: Path, result: dict, job_type: str):
     """`cfg.tracker` built with `dir=out` and the resolved config. Null `group` / `job_type` / `name`
-    keys of the tracker config (wandb) become the sweep name (multirun only, else null), `job_type`
+    keys of the tracker config (wandb) become `<sweep name>/<sweep timestamp dir>` (multirun only, else
+    null; see `lp.tracking.sweep_group`), `job_type`
     (the pruner) and the run's name (e.g. `smollm2_135m/shortgpt/rotate/n4`)."""
     multirun = HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
-    fill = {"group": cfg.get("sweep_name") if multirun else None, "job_type": job_type, "name": result["name"]}
+    group = sweep_group(cfg.get("sweep_name"), HydraConfig.get().sweep.dir) if multirun else None
+    fill = {"group": group, "job_type": job_type, "name": result["name"]}
     fill = {k: v for k, v in fill.items() if k in cfg.tracker and cfg.tracker[k] is None}
     # partial, then called: `config` cannot go through instantiate (its own first parameter; and
     # instantiate would build the `_target_` nodes inside the resolved config)
     return instantiate(cfg.tracker, _partial_=True, _convert_="all", **fill)(dir=str(out), config=result["config"])
+
+
+def log_finished(cfg: DictConfig, out: Path, result: dict) -> None:
+    """Log an already finished result (a job skipped by resume: its copied result.json) to
+    `cfg.tracker` as a run of its own, so a resumed sweep's group still holds every job."""
+    try:
+        tracker = start_tracker(cfg, out, result, job_type=(result.get("pruning") or {}).get("method") or "run")
+    except Exception:  # noqa: BLE001 - the result is safe on disk; the tracker is a copy of it
+        log.warning("tracker: could not log the resumed result", exc_info=True)
+        return
+    finish_tracker(tracker, result)
 
 
 def finish_tracker(tracker, result: dict) -> None:
@@ -393,8 +408,22 @@ def dense_reference(cfg: DictConfig, tasks: list[str]) -> dict[str, float]:
     return scores
 
 
-def summary_line(result: dict) -> str:
-    p = result.get("pruning", {})
-    ms = "  ".join(f"{k}={v:.3f}" for k, v in result.get("metrics", {}).items() if isinstance(v, float))
-    return (f"[lp] {result['name']}: removed {p.get('removed_layers')} "
-            f"({100 * p.get('pruned_ratio', 0):.2f}% params)  {ms}  in {result['timing']['total']:.1f}s")
+def summary_line(result: dict, out: Path | None = None) -> str:
+    """The end-of-run message: the headline numbers (QA average and RP first, then PPL, MMLU; the
+    per-task scores stay in result.json), any warnings, and where the result and a saved model are."""
+    p, m = result.get("pruning") or {}, result.get("metrics") or {}
+    head = [f"qa/avg={100 * m['qa/avg']:.2f}" if isinstance(m.get("qa/avg"), float) else None,
+            f"RP={m['qa/rp']:.2f}%" if isinstance(m.get("qa/rp"), float) else None,
+            *(f"{k}={v:.3f}" for k, v in m.items() if k.startswith("ppl/") and isinstance(v, float)),
+            f"mmlu={100 * m['mmlu/acc']:.2f}" if isinstance(m.get("mmlu/acc"), float) else None]
+    head = [h for h in head if h]
+    rest = sum(1 for k, v in m.items() if isinstance(v, float)) - len(head)
+    lines = [f"[lp] {result['name']}: removed {p.get('removed_layers')} ({100 * p.get('pruned_ratio', 0):.2f}% "
+             f"params)  {'  '.join(head)}{f'  (+{rest} more in result.json)' if rest > 0 else ''}  "
+             f"in {result['timing']['total']:.1f}s"]
+    lines += [f"[lp] WARNING: {w}" for w in result.get("warnings") or []]
+    if out is not None:
+        lines.append(f"[lp] result: {Path(out) / 'result.json'}")
+    if result.get("saved_model"):
+        lines.append(f"[lp] saved model: {result['saved_model']} (reload: lp.export.load_pruned)")
+    return "\n".join(lines)

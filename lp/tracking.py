@@ -35,6 +35,8 @@ class Tracker(Protocol):
 
     def log_table(self, name: str, columns: list[str], rows: list[list]) -> None: ...
 
+    def log_html(self, name: str, html: str) -> None: ...
+
     def summary(self, values: dict) -> None: ...
 
     def finish(self, status: str = "ok") -> None: ...
@@ -50,6 +52,9 @@ class NoneTracker:
         pass
 
     def log_table(self, name: str, columns: list[str], rows: list[list]) -> None:
+        pass
+
+    def log_html(self, name: str, html: str) -> None:
         pass
 
     def summary(self, values: dict) -> None:
@@ -149,6 +154,9 @@ class WandbTracker:
     def log_table(self, name: str, columns: list[str], rows: list[list]) -> None:
         self.run.log({name: self._wandb.Table(columns=list(columns), data=[list(r) for r in rows])})
 
+    def log_html(self, name: str, html: str) -> None:
+        self.run.log({name: self._wandb.Html(html, inject=False)})
+
     def summary(self, values: dict) -> None:
         self.run.summary.update(dict(values))
 
@@ -180,6 +188,10 @@ def log_result(tracker: Tracker, result: dict) -> None:
         summary["pruning/removed_layers"] = " ".join(map(str, pruning["removed_layers"]))
     if result.get("error"):
         summary["error"] = str(result["error"])[:2000]
+    if result.get("warnings"):
+        summary["warnings"] = "; ".join(map(str, result["warnings"]))[:2000]
+    if result.get("resumed_from"):
+        summary["resumed_from"] = str(result["resumed_from"])
     tracker.summary(summary)
     scores = (pruning.get("scores") or {}).get("values")
     if scores:
@@ -187,7 +199,24 @@ def log_result(tracker: Tracker, result: dict) -> None:
                           [[i, float(s) if _number(s) else None] for i, s in enumerate(scores)])
     cuts = patch.get("cuts") or []
     if cuts:
-        cols = ["cut", "before_layer", "removed", "scale_min", "scale_median", "scale_max"]
-        tracker.log_table("patch/cuts", cols, [
-            [i, c.get("before_layer"), " ".join(map(str, c.get("removed") or []))]
-            + [c.get(k) for k in cols[3:]] for i, c in enumerate(cuts)])
+        cols, rows = cut_table(cuts)
+        tracker.log_table("patch/cuts", cols, rows)
+
+
+def cut_table(cuts: list[dict]) -> tuple[list[str], list[list]]:
+    """(columns, rows) of ``result["patch"]["cuts"]``: ``cut`` (its index) and every scalar field the
+    records hold, in their order (lists such as ``removed`` joined with spaces; nested dicts left out)."""
+    cols: dict[str, None] = {}
+    for c in cuts:
+        cols.update({k: None for k, v in c.items() if not isinstance(v, dict)})
+
+    def cell(v):
+        return " ".join(map(str, v)) if isinstance(v, list) else v
+
+    return ["cut", *cols], [[i, *(cell(c.get(k)) for k in cols)] for i, c in enumerate(cuts)]
+
+
+def sweep_group(sweep_name: str | None, sweep_dir) -> str | None:
+    """W&B group of a sweep's runs: ``<sweep name>/<sweep dir name>`` (the timestamp folder), so each
+    run of a sweep is its own group; None outside a sweep."""
+    return f"{sweep_name}/{Path(sweep_dir).name}" if sweep_name and sweep_dir else None

@@ -120,3 +120,60 @@ def test_summary_csv_has_flat_settings(tmp_path):
     assert row["patch.hadamard"] == "official" and row["pruned_ratio_%"] == pytest.approx(2.46)
     assert row["eval.ppl.max_windows"] == 8 and row["ppl_windows"] == 8
     assert not any(isinstance(v, str) and v.startswith("{") for v in row.values)  # no dict strings
+
+
+def test_compare_cli_prints_tables_of_runs_and_sweeps(tmp_path, capsys):
+    from lp.__main__ import main
+
+    sweep = _sweep(tmp_path / "sweep", [_rec("none", 0, ppl=9.0), _rec("shortgpt", 2, ppl=12.0)])
+    single = tmp_path / "run"
+    single.mkdir()
+    (single / "result.json").write_text(json.dumps(_rec("sleb", 2, ppl=11.0)))
+    assert main(["compare", str(sweep), str(single / "result.json")]) == 0
+    out = capsys.readouterr().out
+    assert "# Comparison" in out and "| Dense | 9.00 |" in out and "| ShortGPT | 12.00 |" in out
+    assert "| SLEB | 11.00 |" in out and "Settings:" in out
+    assert not (sweep / "table.md").exists()  # compare writes nothing
+    assert main(["compare", str(single), "--format", "csv"]) == 0
+    assert capsys.readouterr().out.startswith("job,status")
+    assert main(["compare", str(tmp_path / "nope")]) == 2 and "does not exist" in capsys.readouterr().err
+    assert main(["aggregate", str(sweep)]) == 0 and (sweep / "dashboard.html").is_file()
+
+
+def test_dashboard_heatmap_removed_layers_params_plot_and_warnings(tmp_path):
+    sim = [[round(1 - abs(i - j) / 10, 2) for j in range(7)] for i in range(7)]
+    recs = [_rec("none", 0, ppl=9.0)]
+    for n, ppl in ((1, 10.0), (2, 12.0)):
+        r = _rec("shortgpt", n, ppl=ppl, warnings=["patch worse than none"] if n == 2 else None)
+        r["pruning"].update(similarity=sim, removed_layers=[3, 4][:n],
+                            scores={"kind": "block_influence", "values": [0.5, 0.4, 0.3, 0.1, 0.2, 0.6]})
+        recs.append(r)
+    html = agg.write_all(_sweep(tmp_path, recs))["dashboard"].read_text()
+    assert "cos(h_i, h_j)" in html and html.count('class="removed"') == 2  # layers 3 and 4 outlined
+    assert html.count("<rect x=") >= 49  # 7 x 7 cells
+    assert html.count('class="mark"') == 2  # one curve (same scores for n=1, 2): layers 3 and 4 ringed
+    assert "PPL vs. removed parameters" in html and "removed parameters (%)" in html
+    assert "2.46%" in html  # the job list shows the pruned ratio in percent (n=2: 2 x 1.23%)
+    assert "⚠ patch worse than none" in html and "ShortGPT ⚠" in html
+
+
+def test_end_of_run_and_sweep_messages(tmp_path):
+    from lp.callbacks import sweep_message
+    from lp.run import summary_line
+
+    metrics = {"ppl/wikitext2": 12.3456, "qa/avg": 0.61234, "qa/rp": 93.5} | {f"qa/t{i}/acc": 0.5 for i in range(30)}
+    result = {"name": "m/shortgpt/rotate/n2", "pruning": {"removed_layers": [3, 4], "pruned_ratio": 0.1},
+              "metrics": metrics, "timing": {"total": 5.0}, "warnings": ["patch worse than none"],
+              "saved_model": str(tmp_path / "model")}
+    text = summary_line(result, tmp_path)
+    first = text.splitlines()[0]
+    assert first.index("qa/avg=61.23") < first.index("RP=93.50%") < first.index("ppl/wikitext2=12.346")
+    assert "qa/t0" not in text and "(+30 more in result.json)" in first
+    assert f"[lp] result: {tmp_path / 'result.json'}" in text and f"saved model: {tmp_path / 'model'}" in text
+    assert "[lp] WARNING: patch worse than none" in text
+    records = [{"job_num": "0", "status": "ok"}, {"job_num": "1", "status": "ok", "resumed_from": "x"},
+               {"job_num": "2", "status": "failed", "overrides": ["pruner=sleb"], "error": "RuntimeError: OOM\nmore"}]
+    msg = sweep_message("quick", records, {"table_md": tmp_path / "table.md", "dashboard": tmp_path / "d.html"})
+    assert msg.splitlines()[0] == "sweep quick done: 1 failed, 2 ok (1 resumed)"
+    assert f"table:     {tmp_path / 'table.md'}" in msg and f"dashboard: {tmp_path / 'd.html'}" in msg
+    assert "FAILED job 2 (failed): pruner=sleb -- RuntimeError: OOM" in msg and "more" not in msg

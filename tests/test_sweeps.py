@@ -214,7 +214,7 @@ def test_run_with_wandb_offline_writes_into_the_job_dir(cfg_factory, tmp_path, m
     assert Path(seen["dir"]).is_relative_to(run_dir) and list(run_dir.glob("run-*.wandb"))
 
 
-def test_tracker_group_is_the_sweep_name_in_a_multirun(tmp_path):
+def test_tracker_group_is_the_sweep_name_and_timestamp_in_a_multirun(tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
@@ -229,7 +229,10 @@ def test_tracker_group_is_the_sweep_name_in_a_multirun(tmp_path):
         t = start_tracker(cfg, tmp_path, {"name": "x/manual/none/n2", "config": {}}, job_type="manual")
     finally:
         hc.cfg = saved
-    assert (t.kwargs["group"], t.kwargs["job_type"], t.kwargs["name"]) == ("tiny_smoke", "manual", "x/manual/none/n2")
+    stamp = Path(cfg.hydra.sweep.dir).name  # each run of a sweep is its own group: name + timestamp folder
+    assert (t.kwargs["group"], t.kwargs["job_type"], t.kwargs["name"]) == (f"tiny_smoke/{stamp}", "manual",
+                                                                          "x/manual/none/n2")
+    assert len(stamp) >= 15 and stamp[:2] == "20"
 
 
 def test_run_hands_the_tracker_to_distillation(cfg_factory, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,11 +17,30 @@ RESULT = {
     "status": "ok", "error": None,
     "pruning": {"method": "linearpatch", "n": 2, "removed_layers": [20, 21], "num_layers_after": 28,
                 "pruned_ratio": 0.05, "scores": {"kind": "cosine_by_start", "values": [0.9, 0.95, 0.8]}},
-    "patch": {"kind": "rotate", "cuts": [{"before_layer": 20, "removed": [20, 21], "scale_min": 0.8,
-                                          "scale_median": 1.1, "scale_max": 3.0}]},
+    "patch": None,  # filled below from real build_patches output
     "metrics": {"ppl/wikitext2": 25.3, "qa/piqa/score": 0.61, "qa/avg": 0.6, "qa/rp": 95.1},
     "timing": {"prune": 0.1, "total": 140.0},
 }
+
+
+def _real_patch_record() -> dict:
+    """`result["patch"]` as build_patches writes it: tiny Llama, removed layers 1, 2 and 4."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from lp.models import tiny_model
+    from lp.patch import build_patches
+    from lp.pruners import PruneContext
+
+    model = tiny_model("llama", num_layers=6, hidden_size=64, seed=1)
+    windows = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    ctx = PruneContext(model, None, calib_fn=lambda: (windows, {"windows": 2}), cache_key={})
+    cfg = OmegaConf.create({"kind": "rotate", "hadamard": "constructed", "hadamard_seed": None,
+                            "hadamard_fallback_seed": None})
+    return build_patches(ctx, [1, 2, 4], cfg)[1]
+
+
+RESULT["patch"] = _real_patch_record()
 SUMMARY = {"ppl/wikitext2": 25.3, "qa/piqa/score": 0.61, "qa/avg": 0.6, "qa/rp": 95.1,
            "pruning/n": 2, "pruning/num_layers_after": 28, "pruning/pruned_ratio": 0.05,
            "pruning/removed_layers": "20 21", "timing/prune": 0.1, "timing/total": 140.0, "status": "ok"}
@@ -40,6 +60,9 @@ class Recorder:
 
     def log_table(self, name, columns, rows):
         self.tables[name] = (columns, rows)
+
+    def log_html(self, name, html):
+        self.htmls = {**getattr(self, "htmls", {}), name: html}
 
     def summary(self, values):
         self.summaries.update(values)
@@ -76,8 +99,9 @@ def test_log_result_content():
     assert rec.summaries == {**SUMMARY, "status": "failed", "error": "boom"}
     assert rec.tables["pruning/scores"] == (["index", "score"], [[0, 0.9], [1, 0.95], [2, 0.8]])
     cols, rows = rec.tables["patch/cuts"]
-    assert cols == ["cut", "before_layer", "removed", "scale_min", "scale_median", "scale_max"]
-    assert rows == [[0, 20, "20 21", 0.8, 1.1, 3.0]]
+    cuts = RESULT["patch"]["cuts"]
+    assert cols == ["cut", *cuts[0]] and "scale_median" in cols  # the record's own keys, in its order
+    assert rows == [[i, *c.values()] for i, c in enumerate(cuts)] and all(v is not None for r in rows for v in r)
     rec2 = Recorder()
     log_result(rec2, {"status": "ok", "metrics": {"ppl/c4": 9.0}})  # dense: no scores, no cuts
     assert rec2.summaries == {"ppl/c4": 9.0, "status": "ok"} and rec2.tables == {}
@@ -130,7 +154,9 @@ def test_wandb_auto_goes_offline_and_writes_to_job_dir(no_wandb_account, caplog)
     tables = {p.name.split("_")[0]: json.loads(p.read_text()) for p in run_dir.rglob("*.table.json")}
     assert tables["scores"]["columns"] == ["index", "score"]
     assert tables["scores"]["data"] == [[0, 0.9], [1, 0.95], [2, 0.8]]
-    assert tables["cuts"]["data"] == [[0, 20, "20 21", 0.8, 1.1, 3.0]]
+    cols, data = tables["cuts"]["columns"], tables["cuts"]["data"]
+    assert cols[:4] == ["cut", "start", "end", "before"] and [r[:4] for r in data] == [[0, 1, 3, 3], [1, 4, 5, 5]]
+    assert all(v is not None for r in data for v in r)  # no column the record lacks
     assert list(run_dir.glob("run-*.wandb"))  # the offline log that `wandb sync` uploads
 
 
@@ -151,3 +177,68 @@ def test_online_init_failure_falls_back_offline(no_wandb_account, monkeypatch, c
         t = WandbTracker(project="lp-test", mode="auto", dir=no_wandb_account / "job")
     assert calls == ["online", "offline"] and t.mode == "offline"
     assert "server said no" in caplog.text and "wandb sync /x/offline-run-1" in caplog.text
+
+
+# ------------------------------------------------------------------ real records, sweeps, resume
+def test_offline_run_files_hold_a_non_empty_cuts_table(cfg_factory, no_wandb_account):
+    """The cuts table is built from what `build_patches` really records (through run())."""
+    from lp.run import run
+
+    result = run(cfg_factory("model=tiny_llama", "pruner=manual", "pruner.layers=[2,3,5]", "patch=rotate",
+                             "calib=quick", "calib.nsamples=4", "calib.seqlen=64", "eval=quick",
+                             "eval.ppl.datasets=[ptb]", "eval.ppl.seqlen=64", "eval.ppl.max_windows=2",
+                             "eval.ppl.progress=false", "tracker=wandb", "tracker.mode=offline"))
+    cuts = result["patch"]["cuts"]
+    assert [(c["start"], c["end"]) for c in cuts] == [(2, 4), (5, 6)]
+    out = Path(result["config"]["paths"]["output_dir"])
+    (table,) = [json.loads(p.read_text()) for p in (out / "wandb").rglob("*.table.json") if "cuts" in p.name]
+    cols = table["columns"]
+    assert cols[:3] == ["cut", "start", "end"] and len(cols) > 4
+    assert [row[1:3] for row in table["data"]] == [[2, 4], [5, 6]]
+    for row in table["data"]:  # every column is filled from the record: no key the record lacks
+        assert all(v is not None for v in row), dict(zip(cols, row, strict=True))
+        assert row[cols.index("cut")] in (0, 1)
+    assert cols == tracking.cut_table(cuts)[0]
+
+
+def test_resumed_result_and_aggregated_sweep_are_logged(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from lp import aggregate
+    from lp.run import log_finished
+
+    repo = Path(__file__).resolve().parents[1]
+    with initialize_config_dir(config_dir=str(repo / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["sweeps=tiny_smoke", "tracker=wandb", f"paths.output_dir={tmp_path / '1'}",
+                                           f"tracker._target_={Recorder.__module__}.Recorder"], return_hydra_config=True)
+    group = f"tiny_smoke/{Path(cfg.hydra.sweep.dir).name}"
+    prev = {**RESULT, "name": "tiny/manual/none/n2", "config": {"seed": 0}, "resumed_from": "/old/1/result.json"}
+    Recorder.instances.clear()
+    hc, saved = HydraConfig.instance(), HydraConfig.instance().cfg
+    try:
+        hc.set_config(cfg)
+        log_finished(cfg, tmp_path / "1", prev)  # a job skipped by resume is still one run of the group
+    finally:
+        hc.cfg = saved
+    (t,) = Recorder.instances
+    assert (t.kwargs["group"], t.kwargs["name"], t.kwargs["job_type"]) == (group, prev["name"], "linearpatch")
+    assert t.summaries["resumed_from"] == "/old/1/result.json" and t.status == "ok"
+    assert t.summaries["ppl/wikitext2"] == 25.3 and t.tables["patch/cuts"][1]
+
+    sweep = Path(cfg.hydra.sweep.dir.replace("outputs", str(tmp_path)))
+    for i, r in enumerate([{**RESULT, "choices": {"model": "m", "pruner": "none", "patch": "none"},
+                            "pruning": {"n": 0}, "metrics": {"ppl/wikitext2": 20.0}}, RESULT]):
+        (sweep / str(i)).mkdir(parents=True)
+        (sweep / str(i) / "result.json").write_text(json.dumps(
+            {"choices": {"model": "m", "pruner": "linearpatch", "patch": "rotate"}, **r}))
+    Recorder.instances.clear()
+    aggregate.log_sweep(cfg, sweep)
+    (t,) = Recorder.instances
+    assert (t.kwargs["group"], t.kwargs["job_type"]) == (f"tiny_smoke/{sweep.name}", "aggregate")
+    cols, rows = t.tables["sweep/summary"]
+    assert len(rows) == 2 and "ppl/wikitext2" in cols
+    cols, rows = t.tables["sweep/perplexity"]
+    assert [r[cols.index("method")] for r in rows] == ["Dense", "LinearPatch block +LinearPatch"]
+    assert any(k.startswith("dashboard/perplexity") and "<svg" in v for k, v in t.htmls.items())
+    assert "<html" in t.htmls["dashboard/page"] and t.status == "ok"

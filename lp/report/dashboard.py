@@ -6,17 +6,21 @@ the pruners' per-layer score curves, the job list and the failures.
 
 from __future__ import annotations
 
+import json
 import math
 from html import escape
 
 import pandas as pd
 
-from lp.report.svg import PALETTE, bar_chart, html_table, line_chart, page
+from lp.report.svg import PALETTE, bar_chart, heatmap, html_table, line_chart, page
+from lp.report.tables import varying_keys
 from lp.report.vocab import (
     KEYS,
     NONE,
     NOTE,
     PPL_SETS,
+    STD,
+    WARN,
     cells,
     is_dense,
     n_of,
@@ -30,59 +34,100 @@ def _several_patches(df: pd.DataFrame) -> bool:
     return len({p for p in df["patch"] if p not in NONE}) > 1
 
 
+def _variants(pr: pd.DataFrame, several: bool) -> list[tuple[str, str, pd.DataFrame]]:
+    """(legend name, pruner, rows) per pruned variant: pruner, patch, distill and ablation values
+    (see :func:`lp.report.tables.varying_keys`); seeds stay together (averaged by the callers)."""
+    keys, _ = varying_keys(pr)
+    ab = [tuple(str(r.get(k)) for k in keys) for _, r in pr.iterrows()]
+    pr = pr.assign(_ab=ab)
+    out = []
+    for (pruner, patch, distill, v), g in pr.groupby(["pruner", "patch", "distill", "_ab"], sort=False):
+        extra = ", ".join(f"{k.split('.')[-1]}={x}" for k, x in zip(keys, v, strict=True) if x not in ("None", "nan"))
+        out.append((variant_label(pruner, patch, distill, several) + (f" ({extra})" if extra else ""), pruner, g))
+    return out
+
+
 def _ppl_plots(df: pd.DataFrame) -> list[str]:
+    """Per model and PPL dataset: PPL vs. n and PPL vs. removed parameters (%), Dense at 0."""
     ok = df[df["status"] == "ok"]
     dense, charts, several = is_dense(ok), [], _several_patches(df)
     for model in dict.fromkeys(ok["model"]):
         m, pr = ok[dense & (ok["model"] == model)], ok[~dense & (ok["model"] == model)]
         pruners = list(dict.fromkeys(pr["pruner"]))
         for c in (c for c in df if c.startswith("ppl/")):
-            series = []
-            for key in dict.fromkeys(zip(pr["pruner"], pr["patch"], pr["distill"], strict=True)):
-                g = pr[(pr[["pruner", "patch", "distill"]] == key).all(axis=1)].dropna(subset=["n"])
-                g = g.sort_values("n")
-                xs, ys = [int(x) for x in g["n"]], [num(y) for y in g[c]]
-                if len(m) and math.isfinite(num(m[c].iloc[0])):
-                    xs, ys = [0, *xs], [num(m[c].iloc[0]), *ys]
-                series.append(dict(name=variant_label(*key, several), xs=xs, ys=ys, dash=key[1] not in NONE,
-                                   color=PALETTE[pruners.index(key[0]) % len(PALETTE)]))
-            charts.append(line_chart(series, f"{model}: {PPL_SETS.get(c[4:], c[4:])} PPL vs. n",
-                                          "removed layers n (0 = dense)", "PPL"))
+            d0 = num(m[c].iloc[0]) if len(m) else math.nan
+            by_n, by_params = [], []
+            for name, pruner, g in _variants(pr, several):
+                style = dict(name=name, dash=name.count("+LinearPatch") > 0,
+                             color=PALETTE[pruners.index(pruner) % len(PALETTE)])
+                for x, out in (("n", by_n), ("pruned_ratio_%", by_params)):
+                    if x not in g:
+                        continue
+                    mean = g.dropna(subset=[x]).assign(_y=g[c].map(num)).groupby(x)["_y"].mean().sort_index()
+                    xs, ys = [float(v) for v in mean.index], list(mean.values)
+                    if math.isfinite(d0):
+                        xs, ys = [0.0, *xs], [d0, *ys]
+                    out.append(dict(xs=xs, ys=ys, **style))
+            title = f"{model}: {PPL_SETS.get(c[4:], c[4:])} PPL"
+            charts.append(line_chart(by_n, f"{title} vs. n", "removed layers n (0 = dense)", "PPL"))
+            charts.append(line_chart(by_params, f"{title} vs. removed parameters", "removed parameters (%)", "PPL"))
     return [c for c in charts if c]
 
 
 def _score_plots(results: list[dict]) -> list[str]:
+    """Each pruner's score curve (pruning.scores), one series per distinct curve, its removed layers
+    (per-layer scores) or chosen block start (per-start scores) ringed."""
     curves: dict[tuple, dict[tuple, list]] = {}
     for r in results:
-        sc = (r.get("pruning") or {}).get("scores") or {}
+        p = r.get("pruning") or {}
+        sc = p.get("scores") or {}
         vals = tuple(num(v) for v in sc.get("values") or [])
         if r["status"] == "ok" and vals:
             ch = r.get("choices") or {}
             key = (ch.get("model", "?"), ch.get("pruner", "?"), sc.get("kind", "score"))
-            curves.setdefault(key, {}).setdefault(vals, []).append(n_of(r))
+            removed = p.get("removed_layers") or []
+            marks = removed[:1] if str(sc.get("kind", "")).endswith("by_start") else removed
+            curves.setdefault(key, {}).setdefault(vals, []).append((n_of(r), tuple(marks)))
     charts = []
     for (model, pruner, kind), by_vals in curves.items():
-        series = [dict(name="n=" + ",".join(map(str, sorted(set(ns), key=str))), xs=list(range(len(v))),
-                       ys=list(v)) for v, ns in by_vals.items()]
+        series = [dict(name="n=" + ",".join(sorted({str(n) for n, _ in runs}, key=str)), xs=list(range(len(v))),
+                       ys=list(v), marks=sorted({i for _, mk in runs for i in mk})) for v, runs in by_vals.items()]
         charts.append(line_chart(series, f"{model}: {pruner_label(pruner)} — {kind}",
-                                      "layer / candidate index", "score", logy=False))
+                                 "layer / candidate index (ringed: removed / chosen start)", "score", logy=False))
     return [c for c in charts if c]
 
 
-def _qa_plots(qa: pd.DataFrame, df: pd.DataFrame) -> list[str]:
-    cats = [c for c in qa if c not in (*KEYS, "RP")]
-    by_job = df.set_index(df["job"].astype(str))
-    charts, several = [], _several_patches(df)
-    for block, g in qa.groupby("block", sort=False):
-        series = [("Dense" if r["method"] == "Dense" else
-                   variant_label(*by_job.loc[str(r["job"]), ["pruner", "patch", "distill"]], several),
-                   [r[c] for c in cats]) for _, r in g.iterrows() if r["status"] == "ok"]
-        charts.append(bar_chart(cats, series, f"Accuracy x100 — {block}", "accuracy x100"))
-    return [c for c in charts if c]
+def _similarity_plots(results: list[dict]) -> list[str]:
+    """Pairwise cosine similarity of the layer inputs (pruning.similarity, one per model and
+    calibration), each run's removed layers outlined."""
+    seen: dict[tuple, tuple[list, set]] = {}
+    for r in results:
+        p = r.get("pruning") or {}
+        if r["status"] == "ok" and p.get("similarity"):
+            key = ((r.get("choices") or {}).get("model", "?"), json.dumps(p["similarity"]))
+            seen.setdefault(key, (p["similarity"], set()))[1].update(p.get("removed_layers") or [])
+    return [heatmap(mat, sorted(removed), f"{model}: cos(h_i, h_j), calibration tokens")
+            for (model, _), (mat, removed) in seen.items()]
+
+
+def _qa_plots(qa: pd.DataFrame) -> list[str]:
+    cats = [c for c in qa if c not in (*KEYS, "RP") and not c.endswith(STD)]
+    return [c for c in (bar_chart(cats, [(r["method"], [r[c] for c in cats]) for _, r in g.iterrows()
+                                         if r["status"] == "ok"], f"Accuracy x100 — {block}", "accuracy x100")
+                        for block, g in qa.groupby("block", sort=False)) if c]
 
 
 def _grid(charts: list[str]) -> str:
     return '<div class="grid">' + "\n".join(charts) + "</div>"
+
+
+def charts(df: pd.DataFrame, results: list[dict], tables) -> dict[str, list[str]]:
+    """The dashboard's charts (inline SVG) by section title; also logged to W&B at the end of a sweep."""
+    qa = [t.frame for t in tables if not t.lower_is_better]
+    return {"Perplexity vs. removed layers and parameters (dashed: +LinearPatch)": _ppl_plots(df),
+            "Per-task accuracy": _qa_plots(qa[0]) if qa else [],
+            "Layer similarity (calibration statistics; outlined: removed layers)": _similarity_plots(results),
+            "Layer importance scores (pruning.scores; ringed: removed)": _score_plots(results)}
 
 
 def build(df, results, tables, failures) -> str:
@@ -97,14 +142,12 @@ def build(df, results, tables, failures) -> str:
         notes = "".join(f"<li>{escape(n)}</li>" for n in t.notes)
         sections.append((t.title, html + f'<p class="{"warn" if t.smoke else "note"}">{escape(t.caption)}</p>'
                          f'<p class="note">{NOTE}</p>' + (f'<ul class="warn">{notes}</ul>' if notes else "")))
-    qa = [t.frame for t in tables if not t.lower_is_better]
-    plots = [("Perplexity vs. number of removed layers (dashed: +LinearPatch)", _ppl_plots(df)),
-             ("Per-task accuracy", _qa_plots(qa[0], df) if qa else []),
-             ("Layer similarity / importance scores (pruning.scores)", _score_plots(results))]
-    sections += [(title, _grid(charts)) for title, charts in plots if charts]
-    cols = [c for c in ("job", "status", "name", "n", "removed_layers", "pruned_ratio", "time/total") if c in df]
-    jobs = [(str(r["job"]), [("—" if pd.isna(r[c]) else str(r[c]), False) for c in cols[1:]],
-             r["status"] != "ok") for _, r in df.iterrows()]
+    sections += [(title, _grid(svgs)) for title, svgs in charts(df, results, tables).items() if svgs]
+    cols = [c for c in ("job", "status", "name", "n", "removed_layers", "pruned_ratio_%", "warnings", "time/total")
+            if c in df]
+    jobs = [(str(r["job"]), [("—" if pd.isna(r[c]) else f"{r[c]:.2f}%" if c.endswith("_%") else
+                              f"{WARN} {r[c]}" if c == "warnings" else str(r[c]), False) for c in cols[1:]],
+             r["status"] != "ok" or not pd.isna(r.get("warnings"))) for _, r in df.iterrows()]
     sections.append(("Jobs", html_table(cols, jobs)))
     fails = "".join(
         f"<h3>job {escape(str(r['job']))}: {r['status']}</h3><p>{escape(str(r['name']))}<br>"

@@ -91,6 +91,30 @@ def load_results(sweep_dir) -> list[dict]:
     return records
 
 
+def load_paths(paths: list) -> list[dict]:
+    """Records of any mix of ``result.json`` files, run dirs (holding one) and sweep dirs; job ids
+    are prefixed with the argument's position when more than one path is given."""
+    records = []
+    for i, p in enumerate(map(Path, paths)):
+        if p.is_file() or (p.is_dir() and (p / "result.json").is_file() and not any(_job_dirs(p)[1:])):
+            f = p if p.is_file() else p / "result.json"
+            try:
+                r = json.loads(f.read_text())
+            except (OSError, ValueError) as e:
+                r = {"status": "failed", "error": f"corrupt result.json: {e}"}
+            r.update(job=str(f.parent), job_num=f.parent.name)
+            r.setdefault("status", "ok")
+            r.setdefault("overrides", _overrides(f.parent))
+            batch = [r]
+        else:
+            batch = load_results(p)
+        for r in batch:
+            r["job_num"] = f"{i}:{r['job_num']}" if len(paths) > 1 else r["job_num"]
+        records += batch
+    _fill_unknown(records)
+    return records
+
+
 # Settings every row carries as flat columns (dotted config paths): the table captions and the
 # ablation labels read them; summary.csv shows them.
 SETTINGS = ("seed", "calib.corpus", "calib.split", "calib.nsamples", "calib.seqlen", "patch.hadamard",

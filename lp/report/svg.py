@@ -81,7 +81,8 @@ def _frame(w, h, title, xlabel, ylabel, yticks, ymap, legend) -> list[str]:
 
 def line_chart(series: list[dict], title: str, xlabel: str, ylabel: str, *, logy: bool | None = None,
                w: int = 520, h: int = 300) -> str:
-    """``series``: dicts with ``name``, ``xs``, ``ys`` and optional ``color``/``dash``/``markers``.
+    """``series``: dicts with ``name``, ``xs``, ``ys`` and optional ``color``/``dash``/``markers`` and
+    ``marks`` (x values whose points get a ring, e.g. the removed layers).
 
     Non-finite points are skipped; ``logy=None`` picks a log axis when the data span > 20x.
     """
@@ -118,6 +119,10 @@ def line_chart(series: list[dict], title: str, xlabel: str, ylabel: str, *, logy
         if s.get("markers", True):
             out += [f'<circle cx="{xm(x):.1f}" cy="{ym(y):.1f}" r="2.8" fill="{c}">'
                     f"<title>{escape(s['name'])}: x={_fmt(x)}, y={_fmt(y)}</title></circle>" for x, y in p]
+        marks = set(s.get("marks") or ())
+        out += [f'<circle class="mark" cx="{xm(x):.1f}" cy="{ym(y):.1f}" r="6" fill="none" stroke="{c}" '
+                f'stroke-width="2"><title>{escape(s["name"])}: removed, x={_fmt(x)}</title></circle>'
+                for x, y in p if x in marks]
     return "\n".join(out + ["</svg>"])
 
 
@@ -148,6 +153,44 @@ def bar_chart(categories: list[str], series: list[tuple[str, list[float]]], titl
                 out.append(f'<rect x="{gx + i * bw}" y="{min(top, base):.1f}" width="{bw - 1}" '
                            f'height="{abs(base - top):.1f}" fill="{PALETTE[i % len(PALETTE)]}">'
                            f"<title>{escape(name)} · {escape(cat)}: {v:.2f}</title></rect>")
+    return "\n".join(out + ["</svg>"])
+
+
+def heatmap(matrix: list[list[float]], outlined: list[int], title: str, cell: int = 0) -> str:
+    """A square matrix as coloured cells (white = min, dark blue = max; value in each cell's tooltip),
+    rows/columns in ``outlined`` drawn with a red frame. Index ``i`` = row/column ``i``."""
+    n = len(matrix)
+    vals = [v for row in matrix for v in row if _finite(v)]
+    if not n or not vals:
+        return ""
+    cell = cell or max(6, min(18, 420 // n))
+    lo, hi = min(vals), max(vals)
+    x0, y0 = 34, 30
+    w, h = x0 + n * cell + 70, y0 + n * cell + 36
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
+           f'font-size="10" font-family="sans-serif">',
+           f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="13" font-weight="bold">{escape(title)}</text>']
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            t = (v - lo) / ((hi - lo) or 1) if _finite(v) else 0.0
+            fill = f"rgb({int(255 - 224 * t)},{int(255 - 136 * t)},{int(255 - 75 * t)})" if _finite(v) else "#eee"
+            out.append(f'<rect x="{x0 + j * cell}" y="{y0 + i * cell}" width="{cell}" height="{cell}" fill="{fill}">'
+                       f"<title>({i}, {j}): {_fmt(v) if _finite(v) else 'n/a'}</title></rect>")
+    step = max(1, n // 10)
+    for i in range(0, n, step):
+        c = y0 + i * cell + cell / 2
+        out.append(f'<text x="{x0 - 3}" y="{c + 3:.1f}" text-anchor="end">{i}</text>'
+                   f'<text x="{x0 + i * cell + cell / 2:.1f}" y="{y0 + n * cell + 12}" text-anchor="middle">{i}</text>')
+    for i in outlined:
+        if 0 <= i < n:
+            out.append(f'<rect class="removed" x="{x0}" y="{y0 + i * cell}" width="{n * cell}" height="{cell}" '
+                       f'fill="none" stroke="#d62728" stroke-width="1.5"/>'
+                       f'<rect x="{x0 + i * cell}" y="{y0}" width="{cell}" height="{n * cell}" fill="none" '
+                       f'stroke="#d62728" stroke-width="1.5"/>')
+    lx = x0 + n * cell + 12
+    out.append(f'<text x="{lx}" y="{y0 + 8}">{_fmt(hi)}</text><text x="{lx}" y="{y0 + n * cell}">{_fmt(lo)}</text>'
+               f'<text x="{x0 + n * cell / 2}" y="{h - 4}" text-anchor="middle">layer input index '
+               f'(red: removed)</text>')
     return "\n".join(out + ["</svg>"])
 
 

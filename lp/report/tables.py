@@ -56,8 +56,14 @@ def varying_keys(df: pd.DataFrame) -> tuple[list[str], list[str]]:
     """(label keys, seed keys): config-path columns (dotted, or ``seed``) whose values differ between
     the pruned rows; model/eval/data keys and ``pruner.n`` excluded (they make blocks)."""
     pruned = df[~is_dense(df)]
+    patched = pruned[~pruned["patch"].isin(NONE)] if "patch" in pruned else pruned
+
+    def varies(c: str) -> bool:  # patch settings only count where a patch was applied
+        rows = patched if c.startswith("patch.") else pruned
+        return rows[c].dropna().astype(str).nunique() > 1
+
     keys = [c for c in df if ("." in c or c == "seed") and "/" not in c and not c.startswith(BLOCK_KEYS)
-            and pruned[c].astype(str).nunique(dropna=False) > 1]
+            and varies(c)]
     return [k for k in keys if not is_seed_key(k)], [k for k in keys if is_seed_key(k)]
 
 
@@ -108,7 +114,7 @@ def _eval_diff(df: pd.DataFrame, sig: str) -> str:
     """The evaluation settings that set rows of signature ``sig`` apart from the model's other rows."""
     cols = [c for c in df if c.startswith(("eval.", "model.")) or c in ("dtype", "ppl_windows")]
     mine, other = df[df["eval_settings"] == sig], df[df["eval_settings"] != sig]
-    parts = [f"{c.split('.')[-1]}={mine[c].iloc[0]}" for c in cols
+    parts = [f"{c.split('.', 1)[-1]}={mine[c].iloc[0]}" for c in cols
              if mine[c].astype(str).nunique() == 1 and set(mine[c].astype(str)) != set(other[c].astype(str))]
     return ", ".join(parts) or f"eval settings {sig}"
 

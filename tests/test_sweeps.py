@@ -61,7 +61,7 @@ def test_tiny_sweep_fails_one_job_aggregates_and_resumes(tmp_path):
     assert (root / "first" / "summary.csv").read_text().count("\n") == 5
     assert (root / "first" / "table.tex").is_file()
     html = (root / "first" / "dashboard.html").read_text()
-    assert "<svg" in html and "Perplexity vs. number of removed layers" in html and "Failures (1)" in html
+    assert "<svg" in html and "Perplexity vs. removed layers" in html and "Failures (1)" in html
 
     # Again, in a new timestamp folder of the same sweep: finished jobs are copied, the failed one
     # re-runs; model.device=bogus adds jobs that die with a RuntimeError, and the sweep goes on.

@@ -47,6 +47,7 @@ class Corpus:
     splits: tuple = ("train", "validation", "test")
     hub_files: dict | None = None  # data_files per split (C4 shards)
     join: str = "\n\n"
+    documents: bool = False  # calibrate on random documents (too large to join and tokenize whole)
 
 
 CORPORA = {
@@ -57,6 +58,11 @@ CORPORA = {
     "c4": Corpus(("allenai/c4",), "text", "c4/{split}.jsonl", _jsonl_rows, splits=("train", "validation"),
                  hub_files={"train": "en/c4-train.00000-of-01024.json.gz",
                             "validation": "en/c4-validation.00000-of-00008.json.gz"}),
+    # The Pile's validation set as AWQ loads it: load_dataset("mit-han-lab/pile-val-backup",
+    # split="validation"), one row per document, field `text`. Mirror: pile/validation.jsonl (the hub
+    # file val.jsonl.zst decompressed: one {"text": ..., "meta": ...} object per line, hub order).
+    "pile": Corpus(("mit-han-lab/pile-val-backup",), "text", "pile/{split}.jsonl", _jsonl_rows,
+                   splits=("validation",), documents=True),
 }
 SOURCES = ("auto", "local", "hub")
 
@@ -109,7 +115,8 @@ def _hub_rows(c: Corpus, name: str, split: str, root: str | None) -> list[str]:
     except Exception as e:  # offline, gated, renamed...
         local = sorted(str(p.relative_to(root)) for p in Path(root).rglob("*.*")) if root and Path(root).is_dir() else []
         raise FileNotFoundError(
-            f"corpus {name!r} split {split!r} is not in the local mirror (data.root={root!r}) and the hub "
+            f"corpus {name!r} split {split!r} is not in the local mirror (data.root={root!r}, expected "
+            f"<data.root>/{c.local.format(split=split)}) and the hub "
             f"failed ({type(e).__name__}: {str(e)[:200]}). Local files present: {local or 'none'}"
         ) from e
     return list(ds[c.field])
@@ -163,6 +170,41 @@ def ppl_sets(datasets, default_split: str) -> list[tuple[str, str]]:
         seen.add(name)
         out.append((name, split or default_split))
     return out
+
+
+def document_windows(tokenizer, rows: list[str], nsamples: int, seqlen: int, seed: int,
+                     holdout: float = 0.1, max_draws: int = 100_000) -> torch.Tensor:
+    """Calibration windows `[nsamples, seqlen]` of a document corpus, as the reference code samples
+    C4/RedPajama training windows: `random.seed(seed)`; per window, random documents among the first
+    `1 - holdout` of the rows until one has >= seqlen + 1 tokens, then a random window of it."""
+    rng = random.Random(seed)
+    last = int(len(rows) * (1 - holdout)) - 1
+    if last < 0:
+        raise ValueError(f"corpus has {len(rows)} documents: none left for calibration with holdout={holdout}")
+    out = []
+    for _ in range(nsamples):
+        for _tries in range(max_draws):
+            doc = tokenizer(rows[rng.randint(0, last)], return_tensors="pt").input_ids[0]
+            if doc.numel() >= seqlen + 1:
+                break
+        else:
+            raise ValueError(f"no document of {seqlen + 1}+ tokens found in {max_draws} draws (calib.seqlen={seqlen})")
+        s = rng.randint(0, doc.numel() - seqlen - 1)
+        out.append(doc[s:s + seqlen])
+    return torch.stack(out)
+
+
+def calibration_set(tokenizer, name: str, split: str, nsamples: int, seqlen: int, seed: int, holdout: float,
+                    root: str | None, source: str = "auto") -> tuple[torch.Tensor, dict]:
+    """Calibration windows `[nsamples, seqlen]` and provenance: random windows of the joined token
+    stream (`calibration_windows`), or of random documents for document corpora (`document_windows`)."""
+    if CORPORA.get(name) is not None and CORPORA[name].documents:
+        rows, prov = load_rows(name, split, root, source)
+        windows = document_windows(tokenizer, rows, nsamples, seqlen, seed, holdout)
+        return windows, {**prov, "protocol": "documents: random document >= seqlen+1 tokens, random window"}
+    ids, prov = tokenized(tokenizer, name, split, root, source)
+    windows, _ = calibration_windows(ids, nsamples, seqlen, seed, holdout=holdout)
+    return windows, prov
 
 
 def ppl_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:

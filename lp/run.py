@@ -358,8 +358,8 @@ def finish_tracker(tracker, result: dict) -> None:
 def calibration(cfg: DictConfig, tokenizer) -> tuple[torch.Tensor, dict]:
     """Calibration windows `[nsamples, seqlen]` from `cfg.calib`, with provenance."""
     c = cfg.calib
-    ids, prov = data.tokenized(tokenizer, c.corpus, c.split, cfg.data.root, cfg.data.source)
-    windows, _ = data.calibration_windows(ids, c.nsamples, c.seqlen, c.seed, holdout=c.holdout)
+    windows, prov = data.calibration_set(tokenizer, c.corpus, c.split, c.nsamples, c.seqlen, c.seed, c.holdout,
+                                         cfg.data.root, cfg.data.source)
     return windows, {**prov, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed, "holdout": c.holdout}
 
 

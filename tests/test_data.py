@@ -1,5 +1,6 @@
 """Corpora with hub row semantics from the local mirror, the calibration sampler, PPL windows."""
 
+import json
 import random
 
 import pytest
@@ -87,3 +88,48 @@ def test_official_ptb_validation_windows():
     n = ids.numel() // 2048
     assert prov["split"] == "validation" and win.shape == (n, 2048)
     assert torch.equal(win, torch.stack([ids[0, i * 2048:(i + 1) * 2048] for i in range(n)]))
+
+
+def test_pile_local_mirror_rows_and_document_windows(tmp_path):
+    from lp.models import byte_tokenizer
+
+    docs = [{"text": f"doc {i} " + "abcdefgh" * (i % 5) * 4, "meta": {"pile_set_name": "Pile-CC"}} for i in range(40)]
+    (tmp_path / "pile").mkdir()
+    (tmp_path / "pile" / "validation.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    data.load_rows.cache_clear()
+    rows, prov = data.load_rows("pile", "validation", str(tmp_path))
+    assert rows == [d["text"] for d in docs] and prov["source"] == "local" and prov["rows"] == 40
+    tok = byte_tokenizer()
+    win, prov = data.calibration_set(tok, "pile", "validation", 6, 50, seed=2, holdout=0.1, root=str(tmp_path))
+    again, _ = data.calibration_set(tok, "pile", "validation", 6, 50, seed=2, holdout=0.1, root=str(tmp_path))
+    assert win.shape == (6, 50) and torch.equal(win, again) and prov["protocol"].startswith("documents")
+    # reference: random.seed(2); doc index in [0, int(0.9 * 40) - 1] until >= 51 tokens; random window
+    random.seed(2)
+    first = []
+    while True:
+        i = random.randint(0, int(40 * 0.9) - 1)
+        ids = tok(rows[i], return_tensors="pt").input_ids[0]
+        if ids.numel() >= 51:
+            break
+    s = random.randint(0, ids.numel() - 50 - 1)
+    assert torch.equal(win[0], ids[s:s + 50])
+    with pytest.raises(ValueError, match="no document of 10001\\+ tokens found in 50 draws"):
+        data.document_windows(tok, rows[:2], 1, 10_000, seed=0, holdout=0.0, max_draws=50)
+    with pytest.raises(ValueError, match="corpus 'pile' has no split 'train'"):
+        data.resolve("pile", "train", str(tmp_path))
+
+
+def test_pile_unreachable_hub_is_a_clear_error(tmp_path, monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError(f"Couldn't reach {args[0]!r} on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    data.load_rows.cache_clear()
+    with pytest.raises(FileNotFoundError, match=r"corpus 'pile' split 'validation' is not in the local mirror .*"
+                                                r"expected <data.root>/pile/validation.jsonl\) and the hub failed "
+                                                r"\(ConnectionError: Couldn't reach 'mit-han-lab/pile-val-backup'"):
+        data.load_rows("pile", "validation", str(tmp_path))
+    assert data.resolve("pile", "validation", str(tmp_path)) == {
+        "corpus": "pile", "split": "validation", "source": "hub", "hub_id": "mit-han-lab/pile-val-backup"}

@@ -1,15 +1,13 @@
-"""LinearPatch: one symmetric D x D matrix per cut, bridging the pruning interface.
+"""LinearPatch: one D x D matrix per cut, bridging the pruning interface.
 
-Method (Chen et al., NeurIPS 2025, "A Simple Linear Patch Revives Layer-Pruned LLMs"): for a
-removed contiguous run [a, b) of dense layers, with H the orthonormal Hadamard matrix
-(`lp.hadamard.hadamard`, row-vector convention x -> x H) and calibration statistics of the
-*dense* model (`lp.calib.CalibStats`),
-
-    s_c = mean over windows of [ mean_t |(h_b H)_c| / mean_t |(h_a H)_c| ],   P = H diag(s) H^T
-
-(`patch.kind=rotate`; `diag`: H = I, P = diag(s)). P is symmetric with eigenvalues s. The stream
-leaving the last kept layer before the cut (= h_a of the pruned model) is multiplied by P
-before it enters the first kept layer after it: x -> x P.
+For a removed contiguous run [a, b) of dense layers, the stream leaving the last kept layer
+before the cut (= h_a of the pruned model) is multiplied by the patch's W before it enters the
+first kept layer after it: x -> x W (row vectors). How W is fitted is the patch *kind*, one module
+each in `lp.patches` (the vocabulary, defined once): `rotate` = the paper's P = H diag(s) H^T
+(Chen et al., NeurIPS 2025, "A Simple Linear Patch Revives Layer-Pruned LLMs", H the orthonormal
+Hadamard basis, s from calibration magnitudes of the *dense* model), `diag` = diag(s), `scalar` =
+s I, `lstsq` = a least-squares map h_a -> h_b, `rotate_outlier`; `patch=auto` chooses per cut by
+held-out NLL (`lp.verify`). `LinearPatch.kind` names the kind that built it.
 
 Where the patch lives: `Patched` wraps the first kept module after the cut and multiplies its
 first argument (the hidden states) by P, so the patch is a real module of the model (moves with
@@ -30,16 +28,17 @@ import torch
 from torch import nn
 
 from lp import hadamard as hd
-from lp.calib import get_stats
+from lp import patches
 from lp.models import Decoder
+from lp.patches.base import FitSource
+from lp.patches.rotate import rotated
 
 log = logging.getLogger(__name__)
 
-PATCH_KINDS = ("diag", "rotate")
-
 
 class LinearPatch(nn.Module):
-    """x -> (x.float() @ weight).to(x.dtype); `weight` [D, D] is an fp32 trainable parameter.
+    """x -> (x.float() @ weight).to(x.dtype); `weight` [D, D] is an fp32 trainable parameter
+    (symmetric for rotate / diag / scalar; `scalar` has weight s I, `lstsq` a general matrix).
 
     `start`, `end` = the removed dense run [start, end) this patch bridges; `num_layers` = dense L;
     `scales` (optional, [D]) = the calibration scales it was built from (metadata for reports).
@@ -92,20 +91,48 @@ class Patched(nn.Module):
 
 # --------------------------------------------------------------------------- construction
 def check_patch(patch_cfg, hidden_size: int) -> None:
-    """Validate `patch.*` against the model's hidden size before any weights load."""
+    """Validate `patch.*` (kind, auto candidates, verify list, each kind's settings) against the
+    model's hidden size before any weights load."""
     kind = patch_cfg.kind
-    if kind == "none":
-        return
-    if kind not in PATCH_KINDS:
-        raise ValueError(f"patch.kind={kind!r}; choose one of {['none', *PATCH_KINDS]}")
+    patches.check_name(kind)
+    for key in ("candidates", "verify"):
+        value = patch_cfg.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str) or not all(isinstance(k, str) for k in value):
+            raise ValueError(f"patch.{key}={value!r} must be a list of patch kinds, e.g. [none, diag, rotate]")
+        for k in value:
+            patches.check_name(k, f"patch.{key} entry", allow_choice=False)
     seed = patch_cfg.get("hadamard_fallback_seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"patch.hadamard_fallback_seed={seed!r} must be null or an integer")
-    kind_h, seed_h = patch_cfg.get("hadamard", "constructed"), patch_cfg.get("hadamard_seed")
-    if hd.spec(hidden_size, kind_h, seed_h, seed) is None:  # also checks the basis name and its seed
-        if kind == "rotate":
-            raise ValueError(f"patch=rotate: {hd.unsupported(hidden_size, kind_h)} "
-                             "(set patch.hadamard_fallback_seed=<int> to opt in)")
+    if kind != "none":  # checks the basis name and its seed
+        hd.spec(hidden_size, patch_cfg.get("hadamard", "constructed"), patch_cfg.get("hadamard_seed"), seed)
+    if kind == "auto" and not patch_cfg.get("candidates"):
+        raise ValueError("patch=auto needs patch.candidates, a non-empty list of kinds to choose from")
+    for k in own_kinds(patch_cfg):
+        patches.get(k).check(patch_cfg, hidden_size)
+
+
+def own_kinds(patch_cfg) -> list[str]:
+    """The configured kind, or auto's candidates."""
+    return list(patch_cfg.get("candidates") or []) if patch_cfg.kind == "auto" else [patch_cfg.kind]
+
+
+def kinds_to_fit(patch_cfg, hidden_size: int) -> list[str]:
+    """Kinds whose patches a run builds: `own_kinds`, then the `patch.verify` kinds that can be
+    built for this hidden size (e.g. rotate is skipped without a Hadamard basis), without
+    duplicates and without `none`."""
+    out = [k for k in own_kinds(patch_cfg) if k != "none"]
+    for k in patch_cfg.get("verify") or []:
+        if k != "none" and k not in out:
+            try:
+                patches.get(k).check(patch_cfg, hidden_size)
+            except ValueError as e:
+                log.info("patch.verify: skipping %s (%s)", k, e)
+                continue
+            out.append(k)
+    return out
 
 
 def runs_of(removed) -> list[tuple[int, int]]:
@@ -120,54 +147,64 @@ def runs_of(removed) -> list[tuple[int, int]]:
 
 
 def patch_matrix(scales: torch.Tensor, kind: str, rotation: torch.Tensor | None = None) -> torch.Tensor:
-    """P [D, D] float32: `rotate`: R diag(s) R^T (float64, exactly symmetrised); `diag`: diag(s)."""
-    s = scales.double()
+    """P [D, D] float32 from scales: `rotate`: R diag(s) R^T (float64, exactly symmetrised); `diag`: diag(s)."""
     if kind == "diag":
-        return torch.diag(s).float()
+        return torch.diag(scales.double()).float()
     if kind != "rotate":
-        raise ValueError(f"patch kind={kind!r}; choose one of {list(PATCH_KINDS)}")
-    R = rotation.double()
-    P = (R * s) @ R.T
-    return ((P + P.T) / 2).float()
+        raise ValueError(f"patch_matrix: kind={kind!r}; choose one of ['diag', 'rotate']")
+    return rotated(rotation, scales).float()
+
+
+def fit_patches(ctx, removed, patch_cfg, kinds: list[str]) -> tuple[dict, dict]:
+    """Fit every kind in `kinds` at every contiguous run of `removed` (dense indices) from the dense
+    model in `ctx` (calibration statistics and, for kinds that need them, one pass over the
+    calibration activations shared by all such kinds). Returns `({kind: {a: LinearPatch or None}},
+    {kind: [per-cut info]})`, patches keyed by each run's first removed layer a (None = no patch)."""
+    dec = Decoder(ctx.model)
+    L = dec.num_layers
+    runs = runs_of(removed)
+    if not runs:
+        raise ValueError("fit_patches: no layers removed, nothing to patch")
+    source = FitSource(ctx, patch_cfg)
+    chosen = [patches.get(k) for k in kinds]
+    source.collect(chosen, runs)  # one activation pass for every kind that needs one
+    device = next(ctx.model.parameters()).device
+    fitted, infos = {}, {}
+    for kind in chosen:
+        fitted[kind.name], infos[kind.name] = {}, []
+        for a, b in runs:
+            f = kind.fit(source, a, b)
+            p = None if f.weight is None else LinearPatch(f.weight.float(), a, b, L, kind.name, f.scales).to(device)
+            fitted[kind.name][a] = p
+            infos[kind.name].append({"start": a, "end": b, "before": b if b < L else "norm", **f.info})
+    cost = {"calibration": source._stats.cost if source._stats is not None else None,
+            "activation_pass_seconds": round(source.collect_seconds, 3)}
+    return fitted, {"cuts": infos, "cost": cost, "rotation": source.rotation_spec(),
+                    "hadamard": source.basis["kind"], "hadamard_seed": source.basis["seed"]}
 
 
 def build_patches(ctx, removed, patch_cfg) -> tuple[dict[int, LinearPatch], dict]:
-    """One LinearPatch per contiguous run of `removed` (dense indices), from the cached `CalibStats`
-    of `ctx` (the same object the similarity pruners read). Returns `(patches keyed by each run's
-    first removed layer a, info for result.json)`. Call before `drop_layers`, insert after it."""
+    """One LinearPatch per contiguous run of `removed` for the single kind `patch_cfg.kind`.
+    Returns `(patches keyed by each run's first removed layer a, info for result.json)`.
+    Call before `drop_layers`, insert after it."""
     kind = patch_cfg.kind
-    if kind not in PATCH_KINDS:
-        raise ValueError(f"patch.kind={kind!r}; build_patches needs one of {list(PATCH_KINDS)}")
-    dec = Decoder(ctx.model)
-    L, D = dec.num_layers, dec.hidden_size
-    seed = patch_cfg.get("hadamard_fallback_seed")
-    check_patch(patch_cfg, D)
-    runs = runs_of(removed)
-    if not runs:
-        raise ValueError("build_patches: no layers removed, nothing to patch")
-    stats = get_stats(ctx, fallback_seed=seed)
-    R = None
-    if kind == "rotate":
-        basis = dict(kind=patch_cfg.get("hadamard", "constructed"), seed=patch_cfg.get("hadamard_seed"),
-                     fallback_seed=seed)
-        rotation = hd.spec(D, **basis)
-        if stats.meta.get("rotation") != rotation:  # scales measured in another basis than P uses
-            raise ValueError(f"calibration statistics were rotated by {stats.meta.get('rotation')!r} but the "
-                             f"patch uses basis {rotation!r}: build the PruneContext with the patch's basis")
-        R = hd.basis(D, basis["kind"], basis["seed"], fallback_seed=seed)
-    device = next(ctx.model.parameters()).device
-    patches, cuts = {}, []
-    for a, b in runs:
-        s = stats.scales(a, b, kind)
-        patches[a] = LinearPatch(patch_matrix(s, kind, R), a, b, L, kind, s).to(device)
-        cuts.append({"start": a, "end": b, "before": b if b < L else "norm",
-                     "scale_min": s.min().item(), "scale_median": s.median().item(), "scale_max": s.max().item()})
-    info = {"kind": kind, "rotation": rotation if kind == "rotate" else None,
-            "hadamard": basis["kind"] if kind == "rotate" else None,
-            "hadamard_seed": basis["seed"] if kind == "rotate" else None, "cuts": cuts,
-            "num_patches": len(patches), "params": sum(p.weight.numel() for p in patches.values()),
-            "calibration": stats.cost}
-    return patches, info
+    if kind not in patches.KINDS or kind == "none":
+        raise ValueError(f"build_patches: patch.kind={kind!r}; needs one of {[k for k in patches.KINDS if k != 'none']}")
+    check_patch(patch_cfg, Decoder(ctx.model).hidden_size)
+    fitted, info = fit_patches(ctx, removed, patch_cfg, [kind])
+    ps = {a: p for a, p in fitted[kind].items() if p is not None}
+    return ps, patch_info(kind, ps, info["cuts"][kind], info)
+
+
+def patch_info(kind: str, ps: dict, cuts: list[dict], fit_info: dict) -> dict:
+    """The `result["patch"]` record of the patches `ps` actually inserted."""
+    uses_rotation = any(patches.KINDS[p.kind].uses_rotation for p in ps.values())
+    return {"kind": kind, "rotation": fit_info["rotation"] if uses_rotation else None,
+            "hadamard": fit_info["hadamard"] if uses_rotation else None,
+            "hadamard_seed": fit_info["hadamard_seed"] if uses_rotation else None, "cuts": cuts,
+            "num_patches": len(ps), "params": sum(p.weight.numel() for p in ps.values()),
+            "calibration": fit_info["cost"]["calibration"],
+            "activation_pass_seconds": fit_info["cost"]["activation_pass_seconds"]}
 
 
 # --------------------------------------------------------------------------- placement

@@ -26,17 +26,17 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lp import calib, data, distill, models, threads
+from lp import calib, data, distill, models, threads, verify
+from lp import patches as patch_kinds
 from lp.evaluate import lm_eval_tasks
 from lp.evaluate.lm_eval_tasks import paper_scores, retained_performance
 from lp.evaluate.ppl import check_loss_dtype, perplexity
 from lp.export import save_pruned
-from lp.patch import build_patches, insert_patches
+from lp.patch import insert_patches
 from lp.pruners import PruneContext
 from lp.tracking import log_result, sweep_group
 
 log = logging.getLogger(__name__)
-PATCH_KINDS = ("none", "diag", "rotate")
 
 
 class Stages:
@@ -101,14 +101,19 @@ def validate(cfg: DictConfig, pruner, num_layers: int, max_positions: int | None
     """Every check that needs no weights: raises ValueError / FileNotFoundError naming the bad value."""
     pruner.check(num_layers)
     kind = cfg.patch.kind
-    if kind not in PATCH_KINDS:
-        raise ValueError(f"patch.kind={kind!r}; choose one of {list(PATCH_KINDS)}")
+    patch_kinds.check_name(kind)
+    nval = cfg.calib.get("nval", 0)
+    if isinstance(nval, bool) or not isinstance(nval, int) or nval < 0:
+        raise ValueError(f"calib.nval={nval!r} must be an integer >= 0 (held-out windows; 0 = off)")
+    if not nval and (kind == "auto" or getattr(pruner, "rerank", 0)):
+        raise ValueError(f"{'patch=auto' if kind == 'auto' else 'pruner.rerank'} chooses by held-out NLL: "
+                         "needs calib.nval > 0 held-out windows")
     if kind != "none" and pruner.name == "none":
         raise ValueError(f"patch={kind} needs layers to remove, but pruner=none removes nothing")
     if kind != "none" and getattr(pruner, "width", False):
         raise ValueError(f"patch={kind} bridges removed layers, but pruner={pruner.name} prunes width (attention "
                          "heads and MLP channels) and removes no layer; use patch=none")
-    if kind != "none" and hidden_size:
+    if hidden_size:
         from lp.patch import check_patch  # noqa: PLC0415
 
         check_patch(cfg.patch, hidden_size)  # e.g. no Hadamard matrix for this hidden size
@@ -128,7 +133,8 @@ def validate(cfg: DictConfig, pruner, num_layers: int, max_positions: int | None
             lm_eval_tasks.check_tasks(cfg.eval[section].tasks, cfg.data.root)
     if cfg.eval.get("qa") and cfg.eval.qa.dense_reference:
         dense_reference(cfg, list(cfg.eval.qa.tasks))
-    if getattr(pruner, "needs_calibration", False) or kind != "none":  # patch scales need calibration too
+    if getattr(pruner, "needs_calibration", False) or kind != "none" or (nval and pruner.name != "none"):
+        # patch scales and the held-out windows need the calibration corpus too
         data.resolve(cfg.calib.corpus, cfg.calib.split, cfg.data.root, cfg.data.source)
     if cfg.distill.name != "none":
         if kind == "none":
@@ -192,7 +198,11 @@ def recipe(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: l
     ctx = prune_context(cfg, model, tokenizer)
     with stages("select"):
         sel = pruner.select(ctx)
-    patches, patches_info = make_patches(cfg, ctx, sel.removed, stages)
+    heldout = verify.Heldout(model, verify.heldout_windows(cfg, tokenizer), cfg.calib.batch_size) \
+        if sel.removed and cfg.calib.nval else None  # held-out checks of the selection and the patches
+    sel, warnings = check_selection(heldout, sel, pruner, stages)
+    patches, patches_info, patch_warnings = make_patches(cfg, ctx, sel.removed, heldout, stages)
+    result.setdefault("warnings", []).extend(warnings + patch_warnings)
     result["data"] = {"calibration": ctx.provenance}  # None only if nothing needed calibration
     teacher = None
     if cfg.distill.name != "none":  # the teacher is the dense model: cache its top-k logits before the drop
@@ -270,13 +280,29 @@ def prune_context(cfg: DictConfig, model, tokenizer) -> PruneContext:
                         hadamard_fallback_seed=cfg.patch.get("hadamard_fallback_seed"))
 
 
-def make_patches(cfg: DictConfig, ctx: PruneContext, removed: list[int], stages: Stages) -> tuple[dict, dict | None]:
-    """`(patches, info)`: one LinearPatch per contiguous removed run (`({}, None)` for `patch=none`
-    or nothing removed). Built on the dense model, before the drop."""
-    if cfg.patch.kind == "none" or not removed:
-        return {}, None
+def check_selection(heldout, sel, pruner, stages: Stages) -> tuple:
+    """`(selection, warnings)`: the held-out check of the pruner's choice against its runner-ups
+    (recorded as `heldout_check` in the selection info; `pruner.rerank` may change the choice)."""
+    alternatives = sel.info.get("alternatives")
+    if heldout is None or not alternatives:
+        sel.info.pop("alternatives", None)
+        return sel, []
+    with stages("check_selection"):
+        sel, check, warnings = verify.check_selection(heldout, sel, getattr(pruner, "rerank", 0))
+    sel.info.pop("alternatives", None)
+    sel.info["heldout_check"] = check
+    return sel, warnings
+
+
+def make_patches(cfg: DictConfig, ctx: PruneContext, removed: list[int], heldout, stages: Stages) -> tuple:
+    """`(patches, info, warnings)`: one LinearPatch per contiguous removed run of the configured kind
+    (or auto's choice per cut), verified on the held-out windows when `heldout` is given
+    (`({}, None, [])` for `patch=none` without verification or nothing removed). Built on the dense
+    model, before the drop."""
+    if not removed or (cfg.patch.kind == "none" and heldout is None):
+        return {}, None, []
     with stages("patch"):
-        return build_patches(ctx, removed, cfg.patch)
+        return verify.fit_and_verify(ctx, removed, cfg.patch, heldout)
 
 
 def attach_patches(model, patches: dict) -> int:

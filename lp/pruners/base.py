@@ -104,12 +104,28 @@ def nan_to_none(values) -> list:
     return [None if v != v else float(v) for v in values.tolist()]
 
 
+MAX_ALTERNATIVES = 16  # runner-up selections offered to the held-out check / pruner.rerank
+
+
 def block_selection(method: str, scores, n: int, kind: str, lower_is_better: bool = False, **extra) -> Selection:
-    """Pick the best start from a per-start curve `scores` [L-n+1] (NaN = not a candidate)."""
+    """Pick the best start from a per-start curve `scores` [L-n+1] (NaN = not a candidate);
+    `alternatives` = the next blocks by the same score, best first (for `lp.verify.check_selection`)."""
     masked = scores.nan_to_num(float("inf") if lower_is_better else float("-inf"))
-    start = int((masked.argmin() if lower_is_better else masked.argmax()).item())
+    order = torch.argsort(masked, descending=not lower_is_better, stable=True)
+    order = [int(i) for i in order if not torch.isnan(scores[i])]
+    start = order[0]
     return Selection(list(range(start, start + n)), {
-        "block": [start, start + n], "scores": {"kind": kind, "values": nan_to_none(scores)}, **extra})
+        "block": [start, start + n], "scores": {"kind": kind, "values": nan_to_none(scores)},
+        "alternatives": [list(range(i, i + n)) for i in order[1:1 + MAX_ALTERNATIVES]], **extra})
+
+
+def check_rerank(name: str, rerank) -> int:
+    """`pruner.rerank`: 0 (off) or k >= 2: pick among the top k selections by held-out NLL (`lp.verify`)."""
+    if isinstance(rerank, bool) or not isinstance(rerank, int) or rerank < 0 or rerank == 1 \
+            or rerank > MAX_ALTERNATIVES + 1:
+        raise ValueError(f"pruner={name}: pruner.rerank={rerank!r} must be 0 (off) or an integer "
+                         f"2..{MAX_ALTERNATIVES + 1} (pick among the top k by held-out NLL)")
+    return rerank
 
 
 class StatsPruner:
@@ -119,8 +135,9 @@ class StatsPruner:
     label = ""
     needs_calibration = True
 
-    def __init__(self, n: int = 5):
+    def __init__(self, n: int = 5, rerank: int = 0):
         self.n = n
+        self.rerank = check_rerank(self.name, rerank)
 
     def check(self, num_layers: int) -> None:
         check_block(f"pruner={self.name}", self.n, num_layers)

@@ -18,10 +18,10 @@ class LinearPatchPruner(StatsPruner):
     name = "linearpatch"
     label = "LinearPatch block"
 
-    def __init__(self, n: int = 5, variant: str = "paper"):
+    def __init__(self, n: int = 5, variant: str = "paper", rerank: int = 0):
         if variant not in VARIANTS:
             raise ValueError(f"pruner.variant={variant!r}; choose one of {list(VARIANTS)}")
-        super().__init__(n)
+        super().__init__(n, rerank)
         self.variant = variant
 
     def check(self, num_layers: int) -> None:

@@ -11,7 +11,7 @@ contiguous, so LinearPatch then places one patch per contiguous run. Reads the s
 import torch
 
 from lp.calib import get_stats
-from lp.pruners.base import PruneContext, Selection, StatsPruner
+from lp.pruners.base import MAX_ALTERNATIVES, PruneContext, Selection, StatsPruner
 
 
 class ShortGPTPruner(StatsPruner):
@@ -23,6 +23,9 @@ class ShortGPTPruner(StatsPruner):
         L = stats.num_layers
         idx = torch.arange(L)
         bi = 1 - stats.cos_token[idx, idx + 1]
-        order = torch.argsort(bi, stable=True)[: self.n].tolist()
+        ranked = torch.argsort(bi, stable=True).tolist()
+        order = ranked[: self.n]
+        # runner-ups by the same score: the n-th lowest BI swapped for the next ones
+        alternatives = [order[:-1] + [i] for i in ranked[self.n:self.n + MAX_ALTERNATIVES]]
         return Selection(order, {"order": order, "scores": {"kind": "block_influence", "values": bi.tolist()},
-                                 "calibration": stats.cost})
+                                 "alternatives": alternatives, "calibration": stats.cost})

@@ -14,7 +14,7 @@ from test_patch import SMALL
 from lp import verify
 from lp.evaluate.ppl import window_nll
 from lp.models import drop_layers, tiny_model
-from lp.patch import LinearPatch, fit_patches, insert_patches, runs_of
+from lp.patch import LinearPatch, insert_patches, runs_of
 from lp.pruners.base import Selection
 from lp.run import run
 

@@ -102,12 +102,7 @@ def validate(cfg: DictConfig, pruner, num_layers: int, max_positions: int | None
     pruner.check(num_layers)
     kind = cfg.patch.kind
     patch_kinds.check_name(kind)
-    nval = cfg.calib.get("nval", 0)
-    if isinstance(nval, bool) or not isinstance(nval, int) or nval < 0:
-        raise ValueError(f"calib.nval={nval!r} must be an integer >= 0 (held-out windows; 0 = off)")
-    if not nval and (kind == "auto" or getattr(pruner, "rerank", 0)):
-        raise ValueError(f"{'patch=auto' if kind == 'auto' else 'pruner.rerank'} chooses by held-out NLL: "
-                         "needs calib.nval > 0 held-out windows")
+    verify.check_settings(cfg.calib, kind, getattr(pruner, "rerank", 0))
     if kind != "none" and pruner.name == "none":
         raise ValueError(f"patch={kind} needs layers to remove, but pruner=none removes nothing")
     if kind != "none" and getattr(pruner, "width", False):
@@ -133,7 +128,7 @@ def validate(cfg: DictConfig, pruner, num_layers: int, max_positions: int | None
             lm_eval_tasks.check_tasks(cfg.eval[section].tasks, cfg.data.root)
     if cfg.eval.get("qa") and cfg.eval.qa.dense_reference:
         dense_reference(cfg, list(cfg.eval.qa.tasks))
-    if getattr(pruner, "needs_calibration", False) or kind != "none" or (nval and pruner.name != "none"):
+    if pruner.needs_calibration or kind != "none" or (cfg.calib.nval and pruner.name != "none"):
         # patch scales and the held-out windows need the calibration corpus too
         data.resolve(cfg.calib.corpus, cfg.calib.split, cfg.data.root, cfg.data.source)
     if cfg.distill.name != "none":
@@ -200,7 +195,8 @@ def recipe(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: l
         sel = pruner.select(ctx)
     heldout = verify.Heldout(model, verify.heldout_windows(cfg, tokenizer), cfg.calib.batch_size) \
         if sel.removed and cfg.calib.nval else None  # held-out checks of the selection and the patches
-    sel, warnings = check_selection(heldout, sel, pruner, stages)
+    with stages("check_selection"):
+        sel, warnings = verify.check_selection(heldout, sel, getattr(pruner, "rerank", 0))
     patches, patches_info, patch_warnings = make_patches(cfg, ctx, sel.removed, heldout, stages)
     result.setdefault("warnings", []).extend(warnings + patch_warnings)
     result["data"] = {"calibration": ctx.provenance}  # None only if nothing needed calibration
@@ -278,20 +274,6 @@ def prune_context(cfg: DictConfig, model, tokenizer) -> PruneContext:
                         cache_key=stats_key(cfg), batch_size=cfg.calib.batch_size,
                         hadamard=cfg.patch.get("hadamard", "constructed"), hadamard_seed=cfg.patch.get("hadamard_seed"),
                         hadamard_fallback_seed=cfg.patch.get("hadamard_fallback_seed"))
-
-
-def check_selection(heldout, sel, pruner, stages: Stages) -> tuple:
-    """`(selection, warnings)`: the held-out check of the pruner's choice against its runner-ups
-    (recorded as `heldout_check` in the selection info; `pruner.rerank` may change the choice)."""
-    alternatives = sel.info.get("alternatives")
-    if heldout is None or not alternatives:
-        sel.info.pop("alternatives", None)
-        return sel, []
-    with stages("check_selection"):
-        sel, check, warnings = verify.check_selection(heldout, sel, getattr(pruner, "rerank", 0))
-    sel.info.pop("alternatives", None)
-    sel.info["heldout_check"] = check
-    return sel, warnings
 
 
 def make_patches(cfg: DictConfig, ctx: PruneContext, removed: list[int], heldout, stages: Stages) -> tuple:

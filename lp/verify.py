@@ -4,9 +4,10 @@ Held-out windows = `calib.nval` windows of `calib.seqlen` tokens from the tail o
 stream that `calib.holdout` reserves (`lp.data.calibration_windows`): never used to fit a patch
 or score a layer. NLL = mean over held-out windows of the mean next-token NLL (nats).
 
-`Heldout` replays the *dense* model on those windows: the stream entering the first layer any
-candidate removes is computed once; each candidate (a set of removed layers, a patch or None per
-cut) then costs only the layers after that point, the final norm and the LM head.
+`Heldout` replays the *dense* model on those windows with the one replay engine (`lp.replay`):
+the stream entering the first layer a candidate removes is computed once (the latest prefix is
+kept); each candidate (a set of removed layers, a patch or None per cut) then costs only the
+layers after that point, the final norm and the LM head.
 
   * `verify_patches`: held-out NLL with no patch and with every fitted kind at every cut; for
     `patch=auto` the choice per cut (the best uniform kind, then one pass over the cuts trying
@@ -27,8 +28,8 @@ import torch
 from lp import data
 from lp.models import Decoder
 from lp.patch import LinearPatch, fit_patches, kinds_to_fit, patch_info, runs_of
-from lp.pruners._suffix import LayerRunner
 from lp.pruners.base import Selection
+from lp.replay import Replay
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,8 @@ class Heldout:
     is cached per start (the latest one only)."""
 
     def __init__(self, model, windows: torch.Tensor, batch_size: int = 1):
-        self.runner = LayerRunner(model, windows, batch_size)
-        self.num_layers = len(self.runner.layers)
+        self.replay = Replay(model, windows, batch_size)
+        self.num_layers = self.replay.num_layers
         self.num_windows = len(windows)
         self._prefix: tuple[int, torch.Tensor] | None = None
         self.calls = 0
@@ -64,12 +65,12 @@ class Heldout:
     def _stream(self, start: int) -> torch.Tensor:
         """The dense stream entering layer `start` [N, T, D] (a cached tensor: do not modify)."""
         if self._prefix is None or self._prefix[0] > start:
-            self._prefix = (0, self.runner.embed())
+            self._prefix = (0, self.replay.embed())
         at, h = self._prefix
         if at < start:
             h = h.clone()
             for layer in range(at, start):
-                self.runner.advance(h, layer, h)
+                self.replay.advance(h, layer, h)
             self._prefix = (start, h)
         return h
 
@@ -84,11 +85,11 @@ class Heldout:
                 continue
             if ends.get(layer) is not None:
                 x = ends[layer](x)
-            self.runner.advance(x, layer, x)
+            self.replay.advance(x, layer, x)
         if ends.get(self.num_layers) is not None:
             x = ends[self.num_layers](x)
         self.calls += 1
-        return self.runner.suffix_window_nll(x, []).mean().item()
+        return self.replay.nll(x, []).mean().item()
 
 
 # --------------------------------------------------------------------------- patches
@@ -173,11 +174,15 @@ def choose_per_cut(heldout: Heldout, removed, fitted: dict, own: list[str], unif
 
 
 # --------------------------------------------------------------------------- selection
-def check_selection(heldout: Heldout, sel: Selection, rerank: int = 0) -> tuple[Selection, dict, list[str]]:
+def check_selection(heldout: Heldout | None, sel: Selection, rerank: int = 0) -> tuple[Selection, list[str]]:
     """Held-out NLL (no patch) of the chosen layers and of the pruner's next candidates by its own
-    score (`sel.info["alternatives"]`, best first). `rerank` > 0 picks the best of the chosen and
-    the next `rerank - 1` candidates. Returns `(selection, record for result.json, warnings)`."""
-    ranked = [sel.removed, *[sorted(c) for c in sel.info.get("alternatives", [])]]
+    score (`sel.info["alternatives"]`, best first, removed from the info), recorded as
+    `sel.info["heldout_check"]`. `rerank` > 0 picks the best of the chosen and the next
+    `rerank - 1` candidates. Returns `(selection, warnings)`; a no-op without `heldout` or alternatives."""
+    alternatives = sel.info.pop("alternatives", None)
+    if heldout is None or not alternatives or not sel.removed:
+        return sel, []
+    ranked = [sel.removed, *[sorted(c) for c in alternatives]]
     k = max(rerank, 1 + CHECK_ALTERNATIVES)
     scored = [{"rank": i, "removed": r, "nll": heldout.nll(r)} for i, r in enumerate(ranked[:k])]
     record = {"windows": heldout.num_windows, "patch": "none", "candidates": scored, "rerank": rerank}
@@ -199,4 +204,15 @@ def check_selection(heldout: Heldout, sel: Selection, rerank: int = 0) -> tuple[
             f"pruner.rerank={b['rank'] + 1} would pick it")
         log.warning("!!! %s", warnings[-1])
     record["chosen"] = sel.removed
-    return sel, record, warnings
+    sel.info["heldout_check"] = record
+    return sel, warnings
+
+
+def check_settings(calib_cfg, kind: str, rerank: int) -> None:
+    """`calib.nval` is a count; `patch=auto` and `pruner.rerank` need held-out windows."""
+    nval = calib_cfg.get("nval", 0)
+    if isinstance(nval, bool) or not isinstance(nval, int) or nval < 0:
+        raise ValueError(f"calib.nval={nval!r} must be an integer >= 0 (held-out windows; 0 = off)")
+    if not nval and (kind == "auto" or rerank):
+        raise ValueError(f"{'patch=auto' if kind == 'auto' else 'pruner.rerank'} chooses by held-out NLL: "
+                         "needs calib.nval > 0 held-out windows")

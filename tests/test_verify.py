@@ -92,7 +92,9 @@ def test_check_selection_records_runner_ups_warns_and_reranks(planted):
     # a "score" that prefers the catastrophic [5, 6, 7] (the end: the patchless growth loss is largest)
     ranked = [[5, 6, 7], [4, 5, 6], [0, 1, 2], [1, 2, 3], [2, 3, 4]]
     sel = Selection(ranked[0], {"alternatives": ranked[1:]})
-    same, record, warnings = verify.check_selection(held, sel, rerank=0)
+    same, warnings = verify.check_selection(held, Selection(sel.removed, dict(sel.info)), rerank=0)
+    record = same.info["heldout_check"]
+    assert "alternatives" not in same.info
     nll = {tuple(c["removed"]): c["nll"] for c in record["candidates"]}
     assert same.removed == ranked[0] and len(nll) == 1 + verify.CHECK_ALTERNATIVES
     for r in ranked[:4]:
@@ -100,7 +102,8 @@ def test_check_selection_records_runner_ups_warns_and_reranks(planted):
     best = min(nll, key=nll.get)
     assert best != tuple(ranked[0]) and nll[best] < nll[tuple(ranked[0])] - verify.RUNNER_UP_MARGIN
     assert len(warnings) == 1 and f"layers {list(best)}" in warnings[0] and "pruner.rerank=" in warnings[0]
-    new, record, warnings = verify.check_selection(held, sel, rerank=5)
+    new, warnings = verify.check_selection(held, sel, rerank=5)
+    record = new.info["heldout_check"]
     assert new.removed == min(ranked, key=held.nll) and record["reranked_from"] == ranked[0] and not warnings
 
 

@@ -128,7 +128,7 @@ def validate(cfg: DictConfig, pruner, num_layers: int, max_positions: int | None
             lm_eval_tasks.check_tasks(cfg.eval[section].tasks, cfg.data.root)
     if cfg.eval.get("qa") and cfg.eval.qa.dense_reference:
         dense_reference(cfg, list(cfg.eval.qa.tasks))
-    if pruner.needs_calibration or kind != "none" or (cfg.calib.nval and pruner.name != "none"):
+    if pruner.needs_calibration or kind != "none" or (cfg.calib.get("nval") and pruner.name != "none"):
         # patch scales and the held-out windows need the calibration corpus too
         data.resolve(cfg.calib.corpus, cfg.calib.split, cfg.data.root, cfg.data.source)
     if cfg.distill.name != "none":
@@ -193,12 +193,11 @@ def recipe(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: l
     ctx = prune_context(cfg, model, tokenizer)
     with stages("select"):
         sel = pruner.select(ctx)
-    heldout = verify.Heldout(model, verify.heldout_windows(cfg, tokenizer), cfg.calib.batch_size) \
-        if sel.removed and cfg.calib.nval else None  # held-out checks of the selection and the patches
+    heldout = verify.heldout(cfg, model, tokenizer) if sel.removed else None  # held-out checks (lp.verify)
     with stages("check_selection"):
-        sel, warnings = verify.check_selection(heldout, sel, getattr(pruner, "rerank", 0))
+        sel, sel_warnings = verify.check_selection(heldout, sel, getattr(pruner, "rerank", 0))
     patches, patches_info, patch_warnings = make_patches(cfg, ctx, sel.removed, heldout, stages)
-    result.setdefault("warnings", []).extend(warnings + patch_warnings)
+    result["warnings"].extend(sel_warnings + patch_warnings)
     result["data"] = {"calibration": ctx.provenance}  # None only if nothing needed calibration
     teacher = None
     if cfg.distill.name != "none":  # the teacher is the dense model: cache its top-k logits before the drop
@@ -277,10 +276,8 @@ def prune_context(cfg: DictConfig, model, tokenizer) -> PruneContext:
 
 
 def make_patches(cfg: DictConfig, ctx: PruneContext, removed: list[int], heldout, stages: Stages) -> tuple:
-    """`(patches, info, warnings)`: one LinearPatch per contiguous removed run of the configured kind
-    (or auto's choice per cut), verified on the held-out windows when `heldout` is given
-    (`({}, None, [])` for `patch=none` without verification or nothing removed). Built on the dense
-    model, before the drop."""
+    """`(patches, info, warnings)`: one LinearPatch per removed run of the configured kind (or auto's
+    choice per cut), verified on `heldout` if given. Built on the dense model, before the drop."""
     if not removed or (cfg.patch.kind == "none" and heldout is None):
         return {}, None, []
     with stages("patch"):

@@ -38,6 +38,13 @@ RUNNER_UP_MARGIN = 0.05  # nats (~5% PPL): a runner-up selection better by more 
 CHECK_ALTERNATIVES = 3  # next candidates by the pruner's own score whose held-out NLL is recorded
 
 
+def heldout(cfg, model, tokenizer) -> Heldout | None:
+    """The run's `Heldout` on `calib.nval` held-out windows (None when `calib.nval` is 0 or absent)."""
+    if not cfg.calib.get("nval"):
+        return None
+    return Heldout(model, heldout_windows(cfg, tokenizer), cfg.calib.batch_size)
+
+
 def heldout_windows(cfg, tokenizer) -> torch.Tensor:
     """`[calib.nval, calib.seqlen]` windows from the calibration stream's held-out tail."""
     c = cfg.calib

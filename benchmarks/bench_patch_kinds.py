@@ -68,12 +68,9 @@ def plant(model, k: float, channels):
     """Scale the massive channels by k where they are written, by 1/k where a norm reads them."""
     dec = models.Decoder(model)
     if not channels:
-        mid = {}
-        h = dec.layers[dec.num_layers // 2].register_forward_pre_hook(
-            lambda m, a, kw: mid.setdefault("h", models.hidden_input(a, kw)), with_kwargs=True)
-        model(input_ids=tok("The quick brown fox jumps over the lazy dog. " * 20, return_tensors="pt").input_ids)
-        h.remove()
-        channels = (mid["h"].float() ** 2).mean((0, 1)).topk(3).indices.tolist()
+        ids = tok("The quick brown fox jumps over the lazy dog. " * 20, return_tensors="pt").input_ids
+        h = models.input_of(model, dec.layers[dec.num_layers // 2], ids)
+        channels = (h.float() ** 2).mean((0, 1)).topk(3).indices.tolist()
     dec.backbone.embed_tokens.weight[:, channels] *= k
     for layer in dec.layers:
         layer.self_attn.o_proj.weight[channels] *= k

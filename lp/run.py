@@ -369,10 +369,9 @@ def calibration(cfg: DictConfig, tokenizer) -> tuple[torch.Tensor, dict]:
 
 
 def stats_key(cfg: DictConfig) -> dict:
-    """Identity of everything calibration statistics depend on (for on-disk caches)."""
-    m = cfg.model
-    return {"model": OmegaConf.to_container(m, resolve=True), "data_source": cfg.data.source,
-            "calib": OmegaConf.to_container(cfg.calib, resolve=True)}
+    """Identity of everything calibration statistics depend on (for on-disk caches; not `calib.nval`)."""
+    calib = {k: v for k, v in OmegaConf.to_container(cfg.calib, resolve=True).items() if k != "nval"}
+    return {"model": OmegaConf.to_container(cfg.model, resolve=True), "data_source": cfg.data.source, "calib": calib}
 
 
 def eval_ppl(cfg: DictConfig, model, tokenizer) -> tuple[dict, dict]:

@@ -1,7 +1,7 @@
 """Sweep throughput: one job at a time vs two joblib workers, with and without the thread budget.
 
 The `smollm2_quick` grid (SmolLM2-135M bf16; 2 pruners x n in {2, 4} x patch {none, rotate} = 8 jobs;
-`--subset` keeps pruner=shortgpt: 4 jobs) through the real CLI (`python run.py sweeps=smollm2_quick`),
+`--subset` keeps pruner=shortgpt: 4 jobs; plus the Dense job the dense_first sweeper adds) through the real CLI (`python run.py sweeps=smollm2_quick`),
 once per setting:
   sequential/auto     basic launcher, runtime.threads=auto (= all cores of this process)
   sequential/1        basic launcher, runtime.threads=1
@@ -13,7 +13,8 @@ once per setting:
                       MKL_NUM_THREADS = cores // n_jobs, which torch's default follows)
 Each setting starts from its own cache folder holding only the converted model (hard links of a warm
 one), so calibration and selection scores are computed afresh by each sweep, as in a first run.
-jobs/minute = finished jobs / sweep wall time (Python start, model loads and the aggregation included).
+jobs/minute = finished jobs / sweep wall time (Python start, model loads and the aggregation included);
+cpu_s = user + system CPU seconds of the sweep and its workers (spinning OpenMP threads count too).
 
 The mechanism, measured directly: bf16 matmul throughput with 1 and 2 threads, alone and while a
 competing process keeps one core busy (a pure-Python spin loop started by this script).
@@ -29,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -86,17 +88,19 @@ def run_sweep(name: str, root: Path, warm: Path, grid: list[str]) -> dict:
     shutil.copytree(warm, cache, copy_function=os.link)  # hard links: the model only, nothing else cached
     sweep = root / "sweeps" / name.replace("/", "_")
     load0 = os.getloadavg()[0]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     cli(["sweeps=smollm2_quick", *grid, *launcher, f"runtime.threads={setting}", "resume=false",
          "eval.ppl.progress=false", f"hydra.sweep.dir={sweep}"], env_for(cache, omp), root)
-    wall = time.perf_counter() - t0
+    wall, cpu1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime  # the sweep and its joblib workers
     jobs = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/result.json"))]
     ok = [j for j in jobs if j["status"] == "ok"]
     return {"setting": name, "launcher": launcher or ["basic"], "runtime.threads": setting,
             "OMP_NUM_THREADS": env_for(cache, omp).get("OMP_NUM_THREADS"),
             "threads_per_job": sorted({j["runtime"]["threads"] for j in jobs}),
             "jobs": len(jobs), "ok": len(ok), "wall_s": round(wall, 1),
-            "jobs_per_min": round(60 * len(ok) / wall, 3),
+            "jobs_per_min": round(60 * len(ok) / wall, 3), "cpu_s": round(cpu, 1),
+            "cpu_s_per_job": round(cpu / max(len(ok), 1), 1),
             "job_total_s": round(sum(j["timing"]["total"] for j in jobs), 1),
             "job_select_s": round(sum(j["timing"].get("select", 0) for j in jobs), 1),  # calibration inside
             "ppl": {j["name"]: j["metrics"]["ppl/wikitext2"] for j in ok},
@@ -143,7 +147,7 @@ def main():
             sweeps.append(run_sweep(name, root, warm, grid))
             s = sweeps[-1]
             print(f"{name:16} threads/job={s['threads_per_job']}  {s['ok']}/{s['jobs']} ok  {s['wall_s']:7.1f}s  "
-                  f"{s['jobs_per_min']:.2f} jobs/min  (load {s['loadavg_1min']})", flush=True)
+                  f"{s['jobs_per_min']:.2f} jobs/min  cpu {s['cpu_s_per_job']}s/job  (load {s['loadavg_1min']})", flush=True)
     ppls = [s["ppl"] for s in sweeps if s["ppl"]]
     spread = max((abs(a[k] - b[k]) / b[k] for a in ppls for b in ppls for k in a.keys() & b.keys()), default=0.0)
     out = {"host_cores": os.cpu_count(), "grid": grid or "smollm2_quick (full)",

@@ -173,3 +173,17 @@ def test_cli_bad_value_is_one_line(tmp_path):
                           timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: runtime.threads={too_many}: use 'auto'")
+
+
+def test_parallel_launcher_jobs_get_their_share(tmp_path):
+    """hydra/launcher=parallel: each joblib worker reads n_jobs=2 from Hydra at job time."""
+    env = {**os.environ, "LP_DATA_DIR": str(DATA), "HYDRA_FULL_ERROR": "0"}
+    env.pop("OMP_NUM_THREADS", None)
+    proc = subprocess.run([sys.executable, str(REPO / "run.py"), "sweeps=tiny_smoke", "hydra/launcher=parallel",
+                           "hydra/sweeper=basic", f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = [json.loads(p.read_text())["runtime"] for p in tmp_path.glob("*/result.json")]
+    cores = threads.available_cores()[0]
+    assert len(runs) == 2 and all(r["threads"] == max(1, cores // 2) for r in runs)
+    assert all(r["source"].endswith("/ 2 jobs (hydra.launcher.n_jobs=2)") for r in runs)

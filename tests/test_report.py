@@ -177,3 +177,18 @@ def test_end_of_run_and_sweep_messages(tmp_path):
     assert msg.splitlines()[0] == "sweep quick done: 1 failed, 2 ok (1 resumed)"
     assert f"table:     {tmp_path / 'table.md'}" in msg and f"dashboard: {tmp_path / 'd.html'}" in msg
     assert "FAILED job 2 (failed): pruner=sleb -- RuntimeError: OOM" in msg and "more" not in msg
+
+
+def test_ratio_column_when_a_block_mixes_parameter_shares(tmp_path):
+    recs = [_rec(p, n, ppl=v, max_windows=None) for p, n, v in (("none", 0, 9.0), ("shortgpt", 2, 12.0),
+                                                                ("llm_pruner", 2, 11.0))]
+    recs[0]["pruning"]["pruned_ratio"] = 0.0
+    recs[2]["pruning"]["pruned_ratio"] = 0.0250
+    table = _ppl(tmp_path, recs)
+    assert list(table["method"]) == ["Dense", "ShortGPT", "LLM-Pruner"]
+    assert list(table["Pruned %"]) == pytest.approx([0.0, 2.46, 2.5])
+    md = agg.write_all(tmp_path)["table_md"].read_text()
+    assert "| Method | Pruned % | WikiText2 |" in md and "| LLM-Pruner | 2.50 | **11.00** |" in md
+    assert "| ShortGPT | 2.46 | 12.00 |" in md  # the ratio is never bolded
+    same = _ppl(tmp_path / "same", [_rec("none", 0), _rec("shortgpt", 2), _rec("sleb", 2)])
+    assert "Pruned %" not in same  # depth pruners of one n remove the same share: no column

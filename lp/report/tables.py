@@ -27,6 +27,7 @@ from lp.report.vocab import (
     NONE,
     PPL_SETS,
     QA_TASKS,
+    RATIO,
     STD,
     is_dense,
     is_seed_key,
@@ -156,9 +157,22 @@ def blocks(df: pd.DataFrame) -> tuple[list[Block], list[str]]:
     return out, notes
 
 
+def _ratios_differ(df: pd.DataFrame) -> bool:
+    """Whether pruned rows of one (model, n) remove different parameter shares (e.g. width pruning
+    such as LLM-Pruner beside depth pruners): then the tables show :data:`RATIO`."""
+    if "pruned_ratio_%" not in df:
+        return False
+    pr = normalize(df)
+    pr = pr[~is_dense(pr) & pr["pruned_ratio_%"].notna()]
+    return bool((pr.groupby(["model", pr["n"].astype(str)])["pruned_ratio_%"].agg(
+        lambda s: s.round(2).nunique()) > 1).any())
+
+
 def _frame(df: pd.DataFrame, columns: dict[str, callable]) -> tuple[pd.DataFrame, list[str]]:
     """One frame row per table row: ``columns`` maps a name to ``f(run row, dense row or None)``;
     rows of several runs hold the mean and, in ``<name> std``, the sample standard deviation."""
+    if _ratios_differ(df):
+        columns = {RATIO: lambda r, _: num(r.get("pruned_ratio_%")), **columns}
     bl, notes = blocks(df)
     out, spread = [], False
     for b in bl:

@@ -22,6 +22,7 @@ QA_TASKS = {"wsc273": "WSC", "wsc": "WSC", "hellaswag": "HellaSwag", "piqa": "PI
             "copa": "COPA"}
 DENSE, NONE = {"none", "dense"}, {None, "none", "null", ""}
 KEYS = ("block", "method", "status", "job", "runs", "warnings")  # non-value columns of a table frame
+RATIO = "Pruned %"  # parameters removed (x100); shown when a block mixes different ratios; never bolded
 STD = " std"  # suffix of a value column's standard deviation (rows averaged over seeds)
 WARN = "⚠"  # marks a row whose run recorded warnings (e.g. patch worse than none)
 NOTE = "Bold: best successful pruned row per block. —: not available (failed/missing: see Failures)."
@@ -105,7 +106,7 @@ def cells(table: pd.DataFrame, lower_is_better: bool, bold: bool = True):
             for c in cols:
                 sd = r.get(c + STD)
                 text = "—" if pd.isna(r[c]) else f"{r[c]:.2f}" + ("" if pd.isna(sd) else f" ± {sd:.2f}")
-                win = bold and not pd.isna(r[c]) and r["status"] == "ok" and r["method"] != "Dense" \
+                win = bold and c != RATIO and not pd.isna(r[c]) and r["status"] == "ok" and r["method"] != "Dense" \
                     and round(r[c], 2) == best[c]
                 texts.append((text, win))
             warn = f" {WARN}" if isinstance(r.get("warnings"), str) and r["warnings"] else ""

@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file
 
 from lp import hadamard as hd
 from lp.models import Decoder, StopForward, cache_dir, hidden_input
+from lp.progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ def collect(model, windows: torch.Tensor, batch_size: int = 1, rotation: hd.Rota
     handles.append(dec.layers[L - 1].register_forward_hook(last_hook, with_kwargs=True))
     t0 = time.perf_counter()
     try:
-        for w0 in _progress(range(0, W, batch_size), progress):
+        for w0 in bar(range(0, W, batch_size), progress, "calibration statistics", unit="batch"):
             batch = windows[w0:w0 + batch_size].to(device)
             B = batch.shape[0]
             if state.get("B") != B:  # (re)allocate the per-batch buffers
@@ -261,21 +262,13 @@ def _zero_diag(m):
     return m.fill_diagonal_(0.0)
 
 
-def _progress(it, on):
-    if not on:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, desc="calibration", unit="batch")
-
-
 # --------------------------------------------------------------------------- caching
 def stats_dir(key: dict) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return cache_dir() / "calib" / digest
 
 
-def get_stats(ctx, fallback_seed: int | None = None, progress: bool = False) -> CalibStats:
+def get_stats(ctx, fallback_seed: int | None = None, progress: bool | None = None) -> CalibStats:
     """The `CalibStats` of the dense model in `ctx` on `ctx.windows`, computed at most once.
 
     Looked up, in order, on the context (same object for every caller of one run), then on disk in
@@ -289,6 +282,7 @@ def get_stats(ctx, fallback_seed: int | None = None, progress: bool = False) -> 
     """
     if fallback_seed is None:
         fallback_seed = ctx.hadamard_fallback_seed
+    progress = ctx.progress if progress is None else progress  # a bar over the calibration batches
     D = Decoder(ctx.model).hidden_size
     kind, seed = ctx.hadamard, ctx.hadamard_seed
     spec = hd.spec(D, kind, seed, fallback_seed)

@@ -272,7 +272,8 @@ def prune_context(cfg: DictConfig, model, tokenizer) -> PruneContext:
     return PruneContext(model, tokenizer, calib_fn=lambda: calibration(cfg, tokenizer),
                         cache_key=stats_key(cfg), batch_size=cfg.calib.batch_size,
                         hadamard=cfg.patch.get("hadamard", "constructed"), hadamard_seed=cfg.patch.get("hadamard_seed"),
-                        hadamard_fallback_seed=cfg.patch.get("hadamard_fallback_seed"))
+                        hadamard_fallback_seed=cfg.patch.get("hadamard_fallback_seed"),
+                        progress=bool(cfg.get("progress", True)))
 
 
 def make_patches(cfg: DictConfig, ctx: PruneContext, removed: list[int], heldout, stages: Stages) -> tuple:

@@ -192,3 +192,34 @@ def test_ratio_column_when_a_block_mixes_parameter_shares(tmp_path):
     assert "| ShortGPT | 2.46 | 12.00 |" in md  # the ratio is never bolded
     same = _ppl(tmp_path / "same", [_rec("none", 0), _rec("shortgpt", 2), _rec("sleb", 2)])
     assert "Pruned %" not in same  # depth pruners of one n remove the same share: no column
+
+
+def test_progress_bars_for_calibration_and_selection(capsys):
+    """Calibration statistics and the sleb / ppl / taylor re-scoring show a tqdm bar (with an ETA)
+    when the context asks for it, and nothing when it does not."""
+    import torch
+
+    from lp.calib import get_stats
+    from lp.models import tiny_model
+    from lp.pruners import PruneContext
+    from lp.pruners.ppl import PPLPruner
+    from lp.pruners.sleb import SLEBPruner
+    from lp.pruners.taylor import TaylorPruner
+
+    model = tiny_model("llama", num_layers=8, hidden_size=64, seed=0)
+    windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+
+    def ctx(progress):
+        return PruneContext(model, None, calib_fn=lambda: (windows, {"windows": 4}), cache_key={}, progress=progress)
+
+    for progress in (False, True):
+        get_stats(ctx(progress))
+        SLEBPruner(n=2, disk_cache=False).select(ctx(progress))
+        PPLPruner(n=1, disk_cache=False).select(ctx(progress))
+        TaylorPruner(n=1, disk_cache=False).select(ctx(progress))
+        err = capsys.readouterr().err
+        if not progress:
+            assert err == ""
+    for desc in ("calibration statistics", "sleb step 1/2", "sleb step 2/2", "ppl scoring", "taylor gradients"):
+        assert desc in err, err
+    assert "100%" in err and "<" in err  # tqdm's elapsed<remaining (ETA)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lp.progress import bar
 from lp.pruners.base import check_cache_gb, check_flag
 from lp.replay import Replay
 
@@ -79,12 +80,13 @@ class PrefixCache:
 
 
 def score_removals(runner: Replay, kept: list[int], candidates, prefix: PrefixCache | None,
-                   h0: Tensor | None = None) -> dict[int, float]:
+                   h0: Tensor | None = None, progress: bool = False, desc: str = "scoring") -> dict[int, float]:
     """Calibration NLL of the model made of `kept` minus each single candidate: `{layer: nll}`.
 
     With `prefix` (whose `kept` must equal `kept`) each candidate at position p costs its
     suffix only, walking positions in increasing order. Without it (`cache: false`, the naive
     re-scoring) each candidate re-runs every remaining layer from the embedding output `h0`.
+    `progress`: a tqdm bar `desc` over the candidates.
     """
     cands = set(candidates)
     if not cands <= set(kept):
@@ -93,15 +95,13 @@ def score_removals(runner: Replay, kept: list[int], candidates, prefix: PrefixCa
     if prefix is None:
         if h0 is None:
             raise ValueError("score_removals without a prefix cache needs h0 (the embedding output)")
-        for layer in kept:
-            if layer in cands:
-                scores[layer] = runner.nll(h0, [k for k in kept if k != layer]).mean().item()
+        for layer in bar([k for k in kept if k in cands], progress, desc, unit="layer"):
+            scores[layer] = runner.nll(h0, [k for k in kept if k != layer]).mean().item()
         return scores
     if prefix.kept != list(kept):
         raise ValueError("prefix cache is out of sync with the kept layers")
-    for p, layer in enumerate(kept):
-        if layer in cands:
-            scores[layer] = runner.nll(prefix.get(p), kept[p + 1:]).mean().item()
+    for p, layer in bar([(p, k) for p, k in enumerate(kept) if k in cands], progress, desc, unit="layer"):
+        scores[layer] = runner.nll(prefix.get(p), kept[p + 1:]).mean().item()
     return scores
 
 

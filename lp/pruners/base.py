@@ -55,6 +55,7 @@ class PruneContext:
     hadamard_seed: int | None = None  # its seed (random bases only)
     hadamard_fallback_seed: int | None = None  # rotation of the shared statistics where no Hadamard exists
     cached_provenance: dict | None = None  # set by a disk cache whose entry served this run instead
+    progress: bool = False  # tqdm bars for calibration and layer re-scoring (`lp.progress`)
 
     @property
     def provenance(self) -> dict | None:

@@ -44,7 +44,7 @@ class PPLPruner(SuffixPruner):
             runner = Replay(ctx.model, windows, ctx.batch_size)
             kept = list(range(L))
             prefix, h0 = self.start(runner, kept)
-            stored = {"nll": per_layer(score_removals(runner, kept, kept, prefix, h0), L)}
+            stored = {"nll": per_layer(score_removals(runner, kept, kept, prefix, h0, ctx.progress, "ppl scoring"), L)}
             seconds = time.perf_counter() - t0
             disk.save(stored)
         ppl = {i: math.exp(v) for i, v in enumerate(stored["nll"])}

@@ -55,7 +55,7 @@ class SLEBPruner(SuffixPruner):
             windows = ctx.windows  # built (tokenized) before the clock starts
             t0 = time.perf_counter()
             runner = Replay(ctx.model, windows, ctx.batch_size)
-            prefix = self._greedy(runner, L, steps)
+            prefix = self._greedy(runner, L, steps, ctx.progress)
             seconds = time.perf_counter() - t0
             disk.save({"steps": steps})
         order = [s["removed"] for s in steps]
@@ -69,14 +69,15 @@ class SLEBPruner(SuffixPruner):
         }
         return Selection(order, info)
 
-    def _greedy(self, runner: Replay, L: int, steps: list[dict]):
+    def _greedy(self, runner: Replay, L: int, steps: list[dict], progress: bool = False):
         """Append steps len(steps)+1..n to `steps`, from the model without the layers they removed.
         Returns the prefix cache used (None with `cache: false`)."""
         kept = [i for i in range(L) if i not in {s["removed"] for s in steps}]
         prefix, h0 = self.start(runner, kept)
         while len(steps) < self.n:
             cands = [i for i in kept if 0 < i < L - 1]
-            scores = score_removals(runner, kept, cands, prefix, h0)
+            scores = score_removals(runner, kept, cands, prefix, h0, progress,
+                                    f"sleb step {len(steps) + 1}/{self.n}")
             best = min(cands, key=lambda i: (scores[i], i))
             steps.append({"removed": best, "nll": per_layer(scores, L)})
             if prefix is not None:

@@ -35,21 +35,24 @@ import torch
 
 from lp.evaluate.ppl import token_nll
 from lp.models import Decoder
+from lp.progress import bar
 from lp.pruners.base import PruneContext, ScoreCache, Selection, check_flag, check_n, per_layer
 
 KEEP_FIRST, KEEP_LAST = 4, 2
 
 
-def taylor_scores(model, windows: torch.Tensor, layers: list[int], micro_batch: int = 1) -> dict[int, float]:
+def taylor_scores(model, windows: torch.Tensor, layers: list[int], micro_batch: int = 1,
+                  progress: bool = False) -> dict[int, float]:
     """`{layer: sum |W * dL/dW|}` over the parameters of each dense layer in `layers`, with L the mean
     per-window next-token NLL of `windows` `[N, T]`, accumulated over micro-batches in float32."""
     dec = Decoder(model)
     params = {i: list(dec.layers[i].parameters()) for i in layers}
-    grads = loss_grads(model, windows, [p for ps in params.values() for p in ps], micro_batch)
+    grads = loss_grads(model, windows, [p for ps in params.values() for p in ps], micro_batch, progress)
     return {i: sum((grads[p] * p.detach().float()).abs().sum().item() for p in ps) for i, ps in params.items()}
 
 
-def loss_grads(model, windows: torch.Tensor, params: list, micro_batch: int = 1) -> dict:
+def loss_grads(model, windows: torch.Tensor, params: list, micro_batch: int = 1, progress: bool = False,
+               desc: str = "taylor gradients") -> dict:
     """`{param: dL/dparam}` (float32, the param's shape) for each of `params`, L the mean per-window
     next-token NLL of `windows` `[N, T]`: the sum of the micro-batch gradients, each added into a
     float32 accumulator as soon as backward produced it (see the module docstring for memory)."""
@@ -74,7 +77,7 @@ def loss_grads(model, windows: torch.Tensor, params: list, micro_batch: int = 1)
             handles.append(p.register_post_accumulate_grad_hook(add))
         model.eval()
         with torch.enable_grad():
-            for i in range(0, n, micro_batch):
+            for i in bar(range(0, n, micro_batch), progress, desc, unit="batch"):
                 ids = windows[i:i + micro_batch].to(device)
                 logits = model(input_ids=ids, use_cache=False).logits
                 loss = sum(token_nll(lg[:-1], t[1:]).mean() for lg, t in zip(logits, ids, strict=True)) / n
@@ -116,7 +119,8 @@ class TaylorPruner:
         if not hit:
             windows = ctx.windows  # built (tokenized) before the clock starts
             t0 = time.perf_counter()
-            scores = taylor_scores(ctx.model, windows, list(range(KEEP_FIRST, L - KEEP_LAST)), self.micro_batch)
+            scores = taylor_scores(ctx.model, windows, list(range(KEEP_FIRST, L - KEEP_LAST)), self.micro_batch,
+                                   ctx.progress)
             passes, seconds = -(-len(windows) // self.micro_batch), time.perf_counter() - t0
             stored = {"scores": per_layer(scores, L)}
             disk.save(stored)

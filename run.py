@@ -15,7 +15,8 @@ import hydra
 from omegaconf import DictConfig
 
 from lp.callbacks import resume_job
-from lp.run import hydra_runtime, log_finished, run
+from lp.run import hydra_runtime, run
+from lp.tracking import log_finished
 
 log = logging.getLogger("lp")
 

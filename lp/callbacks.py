@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +74,7 @@ class AggregateOnMultirunEnd(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             from lp import aggregate
+            from lp.report.messages import sweep_message
 
             paths = aggregate.write_all(sweep_dir)
             records = aggregate.load_results(sweep_dir)
@@ -88,19 +88,6 @@ class AggregateOnMultirunEnd(Callback):
             aggregate.log_sweep(config, sweep_dir)
         except Exception:  # noqa: BLE001 - the files above are the record; the tracker is a copy
             log.exception("logging the aggregated sweep %s to the tracker failed", sweep_dir)
-
-
-def sweep_message(name: str | None, records: list[dict], paths: dict) -> str:
-    """The end-of-sweep message: counts, where the table and the dashboard are, each failure."""
-    counts = Counter(r["status"] for r in records)
-    resumed = sum(1 for r in records if r.get("resumed_from"))
-    bad = [r for r in records if r["status"] != "ok"]
-    lines = [f"sweep {name} done: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-             + f" ({resumed} resumed)", f"  table:     {paths['table_md']}", f"  dashboard: {paths['dashboard']}"]
-    lines += [f"  FAILED job {r['job_num']} ({r['status']}): {' '.join(r.get('overrides') or [])} -- "
-              f"{str(r.get('error') or '').splitlines()[0][:300] if r.get('error') else 'no error recorded'}"
-              for r in bad]
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------- resume

@@ -34,7 +34,8 @@ from lp.evaluate.ppl import check_loss_dtype, perplexity
 from lp.export import save_pruned
 from lp.patch import insert_patches
 from lp.pruners import PruneContext
-from lp.tracking import log_result, sweep_group
+from lp.report.messages import summary_line
+from lp.tracking import finish_tracker, start_tracker
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ def recipe(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: l
     num_layers = mconf.num_hidden_layers
     validate(cfg, pruner, num_layers, getattr(mconf, "max_position_embeddings", None),
              getattr(mconf, "hidden_size", None))
-    result["name"] = run_name(cfg, pruner)
+    result["name"] = run_name(cfg, pruner, result["overrides"])
     tracker = start_tracker(cfg, out, result, job_type=pruner.name)  # hand on to stages that log curves
     trackers.append(tracker)
 
@@ -239,9 +240,17 @@ def recipe(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: l
 
 
 # ----------------------------------------------------------------------------- stages
-def run_name(cfg: DictConfig, pruner) -> str:
-    """`model/pruner/patch/n<removed>`, e.g. `smollm2_135m/shortgpt/rotate/n4`."""
-    return "/".join(str(x) for x in (cfg.model.name, pruner.name, cfg.patch.kind, f"n{pruner.n}"))
+def run_name(cfg: DictConfig, pruner, overrides: list[str] = ()) -> str:
+    """`model/pruner/patch/n<removed>`, e.g. `smollm2_135m/shortgpt/rotate/n4`, then the values of
+    non-group settings set on the command line or by the sweep (an ablation such as
+    `calib.nsamples=4 seed=1` gives `.../n4/nsamples=4,seed=1`); bookkeeping keys left out."""
+    parts = [str(x) for x in (cfg.model.name, pruner.name, cfg.patch.kind, f"n{pruner.n}")]
+    skip = ("paths.", "hydra.", "data.", "tracker.", "pruner.n=", "model.name=")
+    extra = [o.lstrip("+~") for o in overrides if ("." in o.split("=")[0] or o.startswith("seed="))
+             and not o.lstrip("+~").startswith(skip) and "progress" not in o.split("=")[0]]
+    if extra:
+        parts.append(",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, _, v in (o.partition("=") for o in extra)))
+    return "/".join(parts)
 
 
 def model_info(cfg: DictConfig, model) -> dict:
@@ -324,43 +333,6 @@ def build(node: DictConfig):
         raise
 
 
-def start_tracker(cfg: DictConfig, out: Path, result: dict, job_type: str):
-    """`cfg.tracker` built with `dir=out` and the resolved config. Null `group` / `job_type` / `name`
-    keys of the tracker config (wandb) become `<sweep name>/<sweep timestamp dir>` (multirun only, else
-    null; see `lp.tracking.sweep_group`), `job_type`
-    (the pruner) and the run's name (e.g. `smollm2_135m/shortgpt/rotate/n4`)."""
-    multirun = HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
-    group = sweep_group(cfg.get("sweep_name"), HydraConfig.get().sweep.dir) if multirun else None
-    fill = {"group": group, "job_type": job_type, "name": result["name"]}
-    fill = {k: v for k, v in fill.items() if k in cfg.tracker and cfg.tracker[k] is None}
-    # partial, then called: `config` cannot go through instantiate (its own first parameter; and
-    # instantiate would build the `_target_` nodes inside the resolved config)
-    return instantiate(cfg.tracker, _partial_=True, _convert_="all", **fill)(dir=str(out), config=result["config"])
-
-
-def log_finished(cfg: DictConfig, out: Path, result: dict) -> None:
-    """Log an already finished result (a job skipped by resume: its copied result.json) to
-    `cfg.tracker` as a run of its own, so a resumed sweep's group still holds every job."""
-    try:
-        tracker = start_tracker(cfg, out, result, job_type=(result.get("pruning") or {}).get("method") or "run")
-    except Exception:  # noqa: BLE001 - the result is safe on disk; the tracker is a copy of it
-        log.warning("tracker: could not log the resumed result", exc_info=True)
-        return
-    finish_tracker(tracker, result)
-
-
-def finish_tracker(tracker, result: dict) -> None:
-    """`log_result` then `finish(status)`; a tracker error is logged and never masks the run's outcome."""
-    try:
-        log_result(tracker, result)
-    except Exception:
-        log.warning("tracker: logging the result failed", exc_info=True)
-    try:
-        tracker.finish(result["status"])
-    except Exception:
-        log.warning("tracker: finish failed", exc_info=True)
-
-
 def calibration(cfg: DictConfig, tokenizer) -> tuple[torch.Tensor, dict]:
     """Calibration windows `[nsamples, seqlen]` from `cfg.calib`, with provenance."""
     c = cfg.calib
@@ -411,24 +383,3 @@ def dense_reference(cfg: DictConfig, tasks: list[str]) -> dict[str, float]:
             raise ValueError(f"dense reference {path} used eval.qa.{key}={theirs.get(key)!r}, "
                              f"this run uses {cfg.eval.qa.get(key)!r}: RP would compare different settings")
     return scores
-
-
-def summary_line(result: dict, out: Path | None = None) -> str:
-    """The end-of-run message: the headline numbers (QA average and RP first, then PPL, MMLU; the
-    per-task scores stay in result.json), any warnings, and where the result and a saved model are."""
-    p, m = result.get("pruning") or {}, result.get("metrics") or {}
-    head = [f"qa/avg={100 * m['qa/avg']:.2f}" if isinstance(m.get("qa/avg"), float) else None,
-            f"RP={m['qa/rp']:.2f}%" if isinstance(m.get("qa/rp"), float) else None,
-            *(f"{k}={v:.3f}" for k, v in m.items() if k.startswith("ppl/") and isinstance(v, float)),
-            f"mmlu={100 * m['mmlu/acc']:.2f}" if isinstance(m.get("mmlu/acc"), float) else None]
-    head = [h for h in head if h]
-    rest = sum(1 for k, v in m.items() if isinstance(v, float)) - len(head)
-    lines = [f"[lp] {result['name']}: removed {p.get('removed_layers')} ({100 * p.get('pruned_ratio', 0):.2f}% "
-             f"params)  {'  '.join(head)}{f'  (+{rest} more in result.json)' if rest > 0 else ''}  "
-             f"in {result['timing']['total']:.1f}s"]
-    lines += [f"[lp] WARNING: {w}" for w in result.get("warnings") or []]
-    if out is not None:
-        lines.append(f"[lp] result: {Path(out) / 'result.json'}")
-    if result.get("saved_model"):
-        lines.append(f"[lp] saved model: {result['saved_model']} (reload: lp.export.load_pruned)")
-    return "\n".join(lines)

@@ -220,3 +220,44 @@ def sweep_group(sweep_name: str | None, sweep_dir) -> str | None:
     """W&B group of a sweep's runs: ``<sweep name>/<sweep dir name>`` (the timestamp folder), so each
     run of a sweep is its own group; None outside a sweep."""
     return f"{sweep_name}/{Path(sweep_dir).name}" if sweep_name and sweep_dir else None
+
+
+# ------------------------------------------------------------------------- run lifecycle
+def start_tracker(cfg, out: Path, result: dict, job_type: str) -> Tracker:
+    """`cfg.tracker` built with `dir=out` and the resolved config. Null `group` / `job_type` / `name`
+    keys of the tracker config (wandb) become `<sweep name>/<sweep timestamp dir>` (multirun only, else
+    null; see `lp.tracking.sweep_group`), `job_type`
+    (the pruner) and the run's name (e.g. `smollm2_135m/shortgpt/rotate/n4`)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import instantiate
+
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode.name == "MULTIRUN"
+    group = sweep_group(cfg.get("sweep_name"), HydraConfig.get().sweep.dir) if multirun else None
+    fill = {"group": group, "job_type": job_type, "name": result["name"]}
+    fill = {k: v for k, v in fill.items() if k in cfg.tracker and cfg.tracker[k] is None}
+    # partial, then called: `config` cannot go through instantiate (its own first parameter; and
+    # instantiate would build the `_target_` nodes inside the resolved config)
+    return instantiate(cfg.tracker, _partial_=True, _convert_="all", **fill)(dir=str(out), config=result["config"])
+
+
+def log_finished(cfg, out: Path, result: dict) -> None:
+    """Log an already finished result (a job skipped by resume: its copied result.json) to
+    `cfg.tracker` as a run of its own, so a resumed sweep's group still holds every job."""
+    try:
+        tracker = start_tracker(cfg, out, result, job_type=(result.get("pruning") or {}).get("method") or "run")
+    except Exception:  # noqa: BLE001 - the result is safe on disk; the tracker is a copy of it
+        log.warning("tracker: could not log the resumed result", exc_info=True)
+        return
+    finish_tracker(tracker, result)
+
+
+def finish_tracker(tracker, result: dict) -> None:
+    """`log_result` then `finish(status)`; a tracker error is logged and never masks the run's outcome."""
+    try:
+        log_result(tracker, result)
+    except Exception:  # noqa: BLE001
+        log.warning("tracker: logging the result failed", exc_info=True)
+    try:
+        tracker.finish(result["status"])
+    except Exception:  # noqa: BLE001
+        log.warning("tracker: finish failed", exc_info=True)

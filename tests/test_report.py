@@ -158,8 +158,7 @@ def test_dashboard_heatmap_removed_layers_params_plot_and_warnings(tmp_path):
 
 
 def test_end_of_run_and_sweep_messages(tmp_path):
-    from lp.callbacks import sweep_message
-    from lp.run import summary_line
+    from lp.report.messages import summary_line, sweep_message
 
     metrics = {"ppl/wikitext2": 12.3456, "qa/avg": 0.61234, "qa/rp": 93.5} | {f"qa/t{i}/acc": 0.5 for i in range(30)}
     result = {"name": "m/shortgpt/rotate/n2", "pruning": {"removed_layers": [3, 4], "pruned_ratio": 0.1},

@@ -218,7 +218,7 @@ def test_tracker_group_is_the_sweep_name_and_timestamp_in_a_multirun(tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    from lp.run import start_tracker
+    from lp.tracking import start_tracker
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["sweeps=tiny_smoke", "tracker=wandb", f"paths.output_dir={tmp_path}",

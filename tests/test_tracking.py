@@ -206,7 +206,7 @@ def test_resumed_result_and_aggregated_sweep_are_logged(tmp_path):
     from hydra.core.hydra_config import HydraConfig
 
     from lp import aggregate
-    from lp.run import log_finished
+    from lp.tracking import log_finished
 
     repo = Path(__file__).resolve().parents[1]
     with initialize_config_dir(config_dir=str(repo / "conf"), version_base="1.3"):

@@ -164,7 +164,7 @@ def heatmap(matrix: list[list[float]], outlined: list[int], title: str, cell: in
     if not n or not vals:
         return ""
     cell = cell or max(6, min(18, 420 // n))
-    lo, hi = min(vals), max(vals)
+    lo, hi = sorted(vals)[len(vals) // 10], max(vals)  # 10th percentile: an outlier row (embeddings) keeps contrast
     x0, y0 = 34, 30
     w, h = x0 + n * cell + 70, y0 + n * cell + 36
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
@@ -172,7 +172,7 @@ def heatmap(matrix: list[list[float]], outlined: list[int], title: str, cell: in
            f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="13" font-weight="bold">{escape(title)}</text>']
     for i, row in enumerate(matrix):
         for j, v in enumerate(row):
-            t = (v - lo) / ((hi - lo) or 1) if _finite(v) else 0.0
+            t = min(1.0, max(0.0, (v - lo) / ((hi - lo) or 1))) if _finite(v) else 0.0
             fill = f"rgb({int(255 - 224 * t)},{int(255 - 136 * t)},{int(255 - 75 * t)})" if _finite(v) else "#eee"
             out.append(f'<rect x="{x0 + j * cell}" y="{y0 + i * cell}" width="{cell}" height="{cell}" fill="{fill}">'
                        f"<title>({i}, {j}): {_fmt(v) if _finite(v) else 'n/a'}</title></rect>")
@@ -188,7 +188,7 @@ def heatmap(matrix: list[list[float]], outlined: list[int], title: str, cell: in
                        f'<rect x="{x0 + i * cell}" y="{y0}" width="{cell}" height="{n * cell}" fill="none" '
                        f'stroke="#d62728" stroke-width="1.5"/>')
     lx = x0 + n * cell + 12
-    out.append(f'<text x="{lx}" y="{y0 + 8}">{_fmt(hi)}</text><text x="{lx}" y="{y0 + n * cell}">{_fmt(lo)}</text>'
+    out.append(f'<text x="{lx}" y="{y0 + 8}">{_fmt(hi)}</text><text x="{lx}" y="{y0 + n * cell}">≤{_fmt(lo)}</text>'
                f'<text x="{x0 + n * cell / 2}" y="{h - 4}" text-anchor="middle">layer input index '
                f'(red: removed)</text>')
     return "\n".join(out + ["</svg>"])

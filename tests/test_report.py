@@ -222,3 +222,18 @@ def test_progress_bars_for_calibration_and_selection(capsys):
     for desc in ("calibration statistics", "sleb step 1/2", "sleb step 2/2", "ppl scoring", "taylor gradients"):
         assert desc in err, err
     assert "100%" in err and "<" in err  # tqdm's elapsed<remaining (ETA)
+
+
+def test_run_name_includes_non_group_settings():
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from lp.run import run_name
+
+    cfg = OmegaConf.create({"model": {"name": "smol"}, "patch": {"kind": "rotate"}})
+    pruner = SimpleNamespace(name="shortgpt", n=4)
+    assert run_name(cfg, pruner) == "smol/shortgpt/rotate/n4"
+    overrides = ["sweeps=q", "pruner=shortgpt", "pruner.n=4", "calib.nsamples=4", "seed=1",
+                 "patch.hadamard=random", "paths.output_dir=/x", "eval.ppl.progress=false"]
+    assert run_name(cfg, pruner, overrides) == "smol/shortgpt/rotate/n4/nsamples=4,seed=1,hadamard=random"

@@ -191,7 +191,9 @@ def check_selection(heldout: Heldout | None, sel: Selection, rerank: int = 0) ->
         return sel, []
     ranked = [sel.removed, *[sorted(c) for c in alternatives]]
     k = max(rerank, 1 + CHECK_ALTERNATIVES)
-    scored = [{"rank": i, "removed": r, "nll": heldout.nll(r)} for i, r in enumerate(ranked[:k])]
+    order = sorted(range(min(k, len(ranked))), key=lambda i: min(ranked[i]))  # reuse the dense prefix
+    nll = {i: heldout.nll(ranked[i]) for i in order}
+    scored = [{"rank": i, "removed": ranked[i], "nll": nll[i]} for i in sorted(nll)]
     record = {"windows": heldout.num_windows, "patch": "none", "candidates": scored, "rerank": rerank}
     warnings = []
     if rerank:

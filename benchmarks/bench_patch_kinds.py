@@ -15,8 +15,9 @@ activation pass of lstsq) + the held-out replays (`lp.verify.fit_and_verify`).
 `--plant K` multiplies the model's massive channels (the 3 with the largest mean h^2 at the middle
 layer, or `--channels`) by K: their embedding columns and the rows of every o_proj / down_proj
 that write them, and divides the matching weights of every RMSNorm by K, so the layers read
-them as before while they dominate ||h||^2 even more (an approximation of the model lp issue 14
-reports; the planted model is a different model, its dense PPL is reported too).
+them as before while they dominate ||h||^2 even more. Measured: this does NOT give a usable model
+(K = 3: held-out NLL 10.4 with n = 3 and no patch, PPL ~1e4; K = 10: NLL 20), because the RMS of
+every norm grows with K; the planted-outlier table uses `benchmarks/bench_planted.py` instead.
 
 Usage: OMP_NUM_THREADS=1 flock /tmp/lp-heavy.lock python benchmarks/bench_patch_kinds.py \
          [--n 3 5 7] [--calib quick] [--ppl-windows 16] [--plant 0] [--out NAME]

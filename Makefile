@@ -4,7 +4,7 @@ TORCH  ?= torch==2.13.0
 export LP_DATA_DIR ?= $(abspath ../shared/data)
 ARGS   ?=
 
-.PHONY: help setup run test test-fast lint bench clean
+.PHONY: help setup run test test-fast test-quick lint bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -21,6 +21,9 @@ test:  ## the whole test suite (real-model tests included)
 
 test-fast:  ## tests without the real SmolLM2 model
 	$(PY) -m pytest -q -m "not real"
+
+test-quick:  ## the quick loop: neither real-model nor slow (end-to-end) tests
+	$(PY) -m pytest -q -m "not real and not slow"
 
 lint:  ## ruff
 	$(PY) -m ruff check lp tests benchmarks run.py

@@ -17,6 +17,28 @@ def make_cfg(tmp_path: Path, overrides: list[str] = ()):
         return compose("config", overrides=[f"paths.output_dir={tmp_path}", f"data.root={DATA}", *overrides])
 
 
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> Path:
+    """A cache root for this test session. Converted models already in the user's cache are linked
+    in read-only use (not converted again); everything else (calibration statistics, scores,
+    teacher logits, new conversions) is written here, never into the user's cache."""
+    user = Path(os.environ.get("LP_CACHE_DIR") or Path.home() / ".cache" / "lp")
+    root = tmp_path_factory.mktemp("lpcache")
+    if (user / "models").is_dir():
+        (root / "models").mkdir()
+        for model in sorted((user / "models").iterdir()):
+            if model.is_dir() and not model.name.startswith("."):
+                (root / "models" / model.name).symlink_to(model.resolve(), target_is_directory=True)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(session_cache, monkeypatch):
+    """Every test reads and writes the session cache (`LP_CACHE_DIR`); tests that need an empty
+    cache set their own."""
+    monkeypatch.setenv("LP_CACHE_DIR", str(session_cache))
+
+
 @pytest.fixture
 def cfg_factory(tmp_path):
     return lambda *overrides: make_cfg(tmp_path, list(overrides))

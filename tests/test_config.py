@@ -98,6 +98,7 @@ def compose_jobs(preset: str, jobs: list[list[str]]):
         yield job, cfg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_and_every_grid_point_composes(hydra_ctx, preset):
     cfg = make(f"sweeps={preset}", hydra_cfg=True)
@@ -188,3 +189,18 @@ def test_dense_twins_one_per_model_and_eval_settings(hydra_ctx):
     assert with_dense_jobs(with_dense, "linearpatch") == [["model=b", "pruner=none", "patch=none", "distill=none"],
                                                          *with_dense]
     assert with_dense_jobs([["model=a"]], "none") == [["model=a"]]  # a dense grid: nothing added
+
+
+def test_eval_full_composes_its_sections_and_calib_quick_inherits(hydra_ctx):
+    full, ppl = make("eval=full").eval, make("eval=ppl").eval.ppl
+    assert set(full) == {"ppl", "qa", "mmlu"}
+    assert full.qa == make("eval=qa").eval.qa and full.mmlu == make("eval=mmlu").eval.mmlu
+    assert list(full.ppl.datasets) == ["wikitext2", "ptb"]
+    assert {k: v for k, v in full.ppl.items() if k != "datasets"} == {k: v for k, v in ppl.items() if k != "datasets"}
+    for option, section in (("ppl", "ppl"), ("qa", "qa"), ("mmlu", "mmlu"), ("quick", "ppl"), ("qa_quick", "qa")):
+        assert set(make(f"eval={option}").eval) == {section}  # each file owns its section only
+    quick = make("eval=quick").eval.ppl
+    assert {k for k in ppl if quick[k] != ppl[k]} == {"seqlen", "batch_size", "max_windows"}
+    base, small = make("calib=wikitext2_tok").calib, make("calib=quick").calib
+    assert {k for k in base if small[k] != base[k]} == {"nsamples", "seqlen", "batch_size"}
+    assert (small.nsamples, small.seqlen, small.batch_size) == (16, 512, 4) and set(small) == set(base)

@@ -63,9 +63,18 @@ def test_c4_protocol_picks_long_documents_with_seeded_windows():
     from lp.models import byte_tokenizer
 
     tok = byte_tokenizer()
-    rows = ["short", "x" * 50 + "abcdefghij" * 10, "tiny"]
-    a = data.c4_windows(tok, rows, seqlen=20, nsamples=3, seed=0)
-    assert a.shape == (3, 20) and torch.equal(a, data.c4_windows(tok, rows, seqlen=20, nsamples=3, seed=0))
+    docs = ["abcdefghij" * 5, "KLMNOPQRST" * 6, "0123456789" * 4]  # long documents, disjoint alphabets
+    rows = ["short", docs[0], "tiny", docs[1], docs[2]]
+    a = data.c4_windows(tok, rows, seqlen=20, nsamples=8, seed=0)
+    assert a.shape == (8, 20) and torch.equal(a, data.c4_windows(tok, rows, seqlen=20, nsamples=8, seed=0))
+    assert not torch.equal(a, data.c4_windows(tok, rows, seqlen=20, nsamples=8, seed=1))
+    encoded = [tok(d, return_tensors="pt").input_ids[0].tolist() for d in docs]
+    source = []
+    for w in a.tolist():  # each window is a contiguous slice of exactly one long document
+        hits = [i for i, e in enumerate(encoded) if any(e[s:s + 20] == w for s in range(len(e) - 19))]
+        assert len(hits) == 1, w
+        source.append(hits[0])
+    assert len(set(source)) >= 2  # one random document per window, not one document for all
 
 
 def test_ppl_sets_give_each_corpus_its_own_split():

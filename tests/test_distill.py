@@ -305,6 +305,7 @@ def test_run_rejects_distill_without_patch(cfg_factory):
         run(cfg)
 
 
+@pytest.mark.slow
 def test_run_distills_before_saving_and_reuses_the_teacher_cache(cfg_factory, tmp_path, monkeypatch):
     from lp.run import run
 

@@ -243,6 +243,7 @@ def compose_cfg(tmp_path, *overrides):
             "calib.split=validation", "eval=quick", "eval.ppl.max_windows=2", "eval.ppl.progress=false", *overrides])
 
 
+@pytest.mark.slow
 def test_run_sleb_end_to_end(tmp_path, monkeypatch):
     from lp.run import run
 

@@ -105,6 +105,7 @@ def test_reference_variant_range_and_unknown_variant():
         LinearPatchPruner(3, variant="ref")
 
 
+@pytest.mark.slow
 def test_second_run_loads_statistics_and_changed_seed_recomputes(cfg_factory, tmp_path, monkeypatch):
     """Through run(cfg): pruners and n share one cached pass; a new calibration seed is a new key."""
     from lp.run import run

@@ -35,6 +35,7 @@ def results(sweep: Path) -> dict[int, dict]:
 
 
 # --------------------------------------------------------------------------------------------- CLI
+@pytest.mark.slow
 def test_tiny_sweep_fails_one_job_aggregates_and_resumes(tmp_path):
     root = tmp_path / "multirun" / "tiny_smoke"
     first = cli(tmp_path, "sweeps=tiny_smoke", f"hydra.sweep.dir={root / 'first'}", "pruner.layers=[2,3],[9],[5]")
@@ -95,6 +96,7 @@ def test_tiny_sweep_fails_one_job_aggregates_and_resumes(tmp_path):
     assert r3[1]["status"] == "ok" and "resumed_from" not in r3[1] and r3[1]["metrics"] == r[3]["metrics"]
 
 
+@pytest.mark.slow
 def test_unknown_preset_fails_loudly(tmp_path):
     out = cli(tmp_path, "sweeps=tiny_smok")
     assert out.returncode != 0

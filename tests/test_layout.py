@@ -89,3 +89,14 @@ def test_package_data_lists_files_that_exist():
     for package, patterns in data.items():
         for pattern in patterns:
             assert list((REPO / package).glob(pattern)), f"package-data {package}: {pattern!r} matches no file"
+
+
+def test_readme_layout_matches_the_tree():
+    text = (REPO / "README.md").read_text()
+    block = text.split("## Layout", 1)[1].split("```")[1]
+    listed = {line.split()[0].rstrip("/") for line in block.splitlines() if line.strip() and not line.startswith(" ")}
+    entries = {f"lp/{p.name}".removesuffix(".py") + (".py" if p.suffix == ".py" else "")
+               for p in (REPO / "lp").iterdir()
+               if (p.suffix == ".py" and p.name != "__init__.py") or (p.is_dir() and (p / "__init__.py").exists())}
+    assert entries - listed == set(), "lp modules missing from the README's layout section"
+    assert [x for x in listed if not (REPO / x).exists()] == [], "README layout lists paths that do not exist"

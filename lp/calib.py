@@ -28,12 +28,9 @@ the dot products of every pair at once. The rotation H is the run's basis (`patc
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +38,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lp import cache
 from lp import hadamard as hd
-from lp.models import Decoder, StopForward, cache_dir, hidden_input
+from lp.models import Decoder, StopForward, hidden_input
 from lp.progress import bar
 
 log = logging.getLogger(__name__)
@@ -263,21 +261,16 @@ def _zero_diag(m):
 
 
 # --------------------------------------------------------------------------- caching
-def stats_dir(key: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    return cache_dir() / "calib" / digest
-
-
 def get_stats(ctx, fallback_seed: int | None = None, progress: bool | None = None) -> CalibStats:
     """The `CalibStats` of the dense model in `ctx` on `ctx.windows`, computed at most once.
 
-    Looked up, in order, on the context (same object for every caller of one run), then on disk in
-    `<lp cache>/calib/<sha256 of json.dumps(key, sort_keys=True)>/`, with key = `ctx.cache_key` +
-    statistics version + rotation basis; otherwise computed in one pass and saved atomically (a
-    temporary folder renamed into place). An empty `ctx.cache_key` disables the disk cache. The
-    rotated abs-means use the basis `ctx.hadamard` / `ctx.hadamard_seed` (`lp.hadamard.spec`), or
-    the seeded random orthogonal matrix `fallback_seed` (default `ctx.hadamard_fallback_seed`) where
-    that basis has no matrix for the hidden size; with neither, `abs_mean_rot` is None.
+    Looked up, in order, on the context (same object for every caller of one run), then in the cache
+    entry `<lp cache>/calib/<digest of key>/` (`lp.cache`), with key = `ctx.cache_key` + statistics
+    version + rotation basis; otherwise computed in one pass and stored there. An empty
+    `ctx.cache_key` disables the disk cache. The rotated abs-means use the basis `ctx.hadamard` /
+    `ctx.hadamard_seed` (`lp.hadamard.spec`), or the seeded random orthogonal matrix `fallback_seed`
+    (default `ctx.hadamard_fallback_seed`) where that basis has no matrix for the hidden size; with
+    neither, `abs_mean_rot` is None.
     `stats.cost` = {"seconds", "cached", "path"}.
     """
     if fallback_seed is None:
@@ -290,30 +283,27 @@ def get_stats(ctx, fallback_seed: int | None = None, progress: bool | None = Non
     if spec in memo:
         return memo[spec]
     t0 = time.perf_counter()
-    path = stats_dir({"ctx": ctx.cache_key, "version": STATS_VERSION, "rotation": spec}) if ctx.cache_key else None
-    stats = None
-    if path is not None and (path / "meta.json").is_file():
-        try:
-            stats = CalibStats.load(path)
-        except Exception as e:  # corrupt/old entry: recompute
-            log.warning("ignoring unreadable calibration cache %s (%s: %s)", path, type(e).__name__, e)
-    if stats is not None:
-        stats.cost = {"seconds": round(time.perf_counter() - t0, 3), "cached": True, "path": str(path)}
-        log.info("calibration statistics loaded from %s in %.2fs", path, stats.cost["seconds"])
-    else:
+
+    def compute() -> CalibStats:
         rotation = hd.Rotation(D, kind, seed, fallback_seed) if spec is not None else None
-        windows = ctx.windows
-        stats = collect(ctx.model, windows, ctx.batch_size, rotation, progress)
+        stats = collect(ctx.model, ctx.windows, ctx.batch_size, rotation, progress)
         stats.meta["calibration"] = ctx.calib_provenance
         stats.meta["key"] = ctx.cache_key
-        if path is not None:
-            _save_atomic(stats, path)
-        stats.cost = {"seconds": round(time.perf_counter() - t0, 3), "cached": False,
-                      "path": str(path) if path else None}
-        log.info("calibration statistics computed in %.2fs (%d windows x %d tokens)%s", stats.cost["seconds"],
-                 *windows.shape, f", saved to {path}" if path else "")
-    if stats.cost["cached"]:
+        return stats
+
+    if ctx.cache_key:
+        key = {"ctx": ctx.cache_key, "version": STATS_VERSION, "rotation": spec}
+        got = cache.fetch("calib", key, build=lambda tmp: compute().save(tmp), load=CalibStats.load)
+        stats, hit, path = got.value, got.hit, str(got.path) if got.cached else None
+    else:
+        stats, hit, path = compute(), False, None
+    stats.cost = {"seconds": round(time.perf_counter() - t0, 3), "cached": hit, "path": path}
+    if hit:
+        log.info("calibration statistics loaded from %s in %.2fs", path, stats.cost["seconds"])
         ctx.cached_provenance = stats.meta.get("calibration")
+    else:
+        log.info("calibration statistics computed in %.2fs (%d windows x %d tokens)%s", stats.cost["seconds"],
+                 *ctx.windows.shape, f", saved to {path}" if path else "")
     memo[spec] = stats
     return stats
 
@@ -324,13 +314,3 @@ def similarity(ctx) -> list[list[float]] | None:
     memo = ctx.__dict__.get(_CTX_ATTR) or {}
     stats = next(iter(memo.values()), None)
     return None if stats is None else [[round(float(v), 4) for v in row] for row in stats.cos_token.tolist()]
-
-
-def _save_atomic(stats: CalibStats, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    stats.save(tmp)
-    try:
-        os.replace(tmp, path)
-    except OSError:  # another process won the race: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from lp import cache
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,8 @@ PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers")
 
 
 def cache_dir() -> Path:
-    """Root of lp's on-disk caches (converted models, calibration statistics, teacher logits)."""
-    return Path(os.environ.get("LP_CACHE_DIR", Path.home() / ".cache" / "lp"))
+    """Root of lp's on-disk caches: `lp.cache.root()`."""
+    return cache.root()
 
 
 def resolve_device(device: str | None = "auto") -> torch.device:
@@ -63,28 +64,28 @@ def gguf_path(package: str, file: str) -> Path:
 
 
 def convert_gguf(package: str, file: str) -> Path:
-    """Dequantize a packaged GGUF once into `<cache>/models/<file stem>` (safetensors, float32)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
+    """Dequantize a packaged GGUF once into the cache entry `<cache>/models/<file stem>` (safetensors,
+    float32; see `lp.cache`: concurrent runs convert once, a damaged entry is rebuilt)."""
     src = gguf_path(package, file)
-    out = cache_dir() / "models" / src.stem
-    if (out / "config.json").is_file():
-        return out
-    log.info("converting %s to %s (once)", src, out)
-    kwargs = dict(gguf_file=src.name)
-    model = AutoModelForCausalLM.from_pretrained(
-        src.parent, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32, **kwargs
-    )
-    tokenizer = AutoTokenizer.from_pretrained(src.parent, **kwargs)
-    if getattr(model, "hf_quantizer", None) is not None:  # saving needs the GGUF quantizer gone
-        model.hf_quantizer.remove_quantization_config(model)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.replace(out)  # atomic: a crashed conversion never leaves a half-written cache
-    return out
+
+    def build(out: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+        log.info("converting %s into the cache (once)", src)
+        kwargs = dict(gguf_file=src.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            src.parent, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32, **kwargs
+        )
+        tokenizer = AutoTokenizer.from_pretrained(src.parent, **kwargs)
+        if getattr(model, "hf_quantizer", None) is not None:  # saving needs the GGUF quantizer gone
+            model.hf_quantizer.remove_quantization_config(model)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    key = {"package": package, "file": file, "bytes": src.stat().st_size}
+    return cache.fetch("models", key, build, load=lambda path: path, name=src.stem).path
 
 
 def byte_tokenizer():

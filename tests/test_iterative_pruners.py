@@ -199,8 +199,8 @@ def test_disk_cache_reuses_scores_across_n(tmp_path, monkeypatch):
         assert again.info["scores"] == first.info["scores"]
         assert again.removed == sorted(cls(n=2, disk_cache=False).select(ctx()).info["order"])
 
-    path = Path(first.info["disk_cache"]["path"])
-    path.write_text("{not json")  # corrupt entry: ignored and recomputed
+    path = Path(first.info["disk_cache"]["path"]) / "value.json"
+    path.write_text("{not json")  # corrupt entry (same size or not): ignored, removed and recomputed
     assert TaylorPruner(n=1).select(ctx()).info["scores"] == first.info["scores"]
     assert json.loads(path.read_text())["value"]["scores"] == first.info["scores"]["values"]
 

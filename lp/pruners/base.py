@@ -6,10 +6,8 @@ h_L = last layer output before the final norm.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -19,8 +17,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from lp import cache
 from lp.calib import check_block
-from lp.models import cache_dir
 
 log = logging.getLogger(__name__)
 SCORES_VERSION = 2  # bump when stored pruner scores (or the entry format) change (invalidates the disk cache)
@@ -174,36 +172,33 @@ def per_layer(values: dict[int, float], num_layers: int) -> list[float | None]:
 
 # --------------------------------------------------------------------------- disk cache
 class ScoreCache:
-    """A pruner's scores for one model + calibration set: `<lp cache>/select/<method>-<sha256>.json`.
+    """A pruner's scores for one model + calibration set: the `lp.cache` entry
+    `<lp cache>/select/<method>-<digest>/value.json`.
 
     So a sweep over n scores once: `ppl`/`taylor` scores do not depend on n, and SLEB's greedy steps
     for n are the first n steps for any larger n. Key = `ctx.cache_key` (model config, data source,
     calibration settings) + method + `settings` that change the values + batch size, device type,
-    dtype and `SCORES_VERSION`; the file repeats the key and an entry whose key differs is ignored.
+    dtype and `SCORES_VERSION` (kept in the entry's manifest; an entry with another key is rebuilt).
     It also records the calibration provenance, which `load` hands to `ctx.cached_provenance`.
     Disabled (`path` None) when `enabled` is false or `ctx.cache_key` is empty (tests, benchmarks).
-    Reading and writing happen only in `load` / `save`; writes are atomic (temp file + rename).
+    Reading and writing happen only in `load` / `save`.
     """
 
     def __init__(self, ctx, method: str, enabled: bool = True, **settings):
         self.ctx = ctx
         param = next(ctx.model.parameters())
-        self.key = json.loads(json.dumps({
+        self.key = cache.normal_key({
             "ctx": ctx.cache_key, "method": method, "settings": settings, "batch_size": ctx.batch_size,
             "device": param.device.type, "dtype": str(param.dtype), "version": SCORES_VERSION,
-        }, sort_keys=True, default=str))
-        digest = hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:20]
-        self.path = cache_dir() / "select" / f"{method}-{digest}.json" if enabled and ctx.cache_key else None
+        })
+        self.name = f"{method}-{cache.digest(self.key)}"
+        self.path = cache.root() / "select" / self.name if enabled and ctx.cache_key else None
 
     def load(self) -> dict | None:
-        if self.path is None or not self.path.is_file():
+        if self.path is None:
             return None
-        try:
-            entry = json.loads(self.path.read_text())
-        except (OSError, ValueError) as e:
-            log.warning("ignoring unreadable score cache %s (%s)", self.path, e)
-            return None
-        if entry.get("key") != self.key:
+        entry = cache.read("select", self.key, _read_scores, name=self.name)
+        if entry is None:
             return None
         self.ctx.cached_provenance = entry.get("calibration")
         return entry["value"]
@@ -211,11 +206,16 @@ class ScoreCache:
     def save(self, value: dict) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(f"{self.path}.{os.getpid()}.tmp")
-        entry = {"key": self.key, "calibration": self.ctx.calib_provenance, "value": value}
-        tmp.write_text(json.dumps(entry, default=str))
-        os.replace(tmp, self.path)
+        entry = {"calibration": self.ctx.calib_provenance, "value": value}
+        cache.store("select", self.key, lambda tmp: (tmp / "value.json").write_text(json.dumps(entry, default=str)),
+                    name=self.name)
+
+
+def _read_scores(path: Path) -> dict:
+    entry = json.loads((path / "value.json").read_text())
+    if not isinstance(entry, dict) or "value" not in entry:
+        raise ValueError("value.json holds no scores")
+    return entry
 
     def info(self, **extra) -> dict:
         return {"path": str(self.path) if self.path else None, **extra}

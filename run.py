@@ -4,16 +4,20 @@ A thin Hydra shim over `lp.run.run(cfg)`. One run: bad input ends with a one-lin
 code 2; any other error propagates (traceback, exit 1). Multirun (a `sweeps=` preset or `-m`): a
 failing job is logged and recorded as failed in its result.json, and the sweep goes on; a job whose
 identical configuration already finished in an earlier run of the same sweep is skipped and its
-result copied in (`resume=false` or `force=true` re-runs it; see `lp.callbacks`).
+result copied in (`resume=false` or `force=true` re-runs it; see `lp.callbacks`); once every job
+ended and the tables are written, the sweep exits 1 if any job failed. SIGTERM (preemption, `kill`)
+ends a run like Ctrl-C: result.json with status failed, exit 143.
 """
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from lp import callbacks
 from lp.callbacks import resume_job
 from lp.run import hydra_runtime, run
 from lp.tracking import log_finished
@@ -27,6 +31,7 @@ def main(cfg: DictConfig) -> dict | None:
 
     hc = HydraConfig.get()
     multirun = hc.mode.name == "MULTIRUN"
+    signal.signal(signal.SIGTERM, terminated)  # SLURM preemption, `kill`: result.json says failed, like Ctrl-C
     if multirun and cfg.resume and not cfg.force:
         prev = resume(cfg, hc)
         if prev is not None:
@@ -63,5 +68,19 @@ def resume(cfg: DictConfig, hc) -> dict | None:
     return prev
 
 
+class Terminated(BaseException):
+    """SIGTERM received: ends the run (and a sweep) like KeyboardInterrupt, recorded as failed."""
+
+
+def terminated(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM kills at once
+    raise Terminated("terminated by SIGTERM (preempted or killed)")
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Terminated as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
+    sys.exit(callbacks.sweep_exit_code())  # a sweep with a failed job exits 1 (after its tables are written)

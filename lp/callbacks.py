@@ -9,9 +9,10 @@ Callbacks (registered in ``conf/config.yaml`` under ``hydra.callbacks``):
   and logs the ok/failed counts. It never raises: a failure is logged, the result files stay.
 
 Resume (called by the ``run.py`` shim for each multirun job, unless ``resume=false`` or
-``force=true``): :func:`resume_job` looks for ``<sweep root>/*/*/result.json`` -- every job of
-every earlier run of the same sweep, the sweep root being the parent of ``hydra.sweep.dir``
-(``outputs/multirun/<sweep_name>``) -- with ``status: ok`` and the same :func:`config_hash`. The
+``force=true``): :func:`resume_job` looks for a result.json of every job of every earlier run of
+the same sweep (:func:`sweep_family`: the sibling folders of ``hydra.sweep.dir`` when its parent is
+``.../<sweep_name>``, as by default, else ``hydra.sweep.dir`` alone) with ``status: ok``, the same
+``sweep_name`` and the same :func:`config_hash`. The
 newest match is copied into the job dir (atomically) with ``resumed_from`` set, so aggregating the
 new sweep dir sees the whole grid. Jobs that failed, crashed or were killed (no result.json, or
 status failed/running) never match and run again.
@@ -67,11 +68,21 @@ class SweepProgress(Callback):
                      " ".join(config.hydra.overrides.task))
 
 
+_failed_sweeps: list[str] = []  # sweep dirs (this process) with a job that did not finish ok
+
+
+def sweep_exit_code() -> int:
+    """1 if a sweep run by this process had a job that did not finish ok (or could not be aggregated)."""
+    return 1 if _failed_sweeps else 0
+
+
 class AggregateOnMultirunEnd(Callback):
-    """Aggregates the sweep dir with :func:`lp.aggregate.write_all` after the last job; never raises."""
+    """Aggregates the sweep dir with :func:`lp.aggregate.write_all` after the last job; never raises.
+    A job that did not finish ok makes :func:`sweep_exit_code` 1 (the `run.py` shim's exit code)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        _failed_sweeps.append(str(sweep_dir))  # until aggregation shows every job ok
         try:
             from lp import aggregate
             from lp.report.messages import sweep_message
@@ -80,6 +91,8 @@ class AggregateOnMultirunEnd(Callback):
             records = aggregate.load_results(sweep_dir)
             failed = any(r["status"] != "ok" for r in records)
             log.log(logging.WARNING if failed else logging.INFO, "%s", sweep_message(config.get("sweep_name"), records, paths))
+            if not failed:
+                _failed_sweeps.remove(str(sweep_dir))
         except Exception:  # noqa: BLE001 - the jobs' results are safe; aggregation can be redone
             log.exception("aggregating %s failed; redo with `python -m lp.aggregate %s`", sweep_dir, sweep_dir)
         try:  # with a tracker: the aggregated tables and the dashboard's charts, in the sweep's group
@@ -119,27 +132,39 @@ def config_hash(config: dict | DictConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-_seen: dict[tuple[str, int], str | None] = {}  # (result.json, mtime_ns) -> hash if status ok, else None
+_seen: dict[tuple[str, int], tuple | None] = {}  # (result.json, mtime_ns) -> (hash, sweep_name) if ok
 
 
-def _ok_hash(path: Path) -> str | None:
+def _ok_hash(path: Path) -> tuple | None:
     try:
         key = (str(path), path.stat().st_mtime_ns)
         if key not in _seen:
             r = json.loads(path.read_text())
             ok = isinstance(r, dict) and r.get("status") == "ok" and isinstance(r.get("config"), dict)
-            _seen[key] = config_hash(r["config"]) if ok else None
+            _seen[key] = (config_hash(r["config"]), r["config"].get("sweep_name")) if ok else None
         return _seen[key]
     except (OSError, ValueError, TypeError):  # vanished, half-copied by hand, not JSON: not a match
         return None
 
 
+def sweep_family(sweep_dir: str | Path, sweep_name: str | None) -> list[Path]:
+    """The result.json files resume may reuse: every job of every run of the same sweep, i.e. of the
+    sibling folders of `sweep_dir` when its parent is named after the sweep (the default layout
+    `outputs/multirun/<sweep_name>/<timestamp>/<job>`), else only the jobs of `sweep_dir` itself
+    (e.g. `hydra.sweep.dir=scratch/new` never reuses `scratch/other`)."""
+    sweep = Path(sweep_dir).resolve()
+    if sweep_name is not None and sweep.parent.name == str(sweep_name):
+        return list(sweep.parent.glob("*/*/result.json"))
+    return list(sweep.glob("*/result.json"))
+
+
 def find_finished(config: dict | DictConfig, sweep_dir: str | Path) -> Path | None:
-    """Newest ``<parent of sweep_dir>/*/*/result.json`` with status ok and the config hash of
-    ``config``; None if there is none."""
-    want = config_hash(config)
-    root = Path(sweep_dir).resolve().parent
-    found = [p for p in root.glob("*/*/result.json") if _ok_hash(p) == want]
+    """Newest result.json of :func:`sweep_family` with status ok, the same ``sweep_name`` and the
+    config hash of ``config``; None if there is none."""
+    if isinstance(config, DictConfig):
+        config = OmegaConf.to_container(config, resolve=True)
+    want = (config_hash(config), config.get("sweep_name"))
+    found = [p for p in sweep_family(sweep_dir, want[1]) if _ok_hash(p) == want]
     return max(found, key=lambda p: p.stat().st_mtime_ns, default=None)
 
 

@@ -143,7 +143,7 @@ def load_model(cfg) -> tuple[nn.Module, object]:
         model = tiny_model(**cfg.tiny).to(dtype)
         return model.to(resolve_device(cfg.device)), byte_tokenizer()
     source = model_source(cfg)
-    kwargs = dict(trust_remote_code=bool(cfg.get("trust_remote_code", False)), revision=cfg.get("revision"))
+    kwargs = hub_kwargs(cfg, source)
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     device_map = cfg.get("device_map")
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map, **kwargs)
@@ -167,15 +167,66 @@ def model_source(cfg) -> str:
     return src
 
 
+def trust_remote_code(cfg) -> bool:
+    """`model.trust_remote_code`: True only for the boolean true (a string such as "false" is an error)."""
+    value = cfg.get("trust_remote_code", False)
+    if not isinstance(value, bool):
+        raise ValueError(f"model.trust_remote_code={value!r}: must be true or false (a YAML boolean, not a string)")
+    return value
+
+
+def hub_kwargs(cfg, source: str) -> dict:
+    """`from_pretrained` keyword arguments: remote code only if allowed; for a hub id, local files only
+    (the Hugging Face cache) when the hub cannot be reached."""
+    kwargs = dict(trust_remote_code=trust_remote_code(cfg), revision=cfg.get("revision"))
+    if not Path(source).is_dir() and not hub_reachable():
+        kwargs["local_files_only"] = True
+    return kwargs
+
+
+_HUB: dict[str, bool] = {}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (False under HF_HUB_OFFLINE=1); cached."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    if url.hostname not in _HUB:
+        import socket
+
+        try:
+            socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+            _HUB[url.hostname] = True
+        except OSError:
+            _HUB[url.hostname] = False
+    return _HUB[url.hostname]
+
+
 def load_config(cfg):
-    """The model's `PretrainedConfig` only (cheap): used to validate settings before loading weights."""
+    """The model's `PretrainedConfig` only (cheap): used to validate settings before loading weights.
+    A hub id that cannot be fetched is one `FileNotFoundError` naming the model and the way out."""
     from transformers import AutoConfig
 
     if cfg.get("tiny"):
         return _tiny_config(cfg.tiny)
-    return AutoConfig.from_pretrained(
-        model_source(cfg), trust_remote_code=bool(cfg.get("trust_remote_code", False)), revision=cfg.get("revision")
-    )
+    source = model_source(cfg)
+    kwargs = hub_kwargs(cfg, source)
+    try:
+        return AutoConfig.from_pretrained(source, **kwargs)
+    except OSError as e:
+        if Path(source).is_dir():
+            raise
+        why = "the Hugging Face hub is unreachable" if kwargs.get("local_files_only") else \
+            f"the Hugging Face hub refused it ({str(e).strip().splitlines()[0]})"
+        raise FileNotFoundError(
+            f"model {cfg.name}: model.pretrained={source!r} is not a local folder or in the Hugging Face cache, "
+            f"and {why}; download it (e.g. `huggingface-cli download {source} --local-dir <folder>`) and "
+            f"set model.pretrained=<folder>") from None
 
 
 def _tiny_config(tiny):

@@ -26,11 +26,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lp import calib, data, distill, models, threads, verify
-from lp import patches as patch_kinds
+from lp import cache, calib, data, distill, models, threads, validate, verify
 from lp.evaluate import lm_eval_tasks
 from lp.evaluate.lm_eval_tasks import paper_scores, retained_performance
-from lp.evaluate.ppl import check_loss_dtype, perplexity
+from lp.evaluate.ppl import perplexity
 from lp.export import save_pruned
 from lp.patch import insert_patches
 from lp.pruners import PruneContext
@@ -96,51 +95,6 @@ def hydra_runtime() -> tuple[dict, list[str]]:
     return choices, list(hc.overrides.task)
 
 
-# ----------------------------------------------------------------------------- validation
-def validate(cfg: DictConfig, pruner, num_layers: int, max_positions: int | None,
-             hidden_size: int | None = None) -> None:
-    """Every check that needs no weights: raises ValueError / FileNotFoundError naming the bad value."""
-    pruner.check(num_layers)
-    kind = cfg.patch.kind
-    patch_kinds.check_name(kind)
-    verify.check_settings(cfg.calib, kind, getattr(pruner, "rerank", 0))
-    if kind != "none" and pruner.name == "none":
-        raise ValueError(f"patch={kind} needs layers to remove, but pruner=none removes nothing")
-    if kind != "none" and getattr(pruner, "width", False):
-        raise ValueError(f"patch={kind} bridges removed layers, but pruner={pruner.name} prunes width (attention "
-                         "heads and MLP channels) and removes no layer; use patch=none")
-    if hidden_size:
-        from lp.patch import check_patch  # noqa: PLC0415
-
-        check_patch(cfg.patch, hidden_size)  # e.g. no Hadamard matrix for this hidden size
-    seqlens = {"calib.seqlen": cfg.calib.seqlen}
-    if cfg.eval.get("ppl"):
-        seqlens["eval.ppl.seqlen"] = cfg.eval.ppl.seqlen
-        check_loss_dtype(cfg.eval.ppl.get("loss_dtype", "float32"))
-        for name, split in data.ppl_sets(cfg.eval.ppl.datasets, cfg.eval.ppl.split):
-            data.resolve(name, split, cfg.data.root, cfg.data.source)
-    for key, value in seqlens.items():
-        if value <= 1:
-            raise ValueError(f"{key}={value} must be > 1")
-        if max_positions and value > max_positions:
-            raise ValueError(f"{key}={value} exceeds the model's context ({max_positions} positions)")
-    for section in ("qa", "mmlu"):
-        if cfg.eval.get(section):
-            lm_eval_tasks.check_tasks(cfg.eval[section].tasks, cfg.data.root)
-    if cfg.eval.get("qa") and cfg.eval.qa.dense_reference:
-        dense_reference(cfg, list(cfg.eval.qa.tasks))
-    if pruner.needs_calibration or kind != "none" or (cfg.calib.get("nval") and pruner.name != "none"):
-        # patch scales and the held-out windows need the calibration corpus too
-        data.resolve(cfg.calib.corpus, cfg.calib.split, cfg.data.root, cfg.data.source)
-    if cfg.distill.name != "none":
-        if kind == "none":
-            raise ValueError(f"distill={cfg.distill.name} needs a patch to train, but patch=none; "
-                             "use patch=rotate or patch=diag")
-        from lp import distill as distill_mod  # noqa: PLC0415
-
-        distill_mod.check_config(cfg.distill, max_positions)
-
-
 # ----------------------------------------------------------------------------- pipeline
 def run(cfg: DictConfig) -> dict:
     """Prune, patch, (distill), evaluate and log one configuration. Returns the result dict."""
@@ -155,7 +109,8 @@ def run(cfg: DictConfig) -> dict:
     }
     trackers = []  # the tracker `recipe` starts once the run has a name; finished here, also on failure
     try:
-        recipe(cfg, out, stages, result, trackers)
+        with cache.using(cfg.paths.get("cache_dir")):
+            recipe(cfg, out, stages, result, trackers)
         result["status"] = "ok"
     except BaseException as e:
         result.update(status="failed", error=f"{type(e).__name__}: {e}")
@@ -175,12 +130,15 @@ def recipe(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: l
     that finished)."""
     result["runtime"], warnings = threads.apply(cfg.runtime.threads)  # first: before any torch work
     result.setdefault("warnings", []).extend(warnings)
+    validate.settings(cfg, hydra_runtime()[0])  # every setting, before anything is built or loaded
     torch.manual_seed(cfg.seed)
     pruner = build(cfg.pruner)
     mconf = models.load_config(cfg.model)
     num_layers = mconf.num_hidden_layers
-    validate(cfg, pruner, num_layers, getattr(mconf, "max_position_embeddings", None),
-             getattr(mconf, "hidden_size", None))
+    validate.against_model(cfg, pruner, num_layers, getattr(mconf, "max_position_embeddings", None),
+                           getattr(mconf, "hidden_size", None))
+    if cfg.eval.get("qa") and cfg.eval.qa.dense_reference:
+        dense_reference(cfg, list(cfg.eval.qa.tasks))
     result["name"] = run_name(cfg, pruner, result["overrides"])
     tracker = start_tracker(cfg, out, result, job_type=pruner.name)  # hand on to stages that log curves
     trackers.append(tracker)

@@ -69,10 +69,11 @@ def test_per_dataset_splits_and_official_loss_in_one_run(cfg_factory):
         assert math.isclose(r["metrics"][name], accurate["metrics"][name], rel_tol=1e-5)
 
 
-def test_missing_local_split_is_a_clear_error(cfg_factory):
+def test_missing_local_split_is_a_clear_error(cfg_factory, tmp_path):
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="expected .*ptb/train.txt|no local file"):
         run(cfg_factory(*TINY, "data.source=local", "eval.ppl.datasets=[ptb]", "eval.ppl.split=train",
-                        f"data.root={DATA.parent / 'nowhere'}"))
+                        f"data.root={tmp_path / 'empty'}"))
 
 
 @pytest.mark.slow

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
@@ -264,31 +263,30 @@ class _Lock:
 
 def _clean_stale(folder: Path, own: str) -> None:
     """Remove temporary folders of writers that died: those of entry `own` (whose lock this process
-    holds) and those whose entry's lock nobody holds."""
+    holds) and those whose entry's lock nobody holds (a live writer holds its lock until it renames)."""
     for tmp in folder.glob(".*.tmp-*"):
         name = tmp.name[1:].rsplit(".tmp-", 1)[0]
-        if name == own:
+        if name == own or not _locked_elsewhere(_lock_path(folder / name)):
             log.info("cache: removing %s, left by a writer that did not finish", tmp)
             shutil.rmtree(tmp, ignore_errors=True)
-            continue
-        try:
-            fd = os.open(_lock_path(folder / name), os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            held = True  # a live writer (or this process, for its own entry) holds it
-        else:
-            held = False
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
-        if not held:
-            log.info("cache: removing %s, left by a writer that did not finish", tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _locked_elsewhere(lock: Path) -> bool:
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True  # cannot tell: leave the folder alone
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 def _uncached(kind: str, build, load, why: str) -> Fetched:

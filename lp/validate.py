@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "conf"  # the repository's; a Hydra app's own comes first
 OPEN = ("model.tiny",)  # nodes whose extra keys are passed on as keyword arguments (tiny model config)
 ANY = "any"  # type of a default that is an interpolation (`${oc.env:...}`) or null
 
@@ -113,8 +113,20 @@ def _fits(value, allowed: set) -> bool:
 
 
 # ----------------------------------------------------------------------------- settings
-def settings(cfg: DictConfig, choices: dict | None = None, conf: Path = CONF) -> None:
+def conf_dir() -> Path:
+    """The primary config folder of the running Hydra app (`run.py`'s `conf/`), else `CONF`."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        for src in HydraConfig.get().runtime.config_sources:
+            if src.provider == "main" and src.schema == "file":
+                return Path(src.path)
+    return CONF
+
+
+def settings(cfg: DictConfig, choices: dict | None = None, conf: Path | None = None) -> None:
     """Check `cfg` against its defaults and the value rules; raises naming key, value and what is allowed."""
+    conf = conf or conf_dir()
     if conf.is_dir():
         types = schema(choices, conf)
         _walk(OmegaConf.to_container(cfg, resolve=True), "", types)

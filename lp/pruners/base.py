@@ -210,12 +210,12 @@ class ScoreCache:
         cache.store("select", self.key, lambda tmp: (tmp / "value.json").write_text(json.dumps(entry, default=str)),
                     name=self.name)
 
+    def info(self, **extra) -> dict:
+        return {"path": str(self.path) if self.path else None, **extra}
+
 
 def _read_scores(path: Path) -> dict:
     entry = json.loads((path / "value.json").read_text())
     if not isinstance(entry, dict) or "value" not in entry:
         raise ValueError("value.json holds no scores")
     return entry
-
-    def info(self, **extra) -> dict:
-        return {"path": str(self.path) if self.path else None, **extra}

@@ -97,12 +97,12 @@ def test_cache_is_reused_only_for_the_same_key(dense, tmp_path, cache):
     assert again.path == cache.path
     other = D.build_teacher(dense, windows(), 8, K - 1, {"test": 2}, root=tmp_path, progress=False)
     assert other.path != cache.path and other.k == K - 1
-    # a cache whose stored key differs from the requested one is refused, never reused
+    # an entry whose stored key differs from the requested one is never reused: it is rebuilt
     meta = json.loads((cache.path / "meta.json").read_text())
     meta["key"] = {"test": "tampered"}
     (cache.path / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(RuntimeError, match="different key"):
-        D.build_teacher(dense, windows(), 8, K, {"test": 1}, root=tmp_path, progress=False)
+    rebuilt = D.build_teacher(dense, windows(), 8, K, {"test": 1}, root=tmp_path, progress=False)
+    assert rebuilt.path == cache.path and rebuilt.meta["key"] == {"test": 1}
 
 
 def test_teacher_key_changes_with_k_seed_and_model(cfg_factory):
@@ -125,7 +125,7 @@ def test_not_enough_disk_fails_before_writing(dense, tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=1000))
     with pytest.raises(OSError, match="not enough disk for the teacher cache"):
         D.build_teacher(dense, windows(), 8, K, {"disk": 1}, root=tmp_path, progress=False)
-    assert list(tmp_path.iterdir()) == []
+    assert list((tmp_path / "teacher").iterdir()) == []  # no entry, no temporary folder
 
 
 def test_crash_while_writing_leaves_no_cache(dense, tmp_path):
@@ -140,7 +140,7 @@ def test_crash_while_writing_leaves_no_cache(dense, tmp_path):
     handle = model.register_forward_pre_hook(boom)
     with pytest.raises(KeyboardInterrupt):
         D.build_teacher(model, windows(), 8, K, {"crash": 1}, root=tmp_path, batch_size=3, progress=False)
-    assert list(tmp_path.iterdir()) == []
+    assert list((tmp_path / "teacher").iterdir()) == []  # no entry, no temporary folder
     handle.remove()
     cache = D.build_teacher(model, windows(), 8, K, {"crash": 1}, root=tmp_path, batch_size=3, progress=False)
     assert torch.equal(cache.get(range(10))[1], direct_topk(dense, windows())[0])

@@ -145,6 +145,23 @@ def test_truncated_calibration_statistics_are_rebuilt_once(tmp_path, monkeypatch
     assert torch.equal(third.cos_token, first.cos_token)
 
 
+@pytest.mark.parametrize("file", ["topk_val.npy", "ids.npy"])
+def test_truncated_teacher_logits_are_rebuilt(tmp_path, caplog, file):
+    from lp.distill import build_teacher
+
+    model = models.tiny_model(num_layers=2)
+    windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
+    first = build_teacher(model, windows, 3, 5, {"t": 1}, root=tmp_path, progress=False)
+    reference = [x.clone() for x in first.get(range(4))]
+    f = first.path / file
+    del first
+    os.truncate(f, f.stat().st_size - 40)
+    with caplog.at_level(logging.WARNING, logger="lp.cache"):
+        again = build_teacher(model, windows, 3, 5, {"t": 1}, root=tmp_path, progress=False)
+    assert "truncated" in caplog.text and f.stat().st_size > 0
+    assert all(torch.equal(a, b) for a, b in zip(again.get(range(4)), reference, strict=True))
+
+
 def test_leftover_temporary_folders_of_killed_writers_are_removed(tmp_path, monkeypatch):
     monkeypatch.setenv("LP_CACHE_DIR", str(tmp_path))
     stale = [tmp_path / "x" / ".other.tmp-999999-dead", tmp_path / "x" / f".{cache.digest({'a': 1})}.tmp-1-dead"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
-from lp import data, models
+from lp import cache, data
 from lp.distill.config import DTYPE_NAMES
 
 log = logging.getLogger(__name__)
@@ -80,91 +79,78 @@ class TeacherCache:
                 vals)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @torch.no_grad()
 def build_teacher(model: nn.Module, windows: torch.Tensor, ntrain: int, k: int, key: dict,
                   root: Path | None = None, batch_size: int = 1, progress: bool = True) -> TeacherCache:
-    """Top-k logits of `model` (the dense teacher) on `windows [N, T]`, cached under
-    `root / key_hash(key)` (default `cache_dir()/teacher`). Reuses a complete cache with the same
-    key; otherwise estimates its size, checks free disk (OSError before writing anything) and
-    writes it into a temporary folder renamed into place when complete (a crash never leaves a
-    cache that a later run would read)."""
-    root = Path(root) if root is not None else models.cache_dir() / "teacher"
-    h = key_hash(key)
-    path = root / h
-    if (path / "meta.json").is_file():
-        log.info("teacher cache: reusing %s", path)
-        return _open(path, key)
+    """Top-k logits of `model` (the dense teacher) on `windows [N, T]`: the `lp.cache` entry
+    `teacher/<key_hash(key)>` under `root` (default: the cache root). Reuses a complete entry with the
+    same key (a damaged one is rebuilt); otherwise estimates its size, checks free disk (OSError
+    before writing any of it) and writes it (`lp.cache.fetch`: once across concurrent runs)."""
     n, seqlen = windows.shape
     head = model.get_output_embeddings()
-    vocab = head.weight.shape[0]
-    if not 1 <= k <= vocab:
-        raise ValueError(f"distill.k={k} must be in [1, {vocab}] (the model's vocabulary size)")
+    if not 1 <= k <= head.weight.shape[0]:
+        raise ValueError(f"distill.k={k} must be in [1, {head.weight.shape[0]}] (the model's vocabulary size)")
     est = cache_bytes(n, seqlen, k, head.weight.element_size())
-    root.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(root).free
-    log.info("teacher cache: writing %d windows x %d tokens, k=%d: ~%.1f MB to %s (%.1f GB free)",
-             n, seqlen, k, est / 2**20, path, free / 2**30)
-    if free < est + DISK_MARGIN:
-        raise OSError(f"not enough disk for the teacher cache: needs ~{est / 2**30:.2f} GB "
-                      f"(+{DISK_MARGIN >> 20} MB margin) in {root}, {free / 2**30:.2f} GB free; "
+
+    def build(tmp: Path) -> None:
+        _check_disk(tmp.parent, est)
+        log.info("teacher cache: writing %d windows x %d tokens, k=%d: ~%.1f MB", n, seqlen, k, est / 2**20)
+        _write(model, windows, ntrain, k, key, tmp, batch_size, progress)
+
+    with cache.using(root):
+        got = cache.fetch("teacher", key, build, load=lambda p: _open(p, key), name=key_hash(key))
+    if got.hit:
+        log.info("teacher cache: reusing %s", got.path)
+    return got.value
+
+
+def _check_disk(folder: Path, need: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < need + DISK_MARGIN:
+        raise OSError(f"not enough disk for the teacher cache: needs ~{need / 2**30:.2f} GB "
+                      f"(+{DISK_MARGIN >> 20} MB margin) in {folder}, {free / 2**30:.2f} GB free; "
                       "free space, set LP_CACHE_DIR elsewhere, or lower distill.nsamples/seqlen/k")
-    for stale in root.glob(f".{h}.tmp-*"):  # leftovers of crashed writers
-        if not _pid_alive(int(stale.name.rsplit("-", 1)[1])):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = root / f".{h}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        device = next(model.parameters()).device
-        ids = np.lib.format.open_memmap(tmp / "ids.npy", "w+", np.int32, (n, seqlen))
-        ids[:] = windows.numpy()
-        idx_mm = np.lib.format.open_memmap(tmp / "topk_idx.npy", "w+", np.int32, (n, seqlen, k))
-        val_mm, vdtype = None, None
-        for i in tqdm(range(0, n, batch_size), desc="teacher top-k", disable=not progress, unit="batch"):
-            logits = model(input_ids=windows[i:i + batch_size].to(device), use_cache=False).logits
-            top = logits.topk(k, dim=-1)
-            if val_mm is None:
-                vdtype = top.values.dtype
-                np_dtype = np.int16 if vdtype in _BITS else np.float32
-                val_mm = np.lib.format.open_memmap(tmp / "topk_val.npy", "w+", np_dtype, (n, seqlen, k))
-            vals = top.values.cpu()
-            vals = vals.view(_BITS[vdtype]) if vdtype in _BITS else vals.float()
-            val_mm[i:i + batch_size] = vals.numpy()
-            idx_mm[i:i + batch_size] = top.indices.cpu().to(torch.int32).numpy()
-        for mm in (ids, idx_mm, val_mm):
-            mm.flush()
-        del ids, idx_mm, val_mm
-        meta = {"format": FORMAT_VERSION, "key": key, "hash": h, "ntrain": int(ntrain), "nval": int(n - ntrain),
-                "seqlen": int(seqlen), "k": int(k), "values_dtype": str(vdtype).removeprefix("torch."),
-                "bytes": sum(f.stat().st_size for f in tmp.iterdir()), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another process completed the same cache first
-            if not (path / "meta.json").is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return _open(path, key)
+
+
+def _write(model: nn.Module, windows: torch.Tensor, ntrain: int, k: int, key: dict, out: Path, batch_size: int,
+           progress: bool) -> None:
+    """Write `ids.npy`, `topk_idx.npy`, `topk_val.npy` and `meta.json` into the empty folder `out`."""
+    n, seqlen = windows.shape
+    device = next(model.parameters()).device
+    ids = np.lib.format.open_memmap(out / "ids.npy", "w+", np.int32, (n, seqlen))
+    ids[:] = windows.numpy()
+    idx_mm = np.lib.format.open_memmap(out / "topk_idx.npy", "w+", np.int32, (n, seqlen, k))
+    val_mm, vdtype = None, None
+    for i in tqdm(range(0, n, batch_size), desc="teacher top-k", disable=not progress, unit="batch"):
+        logits = model(input_ids=windows[i:i + batch_size].to(device), use_cache=False).logits
+        top = logits.topk(k, dim=-1)
+        if val_mm is None:
+            vdtype = top.values.dtype
+            np_dtype = np.int16 if vdtype in _BITS else np.float32
+            val_mm = np.lib.format.open_memmap(out / "topk_val.npy", "w+", np_dtype, (n, seqlen, k))
+        vals = top.values.cpu()
+        vals = vals.view(_BITS[vdtype]) if vdtype in _BITS else vals.float()
+        val_mm[i:i + batch_size] = vals.numpy()
+        idx_mm[i:i + batch_size] = top.indices.cpu().to(torch.int32).numpy()
+    for mm in (ids, idx_mm, val_mm):
+        mm.flush()
+    del ids, idx_mm, val_mm
+    meta = {"format": FORMAT_VERSION, "key": key, "hash": key_hash(key), "ntrain": int(ntrain),
+            "nval": int(n - ntrain), "seqlen": int(seqlen), "k": int(k),
+            "values_dtype": str(vdtype).removeprefix("torch."),
+            "bytes": sum(f.stat().st_size for f in out.iterdir()), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
 
 
 def _open(path: Path, key: dict) -> TeacherCache:
-    cache = TeacherCache(path)
-    if cache.meta["key"] != json.loads(json.dumps(key, default=str)):  # same hash, other identity: never reuse
-        raise RuntimeError(f"teacher cache {path} holds a different key than requested; delete it")
-    return cache
+    """The entry at `path`; an entry whose meta.json names another key is an error (`lp.cache` rebuilds it)."""
+    teacher = TeacherCache(path)
+    if teacher.meta["key"] != json.loads(json.dumps(key, default=str)):  # same hash, other identity: never reuse
+        raise ValueError(f"teacher cache {path} holds a different key than requested")
+    n, t, k = len(teacher), teacher.seqlen, teacher.k
+    if teacher.idx.shape != (n, t, k) or teacher.val.shape != (n, t, k):
+        raise ValueError(f"teacher cache {path}: arrays of shapes {teacher.idx.shape}, {teacher.val.shape}")
+    return teacher
 
 
 def distill_windows(cfg, tokenizer) -> tuple[torch.Tensor, torch.Tensor, dict]:

@@ -13,7 +13,8 @@ What one pass over W windows of T tokens collects (indices a, b in 0..L):
   * `cos_channel[a, b]`= reference LinearPatch code: per window, cosine over the *token* axis for each
     channel, averaged over channels, then over windows;
   * `abs_mean[w, l]`   = per channel mean over window w's tokens of |h_l|            -> [W, L+1, D];
-  * `abs_mean_rot[w, l]` = the same for |h_l H| (H: orthonormal Hadamard, row vectors) -> [W, L+1, D].
+  * `abs_mean_rot[w, l]` = the same for |h_l H| (H: the run's orthonormal basis, row vectors; computed in the
+    model's dtype for half-precision models, see `lp.hadamard.Rotation.apply`) -> [W, L+1, D].
 From these, the block score of any cut and the LinearPatch scales of any cut (a, b) and patch kind
 follow without another forward pass: `s_c = mean_w abs_mean[w, b, c] / abs_mean[w, a, c]`.
 
@@ -188,13 +189,13 @@ def collect(model, windows: torch.Tensor, batch_size: int = 1, rotation: hd.Rota
     abs_rot = torch.zeros(W, L + 1, D) if rotation is not None else None
     state: dict = {}
 
-    def take(idx, h):
-        h = h.float()  # [B, T, D]
+    def take(idx, h_model):
+        h = h_model.float()  # [B, T, D]
         w0, B = state["w0"], h.shape[0]
         ones = state["ones"]  # [B, 1, T]: sums over tokens as a matmul (~2.5x faster than a strided reduction)
         abs_mean[w0:w0 + B, idx] = (torch.bmm(ones, h.abs())[:, 0] / T).cpu()  # mean_t |h|
-        if abs_rot is not None:
-            abs_rot[w0:w0 + B, idx] = (torch.bmm(ones, rotation.apply(h).abs_())[:, 0] / T).cpu()
+        if abs_rot is not None:  # in the model's dtype where it is half precision (see Rotation.apply)
+            abs_rot[w0:w0 + B, idx] = (torch.bmm(ones, rotation.apply(h_model).abs_())[:, 0] / T).cpu()
         tok, ch = state["tok"], state["ch"]
         torch.div(h, torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min(1e-12), out=tok[idx])
         torch.div(h, torch.bmm(ones, h * h).sqrt_().clamp_min_(1e-12), out=ch[idx])

@@ -153,3 +153,15 @@ def test_rotation_unsupported_size_needs_fallback_seed():
 def test_constructed_basis_is_the_hadamard_function():
     assert torch.equal(basis(576, "constructed", dtype=torch.float32), hadamard(576))
     assert math.isclose(float(basis(576).abs().max()), 1 / 24)
+
+
+@pytest.mark.parametrize("kind, seed", [("constructed", None), ("official", None), ("random_hadamard", 2)])
+def test_rotation_of_half_precision_activations(kind, seed):
+    """bf16 x: one bf16 matmul with the exact ±1 matrix; only the result is rounded (to bf16)."""
+    r = Rotation(576, kind, seed)
+    x = torch.randn(2, 5, 576, generator=torch.Generator().manual_seed(1)).bfloat16()
+    ref = x.double() @ basis(576, kind, seed)
+    y = r.apply(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ref, rtol=2 ** -8, atol=1e-6)
+    assert not torch.equal(y, r.apply(x.float()))  # the float32 path is the exact one

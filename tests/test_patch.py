@@ -161,9 +161,10 @@ SMALL = ["model=tiny_llama", "calib.corpus=ptb", "calib.split=test", "calib.nsam
 
 def test_run_linearpatch_rotate_and_diag_end_to_end(cfg_factory, tmp_path, monkeypatch):
     monkeypatch.setenv("LP_CACHE_DIR", str(tmp_path / "cache"))
-    none = run(cfg_factory(*SMALL, "pruner=linearpatch", "pruner.n=3"))
-    rot = run(cfg_factory(*SMALL, "pruner=linearpatch", "pruner.n=3", "patch=rotate", "patch.save=true"))
-    diag = run(cfg_factory(*SMALL, "pruner=linearpatch", "pruner.n=3", "patch=diag"))
+    lp3 = ["pruner=linearpatch", "pruner.n=3", "pruner.variant=paper"]
+    none = run(cfg_factory(*SMALL, *lp3))
+    rot = run(cfg_factory(*SMALL, *lp3, "patch=rotate", "patch.save=true"))
+    diag = run(cfg_factory(*SMALL, *lp3, "patch=diag"))
     removed = none["pruning"]["removed_layers"]
     assert len(removed) == 3 and removed == rot["pruning"]["removed_layers"] == diag["pruning"]["removed_layers"]
     start = removed[0]

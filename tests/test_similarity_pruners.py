@@ -37,7 +37,7 @@ def test_linearpatch_paper_and_streamline_pick_naive_block(setup, n):
     naive = {i: naive_cos_token(h, i, i + n) for i in range(0, L - n + 1)}
     best = argbest(naive)
     ctx = make_ctx(model, windows, {})
-    for pruner in (LinearPatchPruner(n), StreamlinePruner(n)):
+    for pruner in (LinearPatchPruner(n, variant="paper"), StreamlinePruner(n)):
         sel = pruner.select(ctx)
         assert sel.removed == list(range(best, best + n))
         assert sel.info["scores"]["kind"] == "cosine_by_start"

@@ -3,8 +3,8 @@
 Remove the contiguous block [i, i+n) maximising the mean over calibration tokens of
 cos(h_i, h_{i+n}) (cosine over the hidden dim; h_l = stream entering dense layer l, h_L = last
 layer output before the final norm). `variant`:
-  * `paper` (default): per-token cosine over hidden, every start i = 0..L-n;
-  * `reference`: as the released code computes it: `torch.cosine_similarity(h_i, h_j)` on
+  * `paper`: per-token cosine over hidden, every start i = 0..L-n (as the paper's text reads);
+  * `reference` (default, chosen by evidence: README "Block rule"): as the released code computes it: `torch.cosine_similarity(h_i, h_j)` on
     [B, T, D] with the default dim=1, i.e. the cosine over the *token* axis per channel, averaged
     over channels and windows, and only starts i = 1..L-n-1 (first and last layer never removed).
 Scores come from the shared one-pass `lp.calib.CalibStats`, which also gives the patch scales.
@@ -18,7 +18,7 @@ class LinearPatchPruner(StatsPruner):
     name = "linearpatch"
     label = "LinearPatch block"
 
-    def __init__(self, n: int = 5, variant: str = "paper", rerank: int = 0):
+    def __init__(self, n: int = 5, variant: str = "reference", rerank: int = 0):
         if variant not in VARIANTS:
             raise ValueError(f"pruner.variant={variant!r}; choose one of {list(VARIANTS)}")
         super().__init__(n, rerank)

@@ -42,11 +42,13 @@ def main(folders: list[str]) -> str:
             seen.add(key)
             groups[(key[0], key[1])].append(r["metrics"])
     metrics = sorted({k for ms in groups.values() for m in ms for k in m if k.startswith("ppl/")})
+    dense = groups.pop((0, "none"), [])  # the sweep's dense job
     ns = sorted({n for n, _ in groups})
     labels = [lb for lb in ORDER if any((n, lb) in groups for n in ns)]
     lines = []
     for metric in metrics:
-        lines += [f"### {metric}", "", "| basis | " + " | ".join(f"n={n}" for n in ns) + " |",
+        lines += [f"### {metric}" + (f" (dense: {dense[0][metric]:.2f})" if dense else ""), "",
+                  "| basis | " + " | ".join(f"n={n}" for n in ns) + " |",
                   "|---" * (len(ns) + 1) + "|"]
         for lb in labels:
             row = [cell([m[metric] for m in groups[(n, lb)]]) if (n, lb) in groups else "" for n in ns]

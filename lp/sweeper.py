@@ -15,7 +15,11 @@ it works with any launcher.
 
 from __future__ import annotations
 
+import logging
+
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+log = logging.getLogger(__name__)
 
 # Override keys a dense job does not depend on (dropped from its twin): the pruning, the patch, its
 # distillation, the calibration that served them, and seeds (dense evaluation is deterministic).
@@ -39,6 +43,24 @@ def dense_job(job: list[str]) -> list[str]:
 def is_dense_job(job: list[str], default_pruner: str | None) -> bool:
     pruner = next((o.partition("=")[2] for o in job if _key(o) == "pruner"), default_pruner)
     return pruner in (None, "none")
+
+
+# Pruners that remove heads/channels instead of layers: a LinearPatch has no cut to bridge there, so a
+# grid's `patch=<kind>` jobs for them are left out (logged), e.g. LLM-Pruner rows in paper_qa.
+WIDTH_PRUNERS = ("llm_pruner",)
+
+
+def without_width_patches(jobs: list[list[str]]) -> list[list[str]]:
+    """``jobs`` minus those that pair a width pruner with a patch other than none (rejected by the run)."""
+    def bad(job):
+        ov = dict(o.lstrip("+~").partition("=")[::2] for o in job)
+        return ov.get("pruner") in WIDTH_PRUNERS and ov.get("patch", "none") != "none"
+
+    dropped = [j for j in jobs if bad(j)]
+    if dropped:
+        log.info("sweep: %d job(s) left out: %s prune width, patch must be none (%s)", len(dropped),
+                 "/".join(WIDTH_PRUNERS), "; ".join(" ".join(j) for j in dropped))
+    return [j for j in jobs if not bad(j)]
 
 
 def with_dense_jobs(jobs: list[list[str]], default_pruner: str | None) -> list[list[str]]:
@@ -65,7 +87,7 @@ def sweep_jobs(config) -> list[list[str]] | None:
     params = OmegaConf.select(config, "hydra.sweeper.params") or {}
     args = [f"{k}={v}" for k, v in params.items()] + list(config.hydra.overrides.task)
     try:
-        jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args), None)[0]
+        jobs = without_width_patches(BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args), None)[0])
     except Exception:  # noqa: BLE001 - e.g. glob sweeps: the caller shows "?"
         return None
     if target.endswith("DenseFirstSweeper") and OmegaConf.select(config, "hydra.sweeper.dense", default=True):

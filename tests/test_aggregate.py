@@ -219,3 +219,20 @@ def test_report_vocabulary_is_defined_once():
                            "print(sorted(m for m in sys.modules if m.startswith('lp')))"],
                           capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert "lp.aggregate" not in code and "lp.report.vocab" in code
+
+
+def test_qa_table_has_a_ratio_column_when_width_pruned_rows_are_in_it(tmp_path):
+    width = _result("llm_pruner", 2, "none", (25, 35), (0.5, 0.7, 0.6))
+    width["pruning"] = {"method": "llm_pruner", "n": 2, "removed_layers": [], "num_layers_after": 30,
+                        "pruned_ratio": 0.1203, "kv_groups_removed_per_layer": 1}
+    depth = _result("shortgpt", 2, "none", (20, 30), (0.50, 0.70, 0.60))
+    depth["pruning"]["pruned_ratio"] = 0.1313
+    for jobs, has in (([JOBS[0], depth], False), ([JOBS[0], depth, width], True)):
+        d = tmp_path / str(has)
+        for i, res in enumerate(jobs):
+            (d / str(i)).mkdir(parents=True)
+            (d / str(i) / "result.json").write_text(json.dumps(res))
+        qa = agg.qa_table(agg.summarize(agg.load_results(d)))
+        assert ("Ratio" in qa.columns) == has
+    assert list(qa["method"]) == ["Dense", "ShortGPT", "LLM-Pruner"]
+    assert list(qa["Ratio"].round(2))[1:] == [13.13, 12.03]  # % of dense parameters removed

@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict, read_write
 
 from lp.callbacks import count_jobs
-from lp.sweeper import with_dense_jobs
+from lp.sweeper import with_dense_jobs, without_width_patches
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
@@ -49,7 +49,7 @@ def grid(preset_cfg, dense: bool = True) -> list[list[str]]:
     params = [f"{k}={v}" for k, v in preset_cfg.hydra.sweeper.params.items()]
     args = params + [o for o in preset_cfg.hydra.overrides.task if not o.startswith(("paths.", "data."))]
     batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args), None)
-    jobs = [job for batch in batches for job in batch]
+    jobs = without_width_patches([job for batch in batches for job in batch])
     return with_dense_jobs(jobs, preset_cfg.hydra.runtime.choices.pruner) if dense else jobs
 
 
@@ -139,7 +139,8 @@ def test_paper_presets_match_the_paper(hydra_ctx):
         cfg = make(f"sweeps={preset}", hydra_cfg=True)
         p = cfg.hydra.sweeper.params
         assert p.model == "llama2_7b,llama3_8b" and str(p["pruner.n"]) == "7" and p.patch == "none,rotate"
-        assert set(p.pruner.split(",")) == {"shortgpt", "sleb", "taylor", "streamline", "linearpatch"}
+        width = {"llm_pruner"} if preset == "paper_qa" else set()  # LLM-Pruner rows in the QA table
+        assert set(p.pruner.split(",")) == {"shortgpt", "sleb", "taylor", "streamline", "linearpatch", *width}
         assert cfg.hydra.runtime.choices.calib == "wikitext2"
     assert list(make("sweeps=paper_ppl").eval.ppl.datasets) == ["wikitext2", "ptb", "c4"]
     assert make("sweeps=paper_qa", hydra_cfg=True).hydra.runtime.choices.eval == "qa"
@@ -204,3 +205,10 @@ def test_eval_full_composes_its_sections_and_calib_quick_inherits(hydra_ctx):
     base, small = make("calib=wikitext2_tok").calib, make("calib=quick").calib
     assert {k for k in base if small[k] != base[k]} == {"nsamples", "seqlen", "batch_size"}
     assert (small.nsamples, small.seqlen, small.batch_size) == (16, 512, 4) and set(small) == set(base)
+
+
+def test_paper_qa_has_llm_pruner_rows_without_patch(hydra_ctx):
+    jobs = grid(make("sweeps=paper_qa", hydra_cfg=True), dense=False)
+    width = [j for j in jobs if "pruner=llm_pruner" in j]
+    assert len(width) == 2 and all("patch=none" in j for j in width)  # one per model; patch=rotate left out
+    assert len(jobs) == 2 * 5 * 2 + 2

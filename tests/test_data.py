@@ -114,7 +114,6 @@ def test_pile_local_mirror_rows_and_document_windows(tmp_path):
     assert win.shape == (6, 50) and torch.equal(win, again) and prov["protocol"].startswith("documents")
     # reference: random.seed(2); doc index in [0, int(0.9 * 40) - 1] until >= 51 tokens; random window
     random.seed(2)
-    first = []
     while True:
         i = random.randint(0, int(40 * 0.9) - 1)
         ids = tok(rows[i], return_tensors="pt").input_ids[0]

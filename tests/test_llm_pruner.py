@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from lp.models import Decoder, count_params, tiny_model
+from lp.models import Decoder, count_params, load_model, tiny_model
 from lp.pruners.base import PruneContext
 from lp.pruners.llm_pruner import LLMPruner, unit_counts, unit_importance
 from lp.run import run
@@ -26,7 +26,7 @@ def naive_importance(model, w, layer):
     m = tiny_model("llama", num_layers=4, hidden_size=32, intermediate_size=48).double()
     m.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
     logits = m(input_ids=w).logits
-    loss = torch.stack([torch.nn.functional.cross_entropy(lg[:-1], t[1:]) for lg, t in zip(logits, w)]).mean()
+    loss = torch.stack([torch.nn.functional.cross_entropy(lg[:-1], t[1:]) for lg, t in zip(logits, w, strict=True)]).mean()
     loss.backward()
     at = m.model.layers[layer].self_attn
     mlp = m.model.layers[layer].mlp
@@ -145,7 +145,7 @@ def test_save_reloads_with_stock_from_pretrained(tmp_path, arch, keep, storage):
 
 
 def test_run_llm_pruner_end_to_end(cfg_factory, tmp_path):
-    res = run(cfg_factory(*TINY, "pruner=llm_pruner", "pruner.n=2", "pruner.keep_first=1", "pruner.keep_last=1", "pruner.disk_cache=false", "+patch.save=true"))
+    res = run(cfg_factory(*TINY, "pruner=llm_pruner", "pruner.n=2", "pruner.keep_first=1", "pruner.keep_last=1", "pruner.disk_cache=false", "patch.save=true"))
     p = res["pruning"]
     assert res["status"] == "ok" and p["method"] == "llm_pruner" and p["label"] == "LLM-Pruner"
     assert p["n"] == 2 and p["removed_layers"] == [] and p["num_layers_after"] == 8
@@ -161,9 +161,6 @@ def test_patch_with_width_pruner_is_rejected_before_loading(cfg_factory):
 
 @pytest.mark.real
 def test_real_smollm2_width_pruning(cfg_factory):
-    from lp.models import load_model
-    from conftest import make_cfg  # noqa: F401  (composition helpers live there)
-
     model, tok = load_model(cfg_factory("model=smollm2_135m").model)
     ids = tok("The quick brown fox jumps over the lazy dog. " * 8, return_tensors="pt").input_ids[:, :64]
     w = torch.cat([ids, ids.flip(1)])

@@ -6,7 +6,7 @@ from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-from lp.sweeper import with_dense_jobs
+from lp.sweeper import with_dense_jobs, without_width_patches
 
 
 class DenseFirstSweeper(BasicSweeper):
@@ -23,8 +23,8 @@ class DenseFirstSweeper(BasicSweeper):
         self.default_pruner = config.hydra.runtime.choices.get("pruner")
 
     def split_arguments(self, overrides, max_batch_size):  # noqa: D102 - see BasicSweeper
-        batches = BasicSweeper.split_arguments(overrides, None)
-        jobs = with_dense_jobs(batches[0], self.default_pruner) if self.dense else batches[0]
+        grid = without_width_patches(BasicSweeper.split_arguments(overrides, None)[0])
+        jobs = with_dense_jobs(grid, self.default_pruner) if self.dense else grid
         if max_batch_size is None:
             return [jobs]
         return list(BasicSweeper.split_overrides_to_chunks(jobs, max_batch_size))

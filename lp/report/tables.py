@@ -224,7 +224,11 @@ def qa_table(df: pd.DataFrame) -> pd.DataFrame:
             return 100 * avg(r, None) / avg(dense, None)
         return num(r.get("qa/rp"))
 
-    cols = {QA_TASKS.get(c[3:-6], c[3:-6]): (lambda r, _, c=c: 100 * num(r.get(c))) for c in tasks}
+    cols = {}
+    width = "kv_groups_removed_per_layer" in df and df["kv_groups_removed_per_layer"].notna().any()
+    if width and "pruned_ratio_%" in df:  # width-pruned rows (LLM-Pruner): the paper's "Ratio" column
+        cols[RATIO] = lambda r, _: num(r.get("pruned_ratio_%"))
+    cols.update({QA_TASKS.get(c[3:-6], c[3:-6]): (lambda r, _, c=c: 100 * num(r.get(c))) for c in tasks})
     if len(tasks) > 1:
         cols["Avg"] = avg
     if tasks:

@@ -233,6 +233,6 @@ def test_qa_table_has_a_ratio_column_when_width_pruned_rows_are_in_it(tmp_path):
             (d / str(i)).mkdir(parents=True)
             (d / str(i) / "result.json").write_text(json.dumps(res))
         qa = agg.qa_table(agg.summarize(agg.load_results(d)))
-        assert ("Ratio" in qa.columns) == has
+        assert ("Pruned %" in qa.columns) == has
     assert list(qa["method"]) == ["Dense", "ShortGPT", "LLM-Pruner"]
-    assert list(qa["Ratio"].round(2))[1:] == [13.13, 12.03]  # % of dense parameters removed
+    assert list(qa["Pruned %"].round(2))[1:] == [13.13, 12.03]  # % of dense parameters removed

@@ -24,7 +24,6 @@ DENSE, NONE = {"none", "dense"}, {None, "none", "null", ""}
 KEYS = ("block", "method", "status", "job", "runs", "warnings")  # non-value columns of a table frame
 RATIO = "Pruned %"  # parameters removed (x100); shown when a block mixes different ratios; never bolded
 STD = " std"  # suffix of a value column's standard deviation (rows averaged over seeds)
-RATIO = "Ratio"  # QA-table column: % of the dense parameters removed (never bolded: not a score)
 WARN = "⚠"  # marks a row whose run recorded warnings (e.g. patch worse than none)
 NOTE = "Bold: best successful pruned row per block. —: not available (failed/missing: see Failures)."
 # Config keys whose values are repetitions, not settings: rows differing only in them are averaged.

@@ -26,11 +26,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lp import cache, calib, data, distill, models, threads, validate, verify
-from lp.evaluate import lm_eval_tasks
+from lp import cache, calib, card, data, distill, models, threads, validate, verify
+from lp.evaluate import generate, lm_eval_tasks
 from lp.evaluate.lm_eval_tasks import paper_scores, retained_performance
 from lp.evaluate.ppl import perplexity
-from lp.export import save_pruned
 from lp.patch import insert_patches
 from lp.pruners import PruneContext
 from lp.report.messages import summary_line
@@ -177,9 +176,7 @@ def recipe(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: l
             result["distill"] = distill.distill(model, teacher, cfg.distill, tracker=tracker)
     if cfg.patch.get("save", False):
         with stages("save"):
-            save = sel.width.save if sel.width is not None else save_pruned  # width: stock save_pretrained
-            result["saved_model"] = str(save(model, tokenizer, out / "model", {
-                "name": result["name"], "removed_layers": sel.removed, "patch": result["patch"]}))
+            result["saved_model"], result["export"] = card.save_with_card(model, tokenizer, out / "model", result, sel.width)
 
     metrics = result["metrics"] = distill.metrics(result["distill"]) if teacher is not None else {}
     if cfg.eval.get("ppl"):
@@ -195,6 +192,11 @@ def recipe(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: l
     if cfg.eval.get("qa") and (dense_qa or cfg.eval.qa.dense_reference):
         result["qa_dense"] = dense_qa
         metrics["qa/rp"] = qa_retained(metrics, dense_qa, list(cfg.eval.qa.tasks))
+    if generate.generation_wanted(gen := cfg.eval.get("generate")):
+        with stages("generate"):
+            result["generation"] = generate.greedy_sample(model, tokenizer, gen.prompt, gen.max_new_tokens)
+    if result.get("export"):  # the card again, now with the metrics and the sample
+        card.write_card(result["saved_model"], result)
 
 
 # ----------------------------------------------------------------------------- stages

@@ -234,7 +234,7 @@ def against_model(cfg: DictConfig, pruner, num_layers: int, max_positions: int |
     """Every check that needs the model's config but no weights."""
     from lp import data, verify
     from lp import patches as patch_kinds
-    from lp.evaluate import lm_eval_tasks
+    from lp.evaluate import generate, lm_eval_tasks
     from lp.evaluate.ppl import check_loss_dtype
     from lp.patch import check_patch
 
@@ -249,6 +249,7 @@ def against_model(cfg: DictConfig, pruner, num_layers: int, max_positions: int |
                          "heads and MLP channels) and removes no layer; use patch=none")
     if hidden_size:
         check_patch(cfg.patch, hidden_size)  # e.g. no Hadamard matrix for this hidden size
+    generate.check_generate(cfg.eval.get("generate"))
     seqlens = {"calib.seqlen": cfg.calib.seqlen}
     if cfg.eval.get("ppl"):
         seqlens["eval.ppl.seqlen"] = cfg.eval.ppl.seqlen

@@ -61,8 +61,10 @@ LOADER = textwrap.dedent("""
     for name, (path, how) in jobs.items():
         try:
             model = AutoModelForCausalLM.from_pretrained(path, **({"trust_remote_code": True} if how == "remote" else {}))
-            with torch.no_grad():
-                save_file({"logits": model(input_ids=ids).logits.contiguous()}, f"{out}/{name}.safetensors")
+            with torch.no_grad():  # logits, and greedy generation with the KV cache
+                gen = model.generate(ids[:1, :4], max_new_tokens=6, do_sample=False, pad_token_id=0)
+                save_file({"logits": model(input_ids=ids).logits.contiguous(), "generated": gen.contiguous()},
+                          f"{out}/{name}.safetensors")
             report[name] = {"ok": True, "class": type(model).__name__, "dtype": str(next(model.parameters()).dtype)}
         except Exception as e:
             report[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
@@ -111,8 +113,11 @@ def test_every_kind_and_cut_reloads_in_a_fresh_process_without_lp(tmp_path, arch
     report = load_in_fresh_process(tmp_path, jobs)
     for name, model in models.items():
         assert report[name]["ok"], (name, report[name])
-        got = load_file(str(tmp_path / "fresh" / f"{name}.safetensors"))["logits"]
-        want = logits(model)
+        fresh = load_file(str(tmp_path / "fresh" / f"{name}.safetensors"))
+        got, want = fresh["logits"], logits(model)
+        with torch.no_grad():
+            gen = model.generate(IDS[:1, :4], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(fresh["generated"], gen), name
         if name.startswith("scalar"):  # folded: equal up to the RMSNorm eps (see test_fold_deviation_is_the_norm_eps)
             assert report[name]["class"] == model.__class__.__name__
             torch.testing.assert_close(got, want, rtol=0, atol=1e-3 * want.abs().max().item())
@@ -259,3 +264,38 @@ def test_a_save_that_does_not_reproduce_the_model_is_an_error(tmp_path, monkeypa
     with pytest.raises(RuntimeError, match="does not reproduce the in-memory model"):
         save_pruned(model, None, tmp_path / "m")
     assert not (tmp_path / "m").exists() and not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- run(cfg): card + sample
+SMALL = ["model=tiny_llama", "calib=quick", "calib.split=validation", "calib.nsamples=4", "calib.seqlen=64",
+         "eval=quick", "eval.ppl.max_windows=2", "eval.ppl.progress=false", "pruner=manual", "pruner.layers=[2,3]"]
+
+
+@pytest.mark.parametrize("patch,mode", [("none", "plain"), ("rotate", "custom")])
+def test_run_saves_a_carded_model_with_metrics_and_a_greedy_sample(cfg_factory, tmp_path, monkeypatch, patch, mode):
+    from lp.run import run
+
+    monkeypatch.setenv("LP_CACHE_DIR", str(tmp_path / "cache"))
+    r = run(cfg_factory(*SMALL, f"patch={patch}", "patch.save=true", "eval.generate.max_new_tokens=5"))
+    assert r["export"] == {"mode": mode, "fold_refused": None if mode == "plain" else
+                           "the rotate patch at cut [2, 4) is not a uniform scalar s*I"}
+    gen = r["generation"]
+    assert gen["prompt"] == "The capital of France is" and gen["new_tokens"] <= 5 and gen["max_new_tokens"] == 5
+    model, tok = load_pruned(r["saved_model"])  # the saved model generates the same greedy text
+    ids = tok(gen["prompt"], return_tensors="pt")
+    out = model.generate(**ids, do_sample=False, max_new_tokens=5, pad_token_id=tok.pad_token_id)
+    assert tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True) == gen["completion"]
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n") and f"- patch-{patch}" in card
+    assert f"| ppl/wikitext2 | {r['metrics']['ppl/wikitext2']:.4g} |" in card  # written after evaluation
+    assert "[2, 3]" in card and r["git_commit"] in card and gen["completion"] in card
+    assert ("trust_remote_code=True" in card) == (mode == "custom")
+
+
+def test_bad_generate_settings_fail_before_any_work(cfg_factory):
+    from lp.run import run
+
+    with pytest.raises(ValueError, match="eval.generate.max_new_tokens=0 must be a positive integer"):
+        run(cfg_factory("model=tiny_llama", "eval=quick", "eval.generate.max_new_tokens=0"))
+    with pytest.raises(ValueError, match="eval.generate.prompt=''"):
+        run(cfg_factory("model=tiny_llama", "eval=quick", "eval.generate.prompt=''"))

@@ -121,7 +121,8 @@ SETTINGS = ("seed", "calib.corpus", "calib.split", "calib.nsamples", "calib.seql
             "patch.hadamard_seed", "eval.ppl.split", "eval.ppl.seqlen", "eval.ppl.max_windows",
             "eval.qa.limit", "eval.qa.num_fewshot", "eval.mmlu.limit", "eval.mmlu.num_fewshot")
 _SKIP = ("hydra", "paths", "sweeps", "sweep_name", "resume", "force", "tracker")  # bookkeeping overrides
-_NOT_EVAL = ("progress", "batch_size", "dense_reference", "eval_dense", "device", "device_map")
+_NOT_EVAL = ("progress", "batch_size", "dense_reference", "eval_dense", "device", "device_map",
+             "generate", "base_model")  # a greedy sample and card metadata do not change the numbers
 
 
 def setting(r: dict, key: str):

@@ -271,13 +271,13 @@ SMALL = ["model=tiny_llama", "calib=quick", "calib.split=validation", "calib.nsa
          "eval=quick", "eval.ppl.max_windows=2", "eval.ppl.progress=false", "pruner=manual", "pruner.layers=[2,3]"]
 
 
-@pytest.mark.parametrize("patch,mode", [("none", "plain"), ("rotate", "custom")])
+@pytest.mark.parametrize("patch,mode", [("none", "plain"), ("scalar", "folded"), ("rotate", "custom")])
 def test_run_saves_a_carded_model_with_metrics_and_a_greedy_sample(cfg_factory, tmp_path, monkeypatch, patch, mode):
     from lp.run import run
 
     monkeypatch.setenv("LP_CACHE_DIR", str(tmp_path / "cache"))
     r = run(cfg_factory(*SMALL, f"patch={patch}", "patch.save=true", "eval.generate.max_new_tokens=5"))
-    assert r["export"] == {"mode": mode, "fold_refused": None if mode == "plain" else
+    assert r["export"] == {"mode": mode, "fold_refused": None if mode != "custom" else
                            "the rotate patch at cut [2, 4) is not a uniform scalar s*I"}
     gen = r["generation"]
     assert gen["prompt"] == "The capital of France is" and gen["new_tokens"] <= 5 and gen["max_new_tokens"] == 5

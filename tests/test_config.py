@@ -194,12 +194,12 @@ def test_dense_twins_one_per_model_and_eval_settings(hydra_ctx):
 
 def test_eval_full_composes_its_sections_and_calib_quick_inherits(hydra_ctx):
     full, ppl = make("eval=full").eval, make("eval=ppl").eval.ppl
-    assert set(full) == {"ppl", "qa", "mmlu"}
+    assert set(full) == {"ppl", "qa", "mmlu", "generate"}  # generate: conf/config.yaml, for every eval option
     assert full.qa == make("eval=qa").eval.qa and full.mmlu == make("eval=mmlu").eval.mmlu
     assert list(full.ppl.datasets) == ["wikitext2", "ptb"]
     assert {k: v for k, v in full.ppl.items() if k != "datasets"} == {k: v for k, v in ppl.items() if k != "datasets"}
     for option, section in (("ppl", "ppl"), ("qa", "qa"), ("mmlu", "mmlu"), ("quick", "ppl"), ("qa_quick", "qa")):
-        assert set(make(f"eval={option}").eval) == {section}  # each file owns its section only
+        assert set(make(f"eval={option}").eval) == {section, "generate"}  # each file owns its section only
     quick = make("eval=quick").eval.ppl
     assert {k for k in ppl if quick[k] != ppl[k]} == {"seqlen", "batch_size", "max_windows"}
     base, small = make("calib=wikitext2_tok").calib, make("calib=quick").calib

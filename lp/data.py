@@ -188,7 +188,7 @@ def document_windows(tokenizer, rows: list[str], nsamples: int, seqlen: int, see
             if doc.numel() >= seqlen + 1:
                 break
         else:
-            raise ValueError(f"no document of {seqlen + 1}+ tokens found in {max_draws} draws (calib.seqlen={seqlen})")
+            raise ValueError(f"no document of {seqlen + 1}+ tokens found in {max_draws} draws (seqlen={seqlen})")
         s = rng.randint(0, doc.numel() - seqlen - 1)
         out.append(doc[s:s + seqlen])
     return torch.stack(out)
@@ -218,19 +218,9 @@ def ppl_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) 
 
 def c4_windows(tokenizer, rows: list[str], seqlen: int, nsamples: int = 256, seed: int = 0) -> torch.Tensor:
     """The paper code's C4 protocol: `random.seed(seed)`; `nsamples` random documents longer
-    than `seqlen` tokens, one random `seqlen` window each. Returns `[nsamples, seqlen]`."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(nsamples):
-        for _tries in range(100_000):
-            doc = tokenizer(rows[rng.randint(0, len(rows) - 1)], return_tensors="pt").input_ids[0]
-            if doc.numel() > seqlen:
-                break
-        else:
-            raise ValueError(f"no C4 document longer than seqlen={seqlen} found")
-        s = rng.randint(0, doc.numel() - seqlen - 1)
-        out.append(doc[s:s + seqlen])
-    return torch.stack(out)
+    than `seqlen` tokens, one random `seqlen` window each (`document_windows` over every row).
+    Returns `[nsamples, seqlen]`."""
+    return document_windows(tokenizer, rows, nsamples, seqlen, seed, holdout=0.0)
 
 
 def eval_windows(tokenizer, name: str, split: str, seqlen: int, root: str | None, source: str = "auto",

@@ -23,6 +23,7 @@ gives each run its own patch, scaled from h_a and h_b measured on the dense mode
 from __future__ import annotations
 
 import logging
+from typing import TypedDict
 
 import torch
 from torch import nn
@@ -34,6 +35,40 @@ from lp.patches.base import FitSource
 from lp.patches.rotate import rotated
 
 log = logging.getLogger(__name__)
+
+
+class CutRecord(TypedDict):
+    """One entry of `result["patch"]["cuts"]` (and one row of the tracker's `patch/cuts` table): the
+    patch bridging the cut that removes dense layers [start, end). Every record has every key;
+    a field a kind does not produce is None. `before`: the dense index of the module the patch
+    feeds (`end`), or "norm" when the cut reaches the last layer. The rest is the kind's `Fit.info`:
+    `scale` (scalar), `scale_min/median/max` (diag, rotate; rotate_outlier over its non-massive
+    channels), `massive_channels` (rotate_outlier), `ridge` and `tokens` (lstsq)."""
+
+    start: int
+    end: int
+    before: int | str
+    kind: str
+    scale: float | None
+    scale_min: float | None
+    scale_median: float | None
+    scale_max: float | None
+    massive_channels: list[int] | None
+    ridge: float | None
+    tokens: int | None
+
+
+CUT_FIELDS: tuple[str, ...] = tuple(CutRecord.__annotations__)
+
+
+def cut_record(a: int, b: int, num_layers: int, kind: str, info: dict) -> CutRecord:
+    """The `CutRecord` of kind `kind` at [a, b) of a `num_layers`-layer model from its `Fit.info`
+    (a key outside `CutRecord` is a bug in the kind: raise rather than drop it)."""
+    fixed = {"start": a, "end": b, "before": b if b < num_layers else "norm", "kind": kind}
+    extra = set(info) - set(CUT_FIELDS) | set(info) & set(fixed)
+    if extra:
+        raise ValueError(f"patch kind {kind!r} reports {sorted(extra)}: not fields of lp.patch.CutRecord {CUT_FIELDS}")
+    return CutRecord(**{**dict.fromkeys(CUT_FIELDS), **info, **fixed})
 
 
 class LinearPatch(nn.Module):
@@ -176,7 +211,7 @@ def fit_patches(ctx, removed, patch_cfg, kinds: list[str]) -> tuple[dict, dict]:
             f = kind.fit(source, a, b)
             p = None if f.weight is None else LinearPatch(f.weight.float(), a, b, L, kind.name, f.scales).to(device)
             fitted[kind.name][a] = p
-            infos[kind.name].append({"start": a, "end": b, "before": b if b < L else "norm", **f.info})
+            infos[kind.name].append(cut_record(a, b, L, kind.name, f.info))
     cost = {"calibration": source._stats.cost if source._stats is not None else None,
             "activation_pass_seconds": round(source.collect_seconds, 3)}
     return fitted, {"cuts": infos, "cost": cost, "rotation": source.rotation_spec(),

@@ -204,16 +204,14 @@ def log_result(tracker: Tracker, result: dict) -> None:
 
 
 def cut_table(cuts: list[dict]) -> tuple[list[str], list[list]]:
-    """(columns, rows) of ``result["patch"]["cuts"]``: ``cut`` (its index) and every scalar field the
-    records hold, in their order (lists such as ``removed`` joined with spaces; nested dicts left out)."""
-    cols: dict[str, None] = {}
-    for c in cuts:
-        cols.update({k: None for k, v in c.items() if not isinstance(v, dict)})
+    """(columns, rows) of ``result["patch"]["cuts"]``: ``cut`` (its index) and the fields of
+    `lp.patch.CutRecord`, in its order (lists such as ``massive_channels`` joined with spaces)."""
+    from lp.patch import CUT_FIELDS  # noqa: PLC0415 - torch only when there are cuts to log
 
     def cell(v):
         return " ".join(map(str, v)) if isinstance(v, list) else v
 
-    return ["cut", *cols], [[i, *(cell(c.get(k)) for k in cols)] for i, c in enumerate(cuts)]
+    return ["cut", *CUT_FIELDS], [[i, *(cell(c.get(k)) for k in CUT_FIELDS)] for i, c in enumerate(cuts)]
 
 
 def sweep_group(sweep_name: str | None, sweep_dir) -> str | None:

@@ -122,7 +122,7 @@ def fit_and_verify(ctx, removed, patch_cfg, heldout: Heldout | None) -> tuple[di
         chosen = fitted[kind]
     chosen = {a: p for a, p in chosen.items() if p is not None}
     cuts = [] if fit_info is None else [
-        {**_cut_info(fit_info, p.kind, a), "kind": p.kind} for a, p in sorted(chosen.items())]
+        _cut_info(fit_info, p.kind, a) for a, p in sorted(chosen.items())]
     info = patch_info(kind, chosen, cuts, fit_info) if fit_info else {"kind": kind, "num_patches": 0, "params": 0}
     info["verification"] = record
     info["warnings"] = warnings

@@ -10,7 +10,7 @@ from test_calib import make_ctx, naive_scales, naive_states
 from lp import patches
 from lp.hadamard import hadamard
 from lp.models import tiny_model
-from lp.patch import check_patch, fit_patches
+from lp.patch import CUT_FIELDS, check_patch, cut_record, fit_patches
 from lp.patches.base import collect_cuts
 from lp.patches.lstsq import ridge_solve
 
@@ -97,6 +97,22 @@ def test_lstsq_against_torch_linalg_lstsq(dense, ridge):
     got = fitted["lstsq"][2].weight.double()
     torch.testing.assert_close(got, want, atol=2e-4, rtol=2e-4)
     assert info["cuts"]["lstsq"][0]["tokens"] == X.shape[0]
+
+
+def test_every_kind_writes_complete_cut_records(dense):
+    """Each cut record has exactly the `CutRecord` fields, its own kind, and the kind's numbers filled."""
+    model, windows, _ = dense
+    kinds = [k for k in patches.KINDS if k != "none"]
+    _, info = fit_patches(make_ctx(model, windows, {}), [1, 2, 5], cfg(), kinds)
+    filled = {"scalar": ["scale"], "diag": ["scale_median"], "rotate": ["scale_median"],
+              "rotate_outlier": ["massive_channels", "scale_median"], "lstsq": ["ridge", "tokens"]}
+    for kind in kinds:
+        for rec, (a, b) in zip(info["cuts"][kind], [(1, 3), (5, 6)], strict=True):
+            assert tuple(rec) == CUT_FIELDS
+            assert (rec["start"], rec["end"], rec["before"], rec["kind"]) == (a, b, b if b < 6 else "norm", kind)
+            assert all(rec[k] is not None for k in filled[kind]), (kind, rec)
+    with pytest.raises(ValueError, match=r"patch kind 'mine' reports \['gain'\]: not fields of lp.patch.CutRecord"):
+        cut_record(1, 3, 6, "mine", {"gain": 2.0})
 
 
 def test_ridge_solve_handles_a_singular_system():

@@ -194,13 +194,14 @@ def test_ratio_column_when_a_block_mixes_parameter_shares(tmp_path):
 
 
 def test_progress_bars_for_calibration_and_selection(capsys):
-    """Calibration statistics and the sleb / ppl / taylor re-scoring show a tqdm bar (with an ETA)
+    """Calibration statistics, the sleb / ppl / taylor re-scoring and LLM-Pruner's gradient pass show a tqdm bar (with an ETA)
     when the context asks for it, and nothing when it does not."""
     import torch
 
     from lp.calib import get_stats
     from lp.models import tiny_model
     from lp.pruners import PruneContext
+    from lp.pruners.llm_pruner import LLMPruner
     from lp.pruners.ppl import PPLPruner
     from lp.pruners.sleb import SLEBPruner
     from lp.pruners.taylor import TaylorPruner
@@ -216,10 +217,12 @@ def test_progress_bars_for_calibration_and_selection(capsys):
         SLEBPruner(n=2, disk_cache=False).select(ctx(progress))
         PPLPruner(n=1, disk_cache=False).select(ctx(progress))
         TaylorPruner(n=1, disk_cache=False).select(ctx(progress))
+        LLMPruner(ratio=0.1, n=None, keep_first=2, keep_last=2, disk_cache=False).select(ctx(progress))
         err = capsys.readouterr().err
         if not progress:
             assert err == ""
-    for desc in ("calibration statistics", "sleb step 1/2", "sleb step 2/2", "ppl scoring", "taylor gradients"):
+    for desc in ("calibration statistics", "sleb step 1/2", "sleb step 2/2", "ppl scoring", "taylor gradients",
+                 "llm_pruner gradients"):
         assert desc in err, err
     assert "100%" in err and "<" in err  # tqdm's elapsed<remaining (ETA)
 

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from lp import tracking
+from lp.patch import CUT_FIELDS
 from lp.tracking import NoneTracker, Tracker, WandbTracker, log_result
 
 RESULT = {
@@ -41,6 +42,11 @@ def _real_patch_record() -> dict:
 
 
 RESULT["patch"] = _real_patch_record()
+ROTATE_FIELDS = ("cut", "start", "end", "before", "kind", "scale_min", "scale_median", "scale_max")
+
+
+def _rotate_fields_filled(cols: list[str], row: list) -> bool:
+    return all(row[cols.index(k)] is not None for k in ROTATE_FIELDS) and row[cols.index("kind")] == "rotate"
 SUMMARY = {"ppl/wikitext2": 25.3, "qa/piqa/score": 0.61, "qa/avg": 0.6, "qa/rp": 95.1,
            "pruning/n": 2, "pruning/num_layers_after": 28, "pruning/pruned_ratio": 0.05,
            "pruning/removed_layers": "20 21", "timing/prune": 0.1, "timing/total": 140.0, "status": "ok"}
@@ -100,8 +106,10 @@ def test_log_result_content():
     assert rec.tables["pruning/scores"] == (["index", "score"], [[0, 0.9], [1, 0.95], [2, 0.8]])
     cols, rows = rec.tables["patch/cuts"]
     cuts = RESULT["patch"]["cuts"]
-    assert cols == ["cut", *cuts[0]] and "scale_median" in cols  # the record's own keys, in its order
-    assert rows == [[i, *c.values()] for i, c in enumerate(cuts)] and all(v is not None for r in rows for v in r)
+    assert cols == ["cut", *CUT_FIELDS] and [tuple(c) for c in cuts] == [CUT_FIELDS] * 2  # one record type
+    assert rows == [[i, *c.values()] for i, c in enumerate(cuts)]
+    assert [r[1:5] for r in rows] == [[1, 3, 3, "rotate"], [4, 5, 5, "rotate"]]
+    assert all(r[cols.index("scale_median")] > 0 for r in rows)
     rec2 = Recorder()
     log_result(rec2, {"status": "ok", "metrics": {"ppl/c4": 9.0}})  # dense: no scores, no cuts
     assert rec2.summaries == {"ppl/c4": 9.0, "status": "ok"} and rec2.tables == {}
@@ -156,7 +164,7 @@ def test_wandb_auto_goes_offline_and_writes_to_job_dir(no_wandb_account, caplog)
     assert tables["scores"]["data"] == [[0, 0.9], [1, 0.95], [2, 0.8]]
     cols, data = tables["cuts"]["columns"], tables["cuts"]["data"]
     assert cols[:4] == ["cut", "start", "end", "before"] and [r[:4] for r in data] == [[0, 1, 3, 3], [1, 4, 5, 5]]
-    assert all(v is not None for r in data for v in r)  # no column the record lacks
+    assert cols == ["cut", *CUT_FIELDS] and all(_rotate_fields_filled(cols, r) for r in data)
     assert list(run_dir.glob("run-*.wandb"))  # the offline log that `wandb sync` uploads
 
 
@@ -195,8 +203,8 @@ def test_offline_run_files_hold_a_non_empty_cuts_table(cfg_factory, no_wandb_acc
     cols = table["columns"]
     assert cols[:3] == ["cut", "start", "end"] and len(cols) > 4
     assert [row[1:3] for row in table["data"]] == [[2, 4], [5, 6]]
-    for row in table["data"]:  # every column is filled from the record: no key the record lacks
-        assert all(v is not None for v in row), dict(zip(cols, row, strict=True))
+    for row in table["data"]:  # every field a rotate patch records is filled in
+        assert _rotate_fields_filled(cols, row), dict(zip(cols, row, strict=True))
         assert row[cols.index("cut")] in (0, 1)
     assert cols == tracking.cut_table(cuts)[0]
 

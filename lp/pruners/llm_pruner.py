@@ -47,13 +47,14 @@ from lp.width import Geometry, WidthPlan, geometry, modules
 
 
 def unit_importance(model, windows: torch.Tensor, layers: list[int],
-                    micro_batch: int = 1) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+                    micro_batch: int = 1, progress: bool = False) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """`{layer: (KV-group importance [G], channel importance [I])}` (float32, CPU) for dense `layers`."""
     dec = Decoder(model)
     mods = {i: modules(dec.layers[i]) for i in layers}
     lins = {i: [getattr(a, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
             + [getattr(m, n) for n in ("gate_proj", "up_proj", "down_proj")] for i, (a, m) in mods.items()}
-    grads = loss_grads(model, windows, [p for i in layers for lin in lins[i] for p in lin.parameters()], micro_batch)
+    grads = loss_grads(model, windows, [p for i in layers for lin in lins[i] for p in lin.parameters()], micro_batch,
+                       progress, desc="llm_pruner gradients")
 
     def sal(lin, dim):  # per output row (dim 1 summed) or input column (dim 0 summed) of |w * g|, + bias
         s = (grads.pop(lin.weight) * lin.weight.detach().float()).abs_().sum(dim)
@@ -167,7 +168,7 @@ class LLMPruner:
         else:
             windows = ctx.windows
             t0 = time.perf_counter()
-            imp = unit_importance(ctx.model, windows, span, self.micro_batch)
+            imp = unit_importance(ctx.model, windows, span, self.micro_batch, ctx.progress)
             passes, seconds = -(-len(windows) // self.micro_batch), time.perf_counter() - t0
             disk.save({"units": {str(i): [a.tolist(), b.tolist()] for i, (a, b) in imp.items()}})
         return imp, {"importance": "taylor |w * dL/dw| summed per KV group / channel", "backward_passes": passes,

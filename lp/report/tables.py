@@ -158,10 +158,12 @@ def blocks(df: pd.DataFrame) -> tuple[list[Block], list[str]]:
 
 
 def _ratios_differ(df: pd.DataFrame) -> bool:
-    """Whether pruned rows of one (model, n) remove different parameter shares (e.g. width pruning
-    such as LLM-Pruner beside depth pruners): then the tables show :data:`RATIO`."""
+    """Whether the tables show :data:`RATIO`: a width-pruned row is present (LLM-Pruner: the paper's
+    "Ratio" column), or pruned rows of one (model, n) remove different parameter shares."""
     if "pruned_ratio_%" not in df:
         return False
+    if "kv_groups_removed_per_layer" in df and df["kv_groups_removed_per_layer"].notna().any():
+        return True
     pr = normalize(df)
     pr = pr[~is_dense(pr) & pr["pruned_ratio_%"].notna()]
     return bool((pr.groupby(["model", pr["n"].astype(str)])["pruned_ratio_%"].agg(
@@ -224,11 +226,7 @@ def qa_table(df: pd.DataFrame) -> pd.DataFrame:
             return 100 * avg(r, None) / avg(dense, None)
         return num(r.get("qa/rp"))
 
-    cols = {}
-    width = "kv_groups_removed_per_layer" in df and df["kv_groups_removed_per_layer"].notna().any()
-    if width and "pruned_ratio_%" in df:  # width-pruned rows (LLM-Pruner): the paper's "Ratio" column
-        cols[RATIO] = lambda r, _: num(r.get("pruned_ratio_%"))
-    cols.update({QA_TASKS.get(c[3:-6], c[3:-6]): (lambda r, _, c=c: 100 * num(r.get(c))) for c in tasks})
+    cols = {QA_TASKS.get(c[3:-6], c[3:-6]): (lambda r, _, c=c: 100 * num(r.get(c))) for c in tasks}
     if len(tasks) > 1:
         cols["Avg"] = avg
     if tasks:

@@ -32,9 +32,10 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-# Config keys that do not change a job's results: where it writes and reads, how it reports, the
-# sweep bookkeeping itself. Dotted paths from the top; any key named `progress` (tqdm bars) too.
-HASH_IGNORED = ("paths", "tracker", "sweep_name", "resume", "force", "data.root")
+# Config keys that do not change a job's results: where it writes and reads, how it reports, how
+# many threads it uses (`runtime`: only the float summation order), the sweep bookkeeping itself.
+# Dotted paths from the top; any key named `progress` (tqdm bars) too.
+HASH_IGNORED = ("paths", "tracker", "sweep_name", "resume", "force", "data.root", "runtime")
 
 
 def _multirun(config: DictConfig) -> bool:

@@ -115,9 +115,10 @@ def _result(path: Path, status: str, config: dict) -> Path:
 def test_config_hash_ignores_only_bookkeeping():
     base = {"seed": 0, "pruner": {"n": 2}, "eval": {"ppl": {"seqlen": 64, "progress": True}},
             "data": {"root": "/a", "source": "auto"}, "paths": {"output_dir": "/x/0"}, "tracker": {"mode": "auto"},
-            "sweep_name": "s", "resume": True, "force": False}
+            "sweep_name": "s", "resume": True, "force": False, "runtime": {"threads": "auto"}}
     same = {**base, "eval": {"ppl": {"seqlen": 64, "progress": False}}, "data": {"root": "/b", "source": "auto"},
-            "paths": {"output_dir": "/y/3"}, "tracker": {"_target_": "x"}, "sweep_name": "t", "resume": False}
+            "paths": {"output_dir": "/y/3"}, "tracker": {"_target_": "x"}, "sweep_name": "t", "resume": False,
+            "runtime": {"threads": 1}}
     assert config_hash(base) == config_hash(same) == config_hash(OmegaConf.create(same))
     for changed in ({"seed": 1}, {"pruner": {"n": 3}}, {"eval": {"ppl": {"seqlen": 65}}},
                     {"data": {"root": "/a", "source": "local"}}):

@@ -47,7 +47,7 @@ class Corpus:
     splits: tuple = ("train", "validation", "test")
     hub_files: dict | None = None  # data_files per split (C4 shards)
     join: str = "\n\n"
-    documents: bool = False  # calibrate on random documents (too large to join and tokenize whole)
+    documents: bool = False  # sample windows of random documents (too large to join and tokenize whole)
 
 
 CORPORA = {
@@ -57,7 +57,7 @@ CORPORA = {
     "ptb": Corpus(("ptb_text_only", "penn_treebank"), "sentence", "ptb/{split}.txt", _stripped_rows),
     "c4": Corpus(("allenai/c4",), "text", "c4/{split}.jsonl", _jsonl_rows, splits=("train", "validation"),
                  hub_files={"train": "en/c4-train.00000-of-01024.json.gz",
-                            "validation": "en/c4-validation.00000-of-00008.json.gz"}),
+                            "validation": "en/c4-validation.00000-of-00008.json.gz"}, documents=True),
     # The Pile's validation set as AWQ loads it: load_dataset("mit-han-lab/pile-val-backup",
     # split="validation"), one row per document, field `text`. Mirror: pile/validation.jsonl (the hub
     # file val.jsonl.zst decompressed: one {"text": ..., "meta": ...} object per line, hub order).
@@ -172,39 +172,67 @@ def ppl_sets(datasets, default_split: str) -> list[tuple[str, str]]:
     return out
 
 
+DOCUMENT_PROTOCOL = "documents: random document >= seqlen+1 tokens, random window"
+
+
 def document_windows(tokenizer, rows: list[str], nsamples: int, seqlen: int, seed: int,
-                     holdout: float = 0.1, max_draws: int = 100_000) -> torch.Tensor:
-    """Calibration windows `[nsamples, seqlen]` of a document corpus, as the reference code samples
-    C4/RedPajama training windows: `random.seed(seed)`; per window, random documents among the first
-    `1 - holdout` of the rows until one has >= seqlen + 1 tokens, then a random window of it."""
+                     holdout: float = 0.1, nval: int = 0, max_draws: int = 100_000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of a document corpus, as the reference code samples C4/RedPajama training windows:
+    `random.seed(seed)`; per window, random documents among the first `1 - holdout` of the rows
+    until one has >= seqlen + 1 tokens, then a random window of it. `nval` validation windows are
+    then drawn the same way, with the same generator, from the held-out last `holdout` of the rows
+    (so the training windows do not depend on `nval`, and no document gives both). Only the drawn
+    documents are tokenized. Returns `([nsamples, seqlen], [nval, seqlen])`."""
     rng = random.Random(seed)
-    last = int(len(rows) * (1 - holdout)) - 1
-    if last < 0:
+    cut = int(len(rows) * (1 - holdout))
+    if cut < 1:
         raise ValueError(f"corpus has {len(rows)} documents: none left for calibration with holdout={holdout}")
-    out = []
-    for _ in range(nsamples):
-        for _tries in range(max_draws):
-            doc = tokenizer(rows[rng.randint(0, last)], return_tensors="pt").input_ids[0]
-            if doc.numel() >= seqlen + 1:
-                break
-        else:
-            raise ValueError(f"no document of {seqlen + 1}+ tokens found in {max_draws} draws (seqlen={seqlen})")
-        s = rng.randint(0, doc.numel() - seqlen - 1)
-        out.append(doc[s:s + seqlen])
-    return torch.stack(out)
+    if nval and cut >= len(rows):
+        raise ValueError(f"corpus has {len(rows)} documents: none held out for {nval} validation windows "
+                         f"with holdout={holdout}")
+    draw = lambda lo, hi: _document_window(tokenizer, rows, rng, lo, hi, seqlen, max_draws)  # noqa: E731
+    take = lambda ws: torch.stack(ws) if ws else torch.zeros(0, seqlen, dtype=torch.long)  # noqa: E731
+    return (take([draw(0, cut - 1) for _ in range(nsamples)]),
+            take([draw(cut, len(rows) - 1) for _ in range(nval)]))
+
+
+def _document_window(tokenizer, rows: list[str], rng: random.Random, lo: int, hi: int, seqlen: int,
+                     max_draws: int) -> torch.Tensor:
+    """One window `[seqlen]`: documents `rows[rng.randint(lo, hi)]` until one has >= seqlen + 1 tokens,
+    then `rng.randint(0, len - seqlen - 1)` as its start (GPTQ's get_c4 draws)."""
+    for _tries in range(max_draws):
+        doc = tokenizer(rows[rng.randint(lo, hi)], return_tensors="pt").input_ids[0]
+        if doc.numel() >= seqlen + 1:
+            break
+    else:
+        raise ValueError(f"no document of {seqlen + 1}+ tokens found in {max_draws} draws among rows "
+                         f"{lo}..{hi} (seqlen={seqlen})")
+    s = rng.randint(0, doc.numel() - seqlen - 1)
+    return doc[s:s + seqlen]
+
+
+def sample_windows(tokenizer, name: str, split: str, nsamples: int, seqlen: int, seed: int, holdout: float,
+                   root: str | None, source: str = "auto", nval: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The one sampler of training windows `[nsamples, seqlen]` and held-out windows `[nval, seqlen]`
+    from a corpus split, with provenance; calibration, held-out verification and distillation all
+    draw here. Document corpora (`Corpus.documents`: pile, c4) use `document_windows`, which
+    tokenizes only the drawn documents; the others use `calibration_windows` on the joined stream,
+    tokenized once. Either way the training windows come first from the same seeded generator, so
+    they do not depend on `nval`."""
+    if corpus(name).documents:
+        rows, prov = load_rows(name, split, root, source)
+        train, val = document_windows(tokenizer, rows, nsamples, seqlen, seed, holdout, nval=nval)
+        return train, val, {**prov, "protocol": DOCUMENT_PROTOCOL}
+    ids, prov = tokenized(tokenizer, name, split, root, source)
+    train, val = calibration_windows(ids, nsamples, seqlen, seed, holdout=holdout, nval=nval)
+    return train, val, prov
 
 
 def calibration_set(tokenizer, name: str, split: str, nsamples: int, seqlen: int, seed: int, holdout: float,
                     root: str | None, source: str = "auto") -> tuple[torch.Tensor, dict]:
-    """Calibration windows `[nsamples, seqlen]` and provenance: random windows of the joined token
-    stream (`calibration_windows`), or of random documents for document corpora (`document_windows`)."""
-    if CORPORA.get(name) is not None and CORPORA[name].documents:
-        rows, prov = load_rows(name, split, root, source)
-        windows = document_windows(tokenizer, rows, nsamples, seqlen, seed, holdout)
-        return windows, {**prov, "protocol": "documents: random document >= seqlen+1 tokens, random window"}
-    ids, prov = tokenized(tokenizer, name, split, root, source)
-    windows, _ = calibration_windows(ids, nsamples, seqlen, seed, holdout=holdout)
-    return windows, prov
+    """Calibration windows `[nsamples, seqlen]` and provenance (`sample_windows` without held-out windows)."""
+    train, _, prov = sample_windows(tokenizer, name, split, nsamples, seqlen, seed, holdout, root, source)
+    return train, prov
 
 
 def ppl_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
@@ -220,7 +248,7 @@ def c4_windows(tokenizer, rows: list[str], seqlen: int, nsamples: int = 256, see
     """The paper code's C4 protocol: `random.seed(seed)`; `nsamples` random documents longer
     than `seqlen` tokens, one random `seqlen` window each (`document_windows` over every row).
     Returns `[nsamples, seqlen]`."""
-    return document_windows(tokenizer, rows, nsamples, seqlen, seed, holdout=0.0)
+    return document_windows(tokenizer, rows, nsamples, seqlen, seed, holdout=0.0)[0]
 
 
 def eval_windows(tokenizer, name: str, split: str, seqlen: int, root: str | None, source: str = "auto",

@@ -304,6 +304,8 @@ def calibration(cfg: DictConfig, tokenizer) -> tuple[torch.Tensor, dict]:
 def stats_key(cfg: DictConfig) -> dict:
     """Identity of everything calibration statistics depend on (for on-disk caches; not `calib.nval`)."""
     calib = {k: v for k, v in OmegaConf.to_container(cfg.calib, resolve=True).items() if k != "nval"}
+    if data.corpus(cfg.calib.corpus).documents:  # entries from before c4 used the document sampler never match
+        calib["sampler"] = data.DOCUMENT_PROTOCOL
     return {"model": OmegaConf.to_container(cfg.model, resolve=True), "data_source": cfg.data.source, "calib": calib}
 
 

@@ -1,7 +1,7 @@
 """Held-out verification: never ship a patch (or a selection) worse than the alternative unsaid.
 
 Held-out windows = `calib.nval` windows of `calib.seqlen` tokens from the tail of the calibration
-stream that `calib.holdout` reserves (`lp.data.calibration_windows`): never used to fit a patch
+corpus that `calib.holdout` reserves (`lp.data.sample_windows`): never used to fit a patch
 or score a layer. NLL = mean over held-out windows of the mean next-token NLL (nats).
 
 `Heldout` replays the *dense* model on those windows with the one replay engine (`lp.replay`):
@@ -46,10 +46,11 @@ def heldout(cfg, model, tokenizer) -> Heldout | None:
 
 
 def heldout_windows(cfg, tokenizer) -> torch.Tensor:
-    """`[calib.nval, calib.seqlen]` windows from the calibration stream's held-out tail."""
+    """`[calib.nval, calib.seqlen]` windows from the calibration corpus's held-out tail (the calibration
+    sampler `lp.data.sample_windows`: the token stream's last `holdout`, or a document corpus's last rows)."""
     c = cfg.calib
-    ids, _ = data.tokenized(tokenizer, c.corpus, c.split, cfg.data.root, cfg.data.source)
-    _, val = data.calibration_windows(ids, c.nsamples, c.seqlen, c.seed, holdout=c.holdout, nval=c.nval)
+    _, val, _ = data.sample_windows(tokenizer, c.corpus, c.split, c.nsamples, c.seqlen, c.seed, c.holdout,
+                                    cfg.data.root, cfg.data.source, nval=c.nval)
     return val
 
 

@@ -141,3 +141,67 @@ def test_pile_unreachable_hub_is_a_clear_error(tmp_path, monkeypatch):
         data.load_rows("pile", "validation", str(tmp_path))
     assert data.resolve("pile", "validation", str(tmp_path)) == {
         "corpus": "pile", "split": "validation", "source": "hub", "hub_id": "mit-han-lab/pile-val-backup"}
+
+
+def _document_mirror(root, corpus: str, split: str, n: int = 40) -> list[str]:
+    """`<root>/<corpus>/<split>.jsonl` with `n` distinct documents of 40..79 random letters."""
+    rng = random.Random(0)
+    texts = [f"doc {i:03d}: " + "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(40 + i))
+             for i in range(n)]
+    (root / corpus).mkdir()
+    (root / corpus / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return texts
+
+
+class CountingTokenizer:
+    """The byte tokenizer, counting calls (one per tokenized document)."""
+
+    def __init__(self):
+        from lp.models import byte_tokenizer
+
+        self.tok, self.calls = byte_tokenizer(), 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.tok(*args, **kwargs)
+
+
+def _sources(windows, docs) -> list[list[int]]:
+    """Per window `[T]`, the indices of the documents `docs` (token id lists) that contain it."""
+    def within(w, d):
+        return any(d[s:s + len(w)] == w for s in range(len(d) - len(w) + 1))
+    return [[i for i, d in enumerate(docs) if within(w.tolist(), d)] for w in windows]
+
+
+@pytest.mark.parametrize("name,split", [("pile", "validation"), ("c4", "validation")])
+def test_distill_and_heldout_windows_use_the_document_sampler(cfg_factory, tmp_path, monkeypatch, name, split):
+    """Distillation (and the held-out verification windows) on a document corpus draw from the
+    calibration sampler: only drawn documents are tokenized (never the joined corpus), the windows
+    equal `document_windows` for the same seed, training windows come from the first rows and
+    validation windows from the held-out last rows, never from the same document."""
+    from lp import distill, run, verify
+
+    texts = _document_mirror(tmp_path, name, split)
+    cfg = cfg_factory("model=tiny_llama", f"calib.corpus={name}", f"calib.split={split}", "calib.holdout=0.25",
+                      "calib.nsamples=5", "calib.seqlen=16", "calib.nval=3", "distill=quick", "distill.nsamples=6",
+                      "distill.nval=2", "distill.seqlen=16", "distill.seed=7")
+    cfg.data.root = str(tmp_path)
+    monkeypatch.setattr(data, "tokenized", lambda *a, **k: pytest.fail("the whole corpus was tokenized"))
+    tok = CountingTokenizer()
+    train, val, prov = distill.distill_windows(cfg, tok)
+    assert tok.calls == 6 + 2 and prov["protocol"] == data.DOCUMENT_PROTOCOL  # every document is long enough
+    ref_train, ref_val = data.document_windows(tok.tok, texts, 6, 16, seed=7, holdout=0.25, nval=2)
+    assert torch.equal(train, ref_train) and torch.equal(val, ref_val)
+    docs = [tok.tok(t).input_ids for t in texts]
+    train_docs, val_docs = _sources(train, docs), _sources(val, docs)
+    assert all(len(s) == 1 and s[0] < 30 for s in train_docs)  # first 75% of the 40 rows
+    assert all(len(s) == 1 and s[0] >= 30 for s in val_docs)  # held-out last 25%
+    held = verify.heldout_windows(cfg, tok.tok)
+    assert held.shape == (3, 16) and all(len(s) == 1 and s[0] >= 30 for s in _sources(held, docs))
+    assert torch.equal(held, data.document_windows(tok.tok, texts, 5, 16, seed=cfg.calib.seed, holdout=0.25,
+                                                   nval=3)[1])
+    calib, _ = data.calibration_set(tok.tok, name, split, 5, 16, cfg.calib.seed, 0.25, str(tmp_path))
+    assert torch.equal(calib, data.document_windows(tok.tok, texts, 5, 16, cfg.calib.seed, 0.25, nval=3)[0])
+    assert run.stats_key(cfg)["calib"]["sampler"] == data.DOCUMENT_PROTOCOL  # c4 entries of the old sampler: no match
+    with pytest.raises(ValueError, match="corpus has 40 documents: none held out for 2 validation windows"):
+        data.document_windows(tok.tok, texts, 1, 16, seed=0, holdout=0.0, nval=2)

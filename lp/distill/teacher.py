@@ -155,11 +155,11 @@ def _open(path: Path, key: dict) -> TeacherCache:
 
 def distill_windows(cfg, tokenizer) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Training windows `[nsamples, seqlen]` from the first (1 - holdout) of `cfg.calib`'s corpus and
-    `nval` validation windows from its held-out tail, with provenance."""
+    `nval` validation windows from its held-out tail, with provenance: `lp.data.sample_windows`, the
+    calibration sampler (document corpora such as pile/c4: only the drawn documents are tokenized)."""
     d, c = cfg.distill, cfg.calib
-    ids, prov = data.tokenized(tokenizer, c.corpus, c.split, cfg.data.root, cfg.data.source)
-    train, val = data.calibration_windows(ids, int(d.nsamples), int(d.seqlen), int(d.seed), holdout=c.holdout,
-                                          nval=int(d.nval))
+    train, val, prov = data.sample_windows(tokenizer, c.corpus, c.split, int(d.nsamples), int(d.seqlen), int(d.seed),
+                                           c.holdout, cfg.data.root, cfg.data.source, nval=int(d.nval))
     return train, val, {**prov, "nsamples": int(d.nsamples), "nval": int(d.nval), "seqlen": int(d.seqlen),
                         "seed": int(d.seed), "holdout": c.holdout}
 

@@ -1,6 +1,9 @@
-"""Shared test helpers: the data mirror beside the clone and a composed config for `run(cfg)`."""
+"""Shared test helpers: the data mirror beside the clone, a composed config for `run(cfg)` and the
+dashboard's inline SVG charts, parsed."""
 
 import os
+import re
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -9,12 +12,40 @@ from hydra import compose, initialize_config_dir
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("LP_DATA_DIR") or REPO.parent / "shared" / "data").resolve()  # as the Makefile sets it
 CONF = REPO / "conf"
+SVG = "{http://www.w3.org/2000/svg}"
 
 
 def make_cfg(tmp_path: Path, overrides: list[str] = ()):
     """Compose `conf/config.yaml` with `overrides`, writing into `tmp_path`, reading the mirror."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose("config", overrides=[f"paths.output_dir={tmp_path}", f"data.root={DATA}", *overrides])
+
+
+def svg_charts(html: str) -> list[ET.Element]:
+    """The inline ``<svg>`` charts of a dashboard page, each parsed as XML (so each is well-formed;
+    the xlink namespace the page leaves out is declared again for the parser)."""
+    xlink = '<svg xmlns:xlink="http://www.w3.org/1999/xlink" '
+    return [ET.fromstring(s.replace("<svg ", xlink, 1)) for s in re.findall(r"<svg\b.*?</svg>", html, re.S)]
+
+
+def svg_texts(chart: ET.Element) -> list[str]:
+    """Every ``<text>`` of a chart (titles, axis labels, tick labels, legend entries, annotations)."""
+    return ["".join(t.itertext()) for t in chart.iter(SVG + "text")]
+
+
+def svg_chart(charts: list[ET.Element], title: str) -> ET.Element:
+    """The one chart whose title (a ``<text>``) is ``title``."""
+    (chart,) = [c for c in charts if title in svg_texts(c)]
+    return chart
+
+
+def svg_shapes(chart: ET.Element, gid: str) -> int:
+    """Number of drawn shapes (``<path>``/``<use>``) in the group with id ``gid``; -1 when absent."""
+    def drawn(e: ET.Element) -> int:  # shapes under <defs> are templates that <use> draws
+        return (e.tag in (SVG + "path", SVG + "use")) + sum(drawn(c) for c in e if c.tag != SVG + "defs")
+
+    group = chart.find(f".//{SVG}g[@id='{gid}']")
+    return -1 if group is None else drawn(group)
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO
+from conftest import REPO, svg_chart, svg_charts, svg_shapes, svg_texts
 
 from lp import aggregate as agg
 
@@ -141,8 +141,18 @@ def test_latex_and_dashboard(sweep, tmp_path):
     assert r"+LinearPatch & \textbf{14.00} & 22.00 & \textbf{18.00} \\" in tex
     assert r"SLEB (failed) & -- & -- & -- \\" in tex
     html = paths["dashboard"].read_text()
-    assert html.count("<svg") >= 6  # 2 PPL-vs-n, 2 QA bar charts, 2 score curves
-    assert "PPL vs. n" in html and "Accuracy x100" in html and "cosine_by_start" in html
+    charts = svg_charts(html)  # no pruned ratios in these results: no PPL-vs-parameters chart
+    titles = [t for c in charts for t in svg_texts(c) if t.startswith("smollm2_135m") or t.startswith("Accuracy")]
+    assert titles == ["smollm2_135m: WikiText2 PPL vs. n", "smollm2_135m: C4 PPL vs. n",
+                      "Accuracy x100 — smollm2_135m, n = 2", "Accuracy x100 — smollm2_135m, n = 4",
+                      "smollm2_135m: ShortGPT — bi", "smollm2_135m: LLM-Streamline — cosine_by_start"]
+    ppl = svg_chart(charts, "smollm2_135m: WikiText2 PPL vs. n")
+    assert {"ShortGPT", "ShortGPT +LinearPatch", "LLM-Streamline +LinearPatch", "PPL"} <= set(svg_texts(ppl))
+    start = svg_chart(charts, "smollm2_135m: LLM-Streamline — cosine_by_start")
+    assert {"n=2", "n=4", "chosen start", "block start index"} <= set(svg_texts(start))
+    assert svg_shapes(start, "removed-0") == svg_shapes(start, "removed-1") == 1  # the block start (20)
+    bi = svg_chart(charts, "smollm2_135m: ShortGPT — bi")
+    assert (svg_shapes(bi, "removed-0"), svg_shapes(bi, "removed-1")) == (2, 4)  # layers 20-21, 20-23
     assert "Failures (3)" in html and "CUDA out of memory" in html and "no result.json" in html
     assert "<script" not in html and "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
 

@@ -4,10 +4,13 @@ results, settings captions (smoke = subset evaluation: nothing bolded), run warn
 from __future__ import annotations
 
 import json
+import re
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import svg_chart, svg_charts, svg_shapes, svg_texts
 
 from lp import aggregate as agg
 
@@ -149,12 +152,36 @@ def test_dashboard_heatmap_removed_layers_params_plot_and_warnings(tmp_path):
                             scores={"kind": "block_influence", "values": [0.5, 0.4, 0.3, 0.1, 0.2, 0.6]})
         recs.append(r)
     html = agg.write_all(_sweep(tmp_path, recs))["dashboard"].read_text()
-    assert "cos(h_i, h_j)" in html and html.count('class="removed"') == 2  # layers 3 and 4 outlined
-    assert html.count("<rect x=") >= 49  # 7 x 7 cells
-    assert html.count('class="mark"') == 2  # one curve (same scores for n=1, 2): layers 3 and 4 ringed
-    assert "PPL vs. removed parameters" in html and "removed parameters (%)" in html
+    charts = svg_charts(html)
+    assert len(charts) == 4  # PPL vs. n, PPL vs. removed parameters, heatmap, one score chart
+    heat = svg_chart(charts, "smol: cos(h_i, h_j), calibration tokens")
+    assert svg_shapes(heat, "cells") == 49  # 7 x 7 cells
+    outlined = sorted(int(i) for i in re.findall(r"removed-(?:row|col)-(\d+)", ET.tostring(heat, "unicode")))
+    assert outlined == [3, 3, 4, 4]  # layers 3 and 4 framed, row and column
+    scores = svg_chart(charts, "smol: ShortGPT — block_influence")
+    assert "n=1,2" in svg_texts(scores) and "removed" in svg_texts(scores)  # one curve: same scores
+    assert svg_shapes(scores, "removed-0") == 2 and svg_shapes(scores, "removed-1") == -1  # 3, 4 ringed
+    params = svg_chart(charts, "smol: WikiText2 PPL vs. removed parameters")
+    assert "removed parameters (%)" in svg_texts(params)
+    for chart in (params, svg_chart(charts, "smol: WikiText2 PPL vs. n")):
+        texts = svg_texts(chart)  # the warned run's point and legend entry carry the ⚠ marker
+        assert "ShortGPT ⚠" in texts and texts.count("⚠") == 1
     assert "2.46%" in html  # the job list shows the pruned ratio in percent (n=2: 2 x 1.23%)
     assert "⚠ patch worse than none" in html and "ShortGPT ⚠" in html
+
+
+def test_dashboard_is_deterministic_and_self_contained(tmp_path):
+    recs = [_rec("none", 0, ppl=9.0, qa={"piqa": 0.6}), _rec("shortgpt", 2, ppl=12.0, qa={"piqa": 0.5}),
+            _rec("shortgpt", 2, "rotate", ppl=11.0, qa={"piqa": 0.55})]
+    sweep = _sweep(tmp_path / "sweep", recs)
+    first = agg.write_all(sweep, out=tmp_path / "a")["dashboard"].read_bytes()
+    assert agg.write_all(sweep, out=tmp_path / "b")["dashboard"].read_bytes() == first  # byte-identical
+    html = first.decode()
+    assert "<?xml" not in html and "<!DOCTYPE svg" not in html and "<metadata" not in html
+    clip_ids = re.findall(r'<clipPath id="([^"]+)"', html)
+    assert len(svg_charts(html)) == len(set(clip_ids)) == len(clip_ids) == 3  # no chart shares a clip path
+    bars = svg_chart(svg_charts(html), "Accuracy x100 — smol, n = 2")
+    assert {"PIQA", "Dense", "ShortGPT", "ShortGPT +LinearPatch", "accuracy x100"} <= set(svg_texts(bars))
 
 
 def test_end_of_run_and_sweep_messages(tmp_path):

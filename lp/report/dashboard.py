@@ -1,7 +1,9 @@
 """The sweep dashboard: one self-contained HTML page (inline SVG, no JavaScript, opens offline).
 
-Sections: overview, the tables of :mod:`lp.report.tables`, PPL-vs-n curves, per-task accuracy bars,
-the pruners' per-layer score curves, the job list and the failures.
+Sections: overview, the tables of :mod:`lp.report.tables`, PPL vs. n and vs. removed parameters,
+per-task accuracy bars, the calibration similarity heatmap, the pruners' per-layer score curves,
+the job list and the failures. This module decides the content; :mod:`lp.report.plots` draws the
+charts (matplotlib) and :mod:`lp.report.html` the page.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from html import escape
 
 import pandas as pd
 
-from lp.report.svg import PALETTE, bar_chart, heatmap, html_table, line_chart, page
+from lp.report.html import grid, html_table, page
+from lp.report.plots import PALETTE, bar_chart, heatmap, line_chart
 from lp.report.tables import varying_keys
 from lp.report.vocab import (
     KEYS,
@@ -47,8 +50,14 @@ def _variants(pr: pd.DataFrame, several: bool) -> list[tuple[str, str, pd.DataFr
     return out
 
 
+def _warned(g: pd.DataFrame) -> pd.Series:
+    """Rows whose run recorded warnings (e.g. the guard's patch worse than none)."""
+    return g["warnings"].map(lambda w: isinstance(w, str) and bool(w))
+
+
 def _ppl_plots(df: pd.DataFrame) -> list[str]:
-    """Per model and PPL dataset: PPL vs. n and PPL vs. removed parameters (%), Dense at 0."""
+    """Per model and PPL dataset: PPL vs. n and PPL vs. removed parameters (%), Dense at 0; a variant
+    with warnings gets ⚠ in its legend entry and at the warned points."""
     ok = df[df["status"] == "ok"]
     dense, charts, several = is_dense(ok), [], _several_patches(df)
     for model in dict.fromkeys(ok["model"]):
@@ -58,20 +67,27 @@ def _ppl_plots(df: pd.DataFrame) -> list[str]:
             d0 = num(m[c].iloc[0]) if len(m) else math.nan
             by_n, by_params = [], []
             for name, pruner, g in _variants(pr, several):
-                style = dict(name=name, dash=name.count("+LinearPatch") > 0,
+                warned = _warned(g)
+                style = dict(name=name + (f" {WARN}" if warned.any() else ""), dash="+LinearPatch" in name,
                              color=PALETTE[pruners.index(pruner) % len(PALETTE)])
                 for x, out in (("n", by_n), ("pruned_ratio_%", by_params)):
                     if x not in g:
                         continue
-                    mean = g.dropna(subset=[x]).assign(_y=g[c].map(num)).groupby(x)["_y"].mean().sort_index()
+                    g2 = g.dropna(subset=[x]).assign(_y=g[c].map(num))
+                    mean = g2.groupby(x)["_y"].mean().sort_index()
                     xs, ys = [float(v) for v in mean.index], list(mean.values)
                     if math.isfinite(d0):
                         xs, ys = [0.0, *xs], [d0, *ys]
-                    out.append(dict(xs=xs, ys=ys, **style))
+                    out.append(dict(xs=xs, ys=ys, warn={float(v) for v in g2.loc[warned, x]}, **style))
             title = f"{model}: {PPL_SETS.get(c[4:], c[4:])} PPL"
             charts.append(line_chart(by_n, f"{title} vs. n", "removed layers n (0 = dense)", "PPL"))
             charts.append(line_chart(by_params, f"{title} vs. removed parameters", "removed parameters (%)", "PPL"))
     return [c for c in charts if c]
+
+
+def _model(r: dict) -> str:
+    """A record's model as the PPL charts and tables name it: ``model.name``, else the config group."""
+    return (r.get("model") or {}).get("name") or (r.get("choices") or {}).get("model", "?")
 
 
 def _score_plots(results: list[dict]) -> list[str]:
@@ -84,7 +100,7 @@ def _score_plots(results: list[dict]) -> list[str]:
         vals = tuple(num(v) for v in sc.get("values") or [])
         if r["status"] == "ok" and vals:
             ch = r.get("choices") or {}
-            key = (ch.get("model", "?"), ch.get("pruner", "?"), sc.get("kind", "score"))
+            key = (_model(r), ch.get("pruner", "?"), sc.get("kind", "score"))
             removed = p.get("removed_layers") or []
             marks = removed[:1] if str(sc.get("kind", "")).endswith("by_start") else removed
             curves.setdefault(key, {}).setdefault(vals, []).append((n_of(r), tuple(marks)))
@@ -92,8 +108,10 @@ def _score_plots(results: list[dict]) -> list[str]:
     for (model, pruner, kind), by_vals in curves.items():
         series = [dict(name="n=" + ",".join(sorted({str(n) for n, _ in runs}, key=str)), xs=list(range(len(v))),
                        ys=list(v), marks=sorted({i for _, mk in runs for i in mk})) for v, runs in by_vals.items()]
+        start = str(kind).endswith("by_start")
         charts.append(line_chart(series, f"{model}: {pruner_label(pruner)} — {kind}",
-                                 "layer / candidate index (ringed: removed / chosen start)", "score", logy=False))
+                                 "block start index" if start else "layer index", "score", logy=False,
+                                 mark_label="chosen start" if start else "removed"))
     return [c for c in charts if c]
 
 
@@ -104,21 +122,32 @@ def _similarity_plots(results: list[dict]) -> list[str]:
     for r in results:
         p = r.get("pruning") or {}
         if r["status"] == "ok" and p.get("similarity"):
-            key = ((r.get("choices") or {}).get("model", "?"), json.dumps(p["similarity"]))
+            key = (_model(r), json.dumps(p["similarity"]))
             seen.setdefault(key, (p["similarity"], set()))[1].update(p.get("removed_layers") or [])
     return [heatmap(mat, sorted(removed), f"{model}: cos(h_i, h_j), calibration tokens")
             for (model, _), (mat, removed) in seen.items()]
 
 
+def _qa_series(g: pd.DataFrame, cats: list[str]) -> list[dict]:
+    """Bars of one QA block: a colour per selection (Dense grey), its patched rows (``+...`` labels,
+    named after the row above them) in the same colour, hatched."""
+    out, base, colors = [], "", {}
+    for _, r in g[g["status"] == "ok"].iterrows():
+        patched = r["method"].startswith("+")
+        base = base if patched else r["method"]
+        color = "#7f7f7f" if base == "Dense" else colors.setdefault(base, PALETTE[len(colors) % len(PALETTE)])
+        warn = f" {WARN}" if isinstance(r["warnings"], str) and r["warnings"] else ""
+        out.append(dict(name=(f"{base} {r['method']}" if patched else r["method"]) + warn,
+                        values=[num(r[c]) for c in cats], color=color, hatch="///" if patched else None))
+    return out
+
+
 def _qa_plots(qa: pd.DataFrame) -> list[str]:
+    """Per block (n): grouped accuracy bars, one group per task column of the QA table."""
     cats = [c for c in qa if c not in (*KEYS, "RP") and not c.endswith(STD)]
-    return [c for c in (bar_chart(cats, [(r["method"], [r[c] for c in cats]) for _, r in g.iterrows()
-                                         if r["status"] == "ok"], f"Accuracy x100 — {block}", "accuracy x100")
-                        for block, g in qa.groupby("block", sort=False)) if c]
-
-
-def _grid(charts: list[str]) -> str:
-    return '<div class="grid">' + "\n".join(charts) + "</div>"
+    charts = (bar_chart(cats, _qa_series(g, cats), f"Accuracy x100 — {block}", "accuracy x100")
+              for block, g in qa.groupby("block", sort=False))
+    return [c for c in charts if c]
 
 
 def charts(df: pd.DataFrame, results: list[dict], tables) -> dict[str, list[str]]:
@@ -142,7 +171,7 @@ def build(df, results, tables, failures) -> str:
         notes = "".join(f"<li>{escape(n)}</li>" for n in t.notes)
         sections.append((t.title, html + f'<p class="{"warn" if t.smoke else "note"}">{escape(t.caption)}</p>'
                          f'<p class="note">{NOTE}</p>' + (f'<ul class="warn">{notes}</ul>' if notes else "")))
-    sections += [(title, _grid(svgs)) for title, svgs in charts(df, results, tables).items() if svgs]
+    sections += [(title, grid(svgs)) for title, svgs in charts(df, results, tables).items() if svgs]
     cols = [c for c in ("job", "status", "name", "n", "removed_layers", "pruned_ratio_%", "warnings", "time/total")
             if c in df]
     jobs = [(str(r["job"]), [("—" if pd.isna(r[c]) else f"{r[c]:.2f}%" if c.endswith("_%") else

@@ -18,7 +18,9 @@ from pathlib import Path
 
 def page_height(text: str, width: int) -> int:
     """Rough full-page height of an lp dashboard (headless --screenshot only grabs the window)."""
-    svgs = [(int(w), int(h)) for w, h in re.findall(r'<svg[^>]*width="(\d+)" height="(\d+)"', text)]
+    px = {"pt": 4 / 3, "": 1.0, "px": 1.0}  # matplotlib writes sizes in pt
+    svgs = [(int(float(w) * px[u]), int(float(h) * px[v]))
+            for w, u, h, v in re.findall(r'<svg[^>]*width="([\d.]+)(pt|px|)" height="([\d.]+)(pt|px|)"', text)]
     per_row = max(1, (width - 60) // (max((w for w, _ in svgs), default=520) + 14))
     charts = sum(h + 14 for _, h in svgs) / per_row
     rows = text.count("<tr") * 23 + text.count("<h2") * 75 + text.count("<h3") * 60 + text.count("<pre") * 90

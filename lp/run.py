@@ -205,7 +205,7 @@ def run_name(cfg: DictConfig, pruner, overrides: list[str] = ()) -> str:
     non-group settings set on the command line or by the sweep (an ablation such as
     `calib.nsamples=4 seed=1` gives `.../n4/nsamples=4,seed=1`); bookkeeping keys left out."""
     parts = [str(x) for x in (cfg.model.name, pruner.name, cfg.patch.kind, f"n{pruner.n}")]
-    skip = ("paths.", "hydra.", "data.", "tracker.", "pruner.n=", "model.name=")
+    skip = ("paths.", "hydra.", "data.", "tracker.", "runtime.", "pruner.n=", "model.name=")
     extra = [o.lstrip("+~") for o in overrides if ("." in o.split("=")[0] or o.startswith("seed="))
              and not o.lstrip("+~").startswith(skip) and "progress" not in o.split("=")[0]]
     if extra:

@@ -103,11 +103,13 @@ def test_caption_smoke_settings_and_single_dataset(tmp_path):
 
 def test_warnings_mark_the_row(tmp_path):
     recs = [_rec("none", 0, ppl=9.0), _rec("shortgpt", 2, ppl=12.0),
-            _rec("shortgpt", 2, "rotate", ppl=13.0, warnings=["patch worse than none: held-out NLL 3.2 > 3.1"])]
+            _rec("shortgpt", 2, "rotate", ppl=13.0, warnings=["patch worse than none: held-out NLL 3.2 > 3.1; "
+                                                              "best here: diag", "selection check"])]
     paths = agg.write_all(_sweep(tmp_path, recs))
     md = paths["table_md"].read_text()
     assert "| +LinearPatch ⚠ | 13.00 |" in md
-    assert "- ⚠ job 2: patch worse than none: held-out NLL 3.2 > 3.1" in md
+    assert "- ⚠ job 2: patch worse than none: held-out NLL 3.2 > 3.1; best here: diag\n" in md  # one bullet each
+    assert "- ⚠ job 2: selection check\n" in md
     assert r"+LinearPatch $^\dagger$" in paths["table_tex"].read_text()
     html = paths["dashboard"].read_text()
     assert "+LinearPatch ⚠" in html and "patch worse than none" in html
@@ -265,5 +267,5 @@ def test_run_name_includes_non_group_settings():
     pruner = SimpleNamespace(name="shortgpt", n=4)
     assert run_name(cfg, pruner) == "smol/shortgpt/rotate/n4"
     overrides = ["sweeps=q", "pruner=shortgpt", "pruner.n=4", "calib.nsamples=4", "seed=1",
-                 "patch.hadamard=random", "paths.output_dir=/x", "eval.ppl.progress=false"]
+                 "patch.hadamard=random", "paths.output_dir=/x", "eval.ppl.progress=false", "runtime.threads=1"]
     assert run_name(cfg, pruner, overrides) == "smol/shortgpt/rotate/n4/nsamples=4,seed=1,hadamard=random"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lp.report.vocab import n_of, parse_overrides
+from lp.report.vocab import WARN_SEP, n_of, parse_overrides
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def load_paths(paths: list) -> list[dict]:
 SETTINGS = ("seed", "calib.corpus", "calib.split", "calib.nsamples", "calib.seqlen", "patch.hadamard",
             "patch.hadamard_seed", "eval.ppl.split", "eval.ppl.seqlen", "eval.ppl.max_windows",
             "eval.qa.limit", "eval.qa.num_fewshot", "eval.mmlu.limit", "eval.mmlu.num_fewshot")
-_SKIP = ("hydra", "paths", "sweeps", "sweep_name", "resume", "force", "tracker")  # bookkeeping overrides
+_SKIP = ("hydra", "paths", "sweeps", "sweep_name", "resume", "force", "tracker", "runtime")  # bookkeeping overrides
 _NOT_EVAL = ("progress", "batch_size", "dense_reference", "eval_dense", "device", "device_map",
              "generate", "base_model")  # a greedy sample and card metadata do not change the numbers
 
@@ -206,7 +206,7 @@ def summarize(results: list[dict]) -> pd.DataFrame:
         row["ppl_windows"] = min((w for w in windows if isinstance(w, int)), default=None)
         row.update(_flat("", r.get("metrics") or {}))
         row.update(_flat("time/", r.get("timing") or {}))
-        row.update(warnings="; ".join(map(str, r.get("warnings") or [])) or None,
+        row.update(warnings=WARN_SEP.join(map(str, r.get("warnings") or [])) or None,
                    eval_settings=eval_signature(r), overrides=" ".join(r.get("overrides") or []),
                    dir=r["job"], resumed_from=r.get("resumed_from"))
         rows.append(row)

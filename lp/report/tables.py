@@ -29,6 +29,7 @@ from lp.report.vocab import (
     QA_TASKS,
     RATIO,
     STD,
+    WARN_SEP,
     is_dense,
     is_seed_key,
     normalize,
@@ -107,7 +108,7 @@ def _pruner_rows(g: pd.DataFrame, pruner: str, keys: list[str]) -> list[Row]:
                  if r["status"] != "ok"]
     for row in rows:
         row.warnings = [f"job {m['job']}: {w}" for m in row.members
-                        if isinstance(m.get("warnings"), str) for w in m["warnings"].split("; ") if w]
+                        if isinstance(m.get("warnings"), str) for w in m["warnings"].split(WARN_SEP) if w]
     return rows
 
 
@@ -183,7 +184,7 @@ def _frame(df: pd.DataFrame, columns: dict[str, callable]) -> tuple[pd.DataFrame
         for label, status, members, warns in entries:
             rec = {"block": b.title, "method": label, "status": status,
                    "job": ",".join(str(m["job"]) for m in members), "runs": len(members),
-                   "warnings": "; ".join(warns) or None}
+                   "warnings": WARN_SEP.join(warns) or None}
             for c, f in columns.items():
                 vals = pd.Series([f(m, b.dense) for m in members], dtype=float)
                 rec[c] = vals.mean(skipna=False)
@@ -259,7 +260,7 @@ def report_tables(df: pd.DataFrame) -> list[Table]:
         frame = build(df)
         if len(frame):
             text, smoke = caption(df, section)
-            warns = [w for ws in frame["warnings"].dropna() for w in ws.split("; ")]
+            warns = [w for ws in frame["warnings"].dropna() for w in ws.split(WARN_SEP)]
             out.append(Table(title, frame, lower, text, smoke, [*frame.attrs.get("notes", []),
                                                                   *(f"⚠ {w}" for w in dict.fromkeys(warns))]))
     return out

@@ -25,6 +25,8 @@ KEYS = ("block", "method", "status", "job", "runs", "warnings")  # non-value col
 RATIO = "Pruned %"  # parameters removed (x100); shown when a block mixes different ratios; never bolded
 STD = " std"  # suffix of a value column's standard deviation (rows averaged over seeds)
 WARN = "⚠"  # marks a row whose run recorded warnings (e.g. patch worse than none)
+# Joins a run's warnings in one flat cell (summary.csv, table frames); messages may contain "; ".
+WARN_SEP = " | "
 NOTE = "Bold: best successful pruned row per block. —: not available (failed/missing: see Failures)."
 # Config keys whose values are repetitions, not settings: rows differing only in them are averaged.
 SEED_KEYS = ("seed", "patch.hadamard_seed", "calib.seed")

@@ -3,6 +3,9 @@
 H = the orthonormal basis `patch.hadamard` (`lp.hadamard.basis`; row-vector convention x -> x H), and
 s_c = mean over calibration windows of mean_t |(h_b H)_c| / mean_t |(h_a H)_c| (dense model),
 read from the shared calibration statistics. P is symmetric with eigenvalues s.
+
+`RotatePatch` is also the base of the kinds that build on this rotation (`rotate_outlier`): they
+share its basis check and its fit shape (`rotation_fit`), and only say how the scales are measured.
 """
 
 import torch
@@ -20,12 +23,19 @@ def rotated(R: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return (P + P.T) / 2
 
 
-def check_rotation(patch_cfg, hidden_size: int, kind: str) -> None:
-    """The basis `patch.hadamard` needs a matrix for the hidden size, or `patch.hadamard_fallback_seed` (an int)."""
-    basis = patch_cfg.get("hadamard", "constructed")
-    if hd.spec(hidden_size, basis, patch_cfg.get("hadamard_seed"), patch_cfg.get("hadamard_fallback_seed")) is None:
-        raise ValueError(f"patch={kind}: {hd.unsupported(hidden_size, basis)} "
-                         "(set patch.hadamard_fallback_seed=<int> to opt in)")
+def rotation_fit(R: torch.Tensor, s: torch.Tensor, massive: torch.Tensor | None = None,
+                 s_massive: torch.Tensor | None = None) -> Fit:
+    """The `Fit` of a rotated patch. Without `massive`: P = R diag(s) R^T, scales s. With `massive`
+    (bool [D]) and K = diag(1 outside `massive`): P = K R diag(s) R^T K + diag(`s_massive` on `massive`),
+    scales = `s_massive` on the massive channels and s elsewhere (float32), info = their channel
+    indices. `info` always holds the min/median/max of the rotated scales s."""
+    if massive is None:
+        return Fit(rotated(R, s), s, scale_info(s))
+    keep = (~massive).double()
+    W = rotated(R, s) * keep[:, None] * keep[None, :]
+    W = W + torch.diag(torch.where(massive, s_massive, torch.zeros_like(s_massive)))
+    scales = torch.where(massive, s_massive, s)
+    return Fit(W, scales.float(), {"massive_channels": massive.nonzero().flatten().tolist(), **scale_info(s)})
 
 
 @register
@@ -35,8 +45,11 @@ class RotatePatch(PatchKind):
     uses_rotation = True
 
     def check(self, patch_cfg, hidden_size):
-        check_rotation(patch_cfg, hidden_size, self.name)
+        """The basis `patch.hadamard` needs a matrix for the hidden size, or `patch.hadamard_fallback_seed` (an int)."""
+        basis = patch_cfg.get("hadamard", "constructed")
+        if hd.spec(hidden_size, basis, patch_cfg.get("hadamard_seed"), patch_cfg.get("hadamard_fallback_seed")) is None:
+            raise ValueError(f"patch={self.name}: {hd.unsupported(hidden_size, basis)} "
+                             "(set patch.hadamard_fallback_seed=<int> to opt in)")
 
     def fit(self, source, a, b) -> Fit:
-        s = source.rotated_stats().scales(a, b, "rotate")
-        return Fit(rotated(source.rotation(), s), s, scale_info(s))
+        return rotation_fit(source.rotation(), source.rotated_stats().scales(a, b, "rotate"))

@@ -11,15 +11,15 @@ times the median channel, dense model, calibration windows) and K = diag(1 outsi
     s'_c = mean over windows of mean_t |(h_b K H)_c| / mean_t |(h_a K H)_c|   (rotated rest only)
 
 so a massive channel is scaled alone and never mixed into the others. With no massive channel
-this is exactly `rotate`.
+this is exactly `rotate`. A `RotatePatch` subclass: the same basis check and fit shape
+(`lp.patches.rotate.rotation_fit`); only the scales and the massive channels are its own.
 """
 
 import torch
 
 from lp.patches import register
-from lp.patches.base import Fit, PatchKind
-from lp.patches.diag import scale_info
-from lp.patches.rotate import check_rotation, rotated
+from lp.patches.base import Fit
+from lp.patches.rotate import RotatePatch, rotation_fit
 
 DEFAULT_FACTOR = 20.0
 
@@ -44,13 +44,12 @@ class RotatedRest:
 
 
 @register
-class RotateOutlierPatch(PatchKind):
+class RotateOutlierPatch(RotatePatch):
     name = "rotate_outlier"
     paper = "lp (issue 14): LinearPatch with massive channels scaled alone, outside the Hadamard mixing"
-    uses_rotation = True
 
     def check(self, patch_cfg, hidden_size):
-        check_rotation(patch_cfg, hidden_size, self.name)
+        super().check(patch_cfg, hidden_size)
         f = patch_cfg.get("outlier_factor", DEFAULT_FACTOR)
         if isinstance(f, bool) or not isinstance(f, (int, float)) or f <= 1:
             raise ValueError(f"patch.outlier_factor={f!r} must be a number > 1 (times the median channel)")
@@ -63,13 +62,8 @@ class RotateOutlierPatch(PatchKind):
         return RotatedRest(~self.outliers(source, a, b), source.rotation())
 
     def fit(self, source, a, b) -> Fit:
-        out = self.outliers(source, a, b)
         acc = source.accumulated(self, a, b)
         ra, rb = torch.cat(acc.ra), torch.cat(acc.rb)  # [W, D]
         s_rest = torch.where(ra > 0, rb / ra.clamp_min(1e-300), torch.ones_like(ra)).mean(0)
-        keep = (~out).double()
-        W = rotated(source.rotation(), s_rest) * keep[:, None] * keep[None, :]
         s_diag = source.stats.scales(a, b, "diag").double()
-        W = W + torch.diag(torch.where(out, s_diag, torch.zeros_like(s_diag)))
-        s = torch.where(out, s_diag, s_rest)
-        return Fit(W, s.float(), {"massive_channels": out.nonzero().flatten().tolist(), **scale_info(s_rest)})
+        return rotation_fit(source.rotation(), s_rest, self.outliers(source, a, b), s_diag)

@@ -160,6 +160,8 @@ def _distill(result: dict) -> str:
     d = result.get("distill")
     if not d:
         return "none (training-free)"
+    if d.get("skipped"):
+        return f"none (training-free): skipped, {d['skipped']}"
     return f"output-KL, {d.get('steps', '?')} steps"
 
 

@@ -157,8 +157,11 @@ def recipe(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: l
     patches, patches_info, patch_warnings = make_patches(cfg, ctx, sel.removed, heldout, stages)
     result["warnings"].extend(sel_warnings + patch_warnings)
     result["data"] = {"calibration": ctx.provenance}  # None only if nothing needed calibration
-    teacher = None
-    if cfg.distill.name != "none":  # the teacher is the dense model: cache its top-k logits before the drop
+    teacher, skipped = None, distill.skipped(cfg.distill, cfg.patch.kind, patches)  # auto chose no patch anywhere
+    if skipped:
+        result["distill"], warning = skipped
+        result["warnings"].append(warning)
+    elif cfg.distill.name != "none":  # the teacher is the dense model: cache its top-k logits before the drop
         with stages("teacher"):
             teacher, result["data"]["distill"] = distill.prepare_teacher(cfg, model, tokenizer)
     with stages("drop"):

@@ -266,9 +266,7 @@ def against_model(cfg: DictConfig, pruner, num_layers: int, max_positions: int |
         # patch scales and the held-out windows need the calibration corpus too
         data.resolve(cfg.calib.corpus, cfg.calib.split, cfg.data.root, cfg.data.source)
     if cfg.distill.name != "none":
-        if kind == "none":
-            raise ValueError(f"distill={cfg.distill.name} needs a patch to train, but patch=none; "
-                             "use patch=rotate or patch=diag")
         from lp import distill as distill_mod
 
+        distill_mod.check_patch(cfg.distill, cfg.patch)
         distill_mod.check_config(cfg.distill, max_positions)

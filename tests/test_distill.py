@@ -297,12 +297,48 @@ def test_bad_settings_are_rejected(over, match):
         D.check_config(dcfg(**over))
 
 
-def test_run_rejects_distill_without_patch(cfg_factory):
+@pytest.mark.parametrize("patch, msg", [
+    (["patch=none"], "distill=output_kl needs a patch to train, but patch=none; use patch=rotate"),
+    (["patch=auto", "patch.candidates=[none]"],
+     r"distill=output_kl needs a patch to train, but patch=auto with patch.candidates=\['none'\] can only choose none"),
+])
+def test_run_rejects_distill_without_patch_before_loading(cfg_factory, tmp_path, patch, msg):
     from lp.run import run
 
-    cfg = cfg_factory("model=tiny_llama", "eval=quick", "pruner=manual", "pruner.layers=[2,3]", "distill=quick")
-    with pytest.raises(ValueError, match="distill=output_kl needs a patch"):
+    cfg = cfg_factory("model=tiny_llama", "eval=quick", "pruner=manual", "pruner.layers=[2,3]", "distill=quick",
+                      "calib.nval=2", *patch)
+    with pytest.raises(ValueError, match=msg):
         run(cfg)
+    assert "load" not in json.loads((tmp_path / "result.json").read_text())["timing"]  # no weights loaded
+
+
+@pytest.mark.slow
+def test_run_auto_choosing_no_patch_skips_distill_with_a_warning(cfg_factory, tmp_path, monkeypatch, caplog, capsys):
+    """patch=auto may choose no patch at every cut (here: every patch made worse on the held-out
+    windows); distillation then has nothing to train: skipped with a loud warning, not an error."""
+    from test_patch import SMALL
+
+    from lp import verify
+    from lp.run import run
+
+    nll = verify.Heldout.nll
+    monkeypatch.setattr(verify.Heldout, "nll", lambda self, removed, patches=None: nll(self, removed, patches) + (
+        1.0 if any(p is not None for p in (patches or {}).values()) else 0.0))
+    cfg = cfg_factory(*SMALL, "pruner=manual", "pruner.layers=[2,3]", "patch=auto", "calib.nval=2",
+                      "distill=quick", "distill.nsamples=4", "distill.nval=2", "distill.seqlen=64",
+                      "distill.progress=false")
+    with caplog.at_level("WARNING"):
+        result = run(cfg)
+    reason = "patch=auto chose no patch at any cut: nothing to train"
+    warning = f"distill=output_kl skipped: {reason}; the run is training-free and unpatched"
+    assert result["status"] == "ok" and result["distill"] == {"skipped": reason}
+    assert result["patch"]["num_patches"] == 0 and [c["kind"] for c in result["patch"]["verification"]["choice"]] == ["none"]
+    assert warning in result["warnings"] and f"!!! {warning}" in caplog.text
+    assert f"[lp] WARNING: {warning}" in capsys.readouterr().out  # the summary line
+    assert "teacher" not in result["timing"] and "distill" not in result["data"]  # no teacher logits computed
+    assert not any(k.startswith("distill/") for k in result["metrics"]) and "ppl/ptb" in result["metrics"]
+    saved = json.loads((tmp_path / "result.json").read_text())
+    assert saved["distill"] == {"skipped": reason} and warning in saved["warnings"]
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ next-token distribution matches the dense model's:
 Shapes: windows `[N, T]` token ids; teacher indices / logits `[N, T, k]`; hidden states `[B, T, D]`.
 """
 
-from lp.distill.config import check_config, resolve_autocast
+from lp.distill.config import check_config, check_patch, resolve_autocast
 from lp.distill.student import PrefixStates, Suffix, full_student_loss, topk_kl
 from lp.distill.teacher import (
            TeacherCache,
@@ -26,8 +26,8 @@ from lp.distill.teacher import (
            prepare_teacher,
            teacher_key,
 )
-from lp.distill.train import distill, metrics
+from lp.distill.train import distill, metrics, skipped
 
 __all__ = ["TeacherCache", "Suffix", "PrefixStates", "build_teacher", "prepare_teacher", "distill", "metrics",
-           "topk_kl", "full_student_loss", "check_config", "resolve_autocast", "teacher_key", "key_hash", "distill_windows",
+           "topk_kl", "full_student_loss", "check_config", "check_patch", "skipped", "resolve_autocast", "teacher_key", "key_hash", "distill_windows",
            "cache_bytes"]

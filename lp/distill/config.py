@@ -39,6 +39,20 @@ def check_config(d, max_positions: int | None = None) -> None:
     check_optimizer(d.optimizer, d.scheduler)
 
 
+def check_patch(d, patch_cfg) -> None:
+    """Distillation trains the patch: `patch=none`, or `patch=auto` that can only choose none, is a
+    clear error before any weights load. (`patch=auto` may still choose none at every cut at run time:
+    then distillation is skipped with a warning, `lp.distill.train.skipped`.)"""
+    kind = patch_cfg.kind
+    if kind == "none":
+        raise ValueError(f"distill={d.name} needs a patch to train, but patch=none; "
+                         "use patch=rotate, patch=diag or patch=auto (or distill=none)")
+    if kind == "auto" and set(patch_cfg.get("candidates") or []) <= {"none"}:
+        raise ValueError(f"distill={d.name} needs a patch to train, but patch=auto with "
+                         f"patch.candidates={list(patch_cfg.get('candidates') or [])} can only choose none; "
+                         "add a patch kind to patch.candidates (or use distill=none)")
+
+
 def _check_target(key: str, node) -> None:
     """`node` is a `_partial_: true` Hydra node whose `_target_` imports."""
     target = node.get("_target_")

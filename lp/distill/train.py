@@ -11,6 +11,7 @@ and the LR schedule come from `distill.optimizer` / `distill.scheduler` (Hydra `
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import resource
 import sys
@@ -27,6 +28,8 @@ from lp.distill.config import resolve_autocast
 from lp.distill.student import PrefixStates, Suffix, topk_kl
 from lp.distill.teacher import TeacherCache
 from lp.evaluate.ppl import token_nll
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -239,6 +242,20 @@ def summary(d, loop: Loop, fit: dict, rel: list[float], times: dict, peak: dict)
         "wall_s": {**times, "per_step": times["train"] / max(1, train_steps)},
         "peak_memory": peak, "teacher_cache": str(loop.teacher.path),
     }
+
+
+def skipped(d, patch_kind: str, patches: dict) -> tuple[dict, str] | None:
+    """`(result["distill"], warning)` when distillation `d` (= cfg.distill) is configured but has
+    nothing to train, else None. That happens when `patch=auto` chose no patch at any cut (held-out
+    NLL, `lp.verify.choose_per_cut`): the run goes on training-free and unpatched, and the skip is a
+    loud warning (logged with `!!!`, for `result["warnings"]`), not an error. Settings that can never
+    give a patch (`patch=none`) are rejected before any weights load (`lp.distill.config.check_patch`)."""
+    if d.name == "none" or patches or patch_kind != "auto":
+        return None
+    reason = "patch=auto chose no patch at any cut: nothing to train"
+    warning = f"distill={d.name} skipped: {reason}; the run is training-free and unpatched"
+    log.warning("!!! %s", warning)
+    return {"skipped": reason}, warning
 
 
 def metrics(info: dict) -> dict:

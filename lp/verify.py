@@ -208,8 +208,11 @@ def check_selection(heldout: Heldout | None, sel: Selection, rerank: int = 0) ->
     better = [c for c in scored if c["nll"] < chosen_nll - RUNNER_UP_MARGIN]
     if better:
         b = min(better, key=lambda c: c["nll"])
+        other = sel.info.get("other_variant")
+        what = (f"the block of pruner.variant={other['variant']}" if other and b["removed"] == list(range(*other["block"]))
+                else f"candidate #{b['rank']} by the pruner's score")
         warnings.append(
-            f"selection check: candidate #{b['rank']} by the pruner's score (layers {b['removed']}) has held-out "
+            f"selection check: {what} (layers {b['removed']}) has held-out "
             f"NLL {b['nll']:.4f}, much better than the chosen {sel.removed} ({chosen_nll:.4f}) unpatched; "
             f"pruner.rerank={b['rank'] + 1} would pick it")
         log.warning("!!! %s", warnings[-1])

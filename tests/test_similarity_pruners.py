@@ -123,3 +123,32 @@ def test_second_run_loads_statistics_and_changed_seed_recomputes(cfg_factory, tm
     data = [r["data"]["calibration"] for r in runs]  # the loaded entry carries the provenance of its pass
     assert data[1] == data[0] and data[0]["seed"] == 2 and data[2]["seed"] == 7
     assert len(list((tmp_path / "cache" / "calib").iterdir())) == 2
+
+
+def test_linearpatch_offers_the_other_rules_block_to_the_selection_check(monkeypatch):
+    """The other variant's block is the first alternative: the held-out check names it when it is much
+    better, and pruner.rerank=2 keeps the better of the two rules' blocks."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lp.pruners import linearpatch
+    from lp.verify import check_selection
+
+    curves = {"paper": torch.tensor([0.1, 0.9, 0.2, 0.3, 0.0]),  # L = 6, n = 2: paper picks [1, 3)
+              "reference": torch.tensor([float("nan"), 0.1, 0.2, 0.8, float("nan")])}  # reference: [3, 5)
+    stats = SimpleNamespace(block_scores=lambda n, v: curves[v].clone(), cost={})
+    monkeypatch.setattr(linearpatch, "get_stats", lambda ctx: stats)
+    sel = LinearPatchPruner(2, variant="reference").select(None)
+    assert sel.removed == [3, 4] and sel.info["other_variant"] == {"variant": "paper", "block": [1, 3]}
+    assert sel.info["alternatives"][0] == [1, 2] and [1, 2] not in sel.info["alternatives"][1:]
+    heldout = SimpleNamespace(num_windows=2, nll=lambda removed, patches=None: 3.0 if removed == [1, 2] else 3.5)
+    checked, warnings = check_selection(heldout, sel)
+    assert checked.removed == [3, 4] and len(warnings) == 1
+    assert "the block of pruner.variant=paper (layers [1, 2]) has held-out NLL 3.0000" in warnings[0]
+    assert "pruner.rerank=2 would pick it" in warnings[0]
+    sel = LinearPatchPruner(2, variant="reference", rerank=2).select(None)
+    assert check_selection(heldout, sel, rerank=2)[0].removed == [1, 2]
+    curves["reference"] = torch.tensor([float("nan"), 0.9, 0.2, 0.1, float("nan")])
+    same = LinearPatchPruner(2, variant="paper").select(None)  # same block under both rules: nothing added
+    assert same.info["other_variant"]["block"] == [1, 3] and [1, 2] not in same.info["alternatives"]

@@ -269,3 +269,22 @@ def test_run_name_includes_non_group_settings():
     overrides = ["sweeps=q", "pruner=shortgpt", "pruner.n=4", "calib.nsamples=4", "seed=1",
                  "patch.hadamard=random", "paths.output_dir=/x", "eval.ppl.progress=false", "runtime.threads=1"]
     assert run_name(cfg, pruner, overrides) == "smol/shortgpt/rotate/n4/nsamples=4,seed=1,hadamard=random"
+
+
+def test_compare_counts_a_resumed_job_once_and_merges_repeated_warnings(tmp_path, capsys):
+    """Two runs of one sweep: the second resumed job 1 from the first (a copy with `resumed_from`);
+    comparing both folders counts that run once. The same warning of several jobs is one bullet."""
+    from lp.__main__ import main
+
+    warn = ["selection check: candidate #1 is better; pruner.rerank=2 would pick it"]
+    first = _sweep(tmp_path / "s" / "t1", [_rec("none", 0, ppl=9.0), _rec("shortgpt", 2, "rotate", ppl=12.0,
+                                                                          seed=0, overrides=["seed=0"], warnings=warn)])
+    resumed = {**json.loads((first / "1" / "result.json").read_text()),
+               "resumed_from": str((first / "1" / "result.json").resolve())}
+    second = _sweep(tmp_path / "s" / "t2", [resumed, _rec("shortgpt", 2, "rotate", ppl=14.0, seed=1,
+                                                     overrides=["seed=1"], warnings=warn)])
+    assert main(["compare", str(first), str(second)]) == 0
+    out = capsys.readouterr().out
+    assert "| ShortGPT +LinearPatch ⚠ | 13.00 ± 1.41 |" in out  # mean ± std of seeds 0 and 1 (12, 14), not of 12, 12, 14
+    assert out.count("pruner.rerank=2 would pick it") == 1
+    assert "- ⚠ jobs 0:1, 1:1: selection check: candidate #1 is better; pruner.rerank=2 would pick it" in out

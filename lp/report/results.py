@@ -93,7 +93,8 @@ def load_results(sweep_dir) -> list[dict]:
 
 def load_paths(paths: list) -> list[dict]:
     """Records of any mix of ``result.json`` files, run dirs (holding one) and sweep dirs; job ids
-    are prefixed with the argument's position when more than one path is given."""
+    are prefixed with the argument's position when more than one path is given. A job resumed from
+    another loaded job (its ``resumed_from`` is among them) is left out: one run counts once."""
     records = []
     for i, p in enumerate(map(Path, paths)):
         if p.is_file() or (p.is_dir() and (p / "result.json").is_file() and not any(_job_dirs(p)[1:])):
@@ -111,6 +112,8 @@ def load_paths(paths: list) -> list[dict]:
         for r in batch:
             r["job_num"] = f"{i}:{r['job_num']}" if len(paths) > 1 else r["job_num"]
         records += batch
+    loaded = {str((Path(r["job"]) / "result.json").resolve()) for r in records}
+    records = [r for r in records if str(r.get("resumed_from")) not in loaded]
     _fill_unknown(records)
     return records
 

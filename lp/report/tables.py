@@ -252,6 +252,19 @@ class Table:
     notes: list[str]
 
 
+def merge_jobs(warns: list[str]) -> list[str]:
+    """``job <id>: <message>`` lines with one line per distinct message, its jobs listed in order of
+    first appearance: ``jobs 1, 2: <message>``."""
+    jobs: dict[str, list[str]] = {}
+    for w in warns:
+        job, sep, msg = w.partition(": ")
+        job, msg = (job.removeprefix("job "), msg) if sep and job.startswith("job ") else ("", w)
+        ids = jobs.setdefault(msg, [])
+        if job and job not in ids:
+            ids.append(job)
+    return [f"job{'s' if len(ids) > 1 else ''} {', '.join(ids)}: {m}" if ids else m for m, ids in jobs.items()]
+
+
 def report_tables(df: pd.DataFrame) -> list[Table]:
     """The non-empty PPL and QA tables of a summary frame."""
     out = []
@@ -262,5 +275,5 @@ def report_tables(df: pd.DataFrame) -> list[Table]:
             text, smoke = caption(df, section)
             warns = [w for ws in frame["warnings"].dropna() for w in ws.split(WARN_SEP)]
             out.append(Table(title, frame, lower, text, smoke, [*frame.attrs.get("notes", []),
-                                                                  *(f"⚠ {w}" for w in dict.fromkeys(warns))]))
+                                                                  *(f"⚠ {w}" for w in merge_jobs(warns))]))
     return out

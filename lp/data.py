@@ -218,7 +218,15 @@ def sample_windows(tokenizer, name: str, split: str, nsamples: int, seqlen: int,
     draw here. Document corpora (`Corpus.documents`: pile, c4) use `document_windows`, which
     tokenizes only the drawn documents; the others use `calibration_windows` on the joined stream,
     tokenized once. Either way the training windows come first from the same seeded generator, so
-    they do not depend on `nval`."""
+    they do not depend on `nval`. Memoised per arguments (calibration and the held-out check of one
+    run ask for the same draw: the documents are tokenized once); callers get their own copies."""
+    train, val, prov = _sample_windows(tokenizer, name, split, int(nsamples), int(seqlen), int(seed), float(holdout),
+                                       root, source, int(nval))
+    return train.clone(), val.clone(), dict(prov)
+
+
+@functools.lru_cache(maxsize=4)
+def _sample_windows(tokenizer, name, split, nsamples, seqlen, seed, holdout, root, source, nval):
     if corpus(name).documents:
         rows, prov = load_rows(name, split, root, source)
         train, val = document_windows(tokenizer, rows, nsamples, seqlen, seed, holdout, nval=nval)
@@ -229,9 +237,10 @@ def sample_windows(tokenizer, name: str, split: str, nsamples: int, seqlen: int,
 
 
 def calibration_set(tokenizer, name: str, split: str, nsamples: int, seqlen: int, seed: int, holdout: float,
-                    root: str | None, source: str = "auto") -> tuple[torch.Tensor, dict]:
-    """Calibration windows `[nsamples, seqlen]` and provenance (`sample_windows` without held-out windows)."""
-    train, _, prov = sample_windows(tokenizer, name, split, nsamples, seqlen, seed, holdout, root, source)
+                    root: str | None, source: str = "auto", nval: int = 0) -> tuple[torch.Tensor, dict]:
+    """Calibration windows `[nsamples, seqlen]` and provenance: the training windows of `sample_windows`
+    (pass the run's `nval` so the held-out check reuses the same draw)."""
+    train, _, prov = sample_windows(tokenizer, name, split, nsamples, seqlen, seed, holdout, root, source, nval)
     return train, prov
 
 

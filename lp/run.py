@@ -300,7 +300,7 @@ def calibration(cfg: DictConfig, tokenizer) -> tuple[torch.Tensor, dict]:
     """Calibration windows `[nsamples, seqlen]` from `cfg.calib`, with provenance."""
     c = cfg.calib
     windows, prov = data.calibration_set(tokenizer, c.corpus, c.split, c.nsamples, c.seqlen, c.seed, c.holdout,
-                                         cfg.data.root, cfg.data.source)
+                                         cfg.data.root, cfg.data.source, c.get("nval") or 0)
     return windows, {**prov, "nsamples": c.nsamples, "seqlen": c.seqlen, "seed": c.seed, "holdout": c.holdout}
 
 

@@ -202,6 +202,10 @@ def test_distill_and_heldout_windows_use_the_document_sampler(cfg_factory, tmp_p
                                                    nval=3)[1])
     calib, _ = data.calibration_set(tok.tok, name, split, 5, 16, cfg.calib.seed, 0.25, str(tmp_path))
     assert torch.equal(calib, data.document_windows(tok.tok, texts, 5, 16, cfg.calib.seed, 0.25, nval=3)[0])
+    once = CountingTokenizer()  # calibration and the held-out check of one run: one draw, documents tokenized once
+    windows, _ = run.calibration(cfg, once)
+    assert torch.equal(windows, calib) and torch.equal(verify.heldout_windows(cfg, once), held)
+    assert once.calls == 5 + 3
     assert run.stats_key(cfg)["calib"]["sampler"] == data.DOCUMENT_PROTOCOL  # c4 entries of the old sampler: no match
     with pytest.raises(ValueError, match="corpus has 40 documents: none held out for 2 validation windows"):
         data.document_windows(tok.tok, texts, 1, 16, seed=0, holdout=0.0, nval=2)

@@ -16,6 +16,7 @@ import pandas as pd
 
 from lp.report.html import grid, html_table, page
 from lp.report.plots import PALETTE, bar_chart, heatmap, line_chart
+from lp.report.results import model_name
 from lp.report.tables import varying_keys
 from lp.report.vocab import (
     KEYS,
@@ -50,9 +51,9 @@ def _variants(pr: pd.DataFrame, several: bool) -> list[tuple[str, str, pd.DataFr
     return out
 
 
-def _warned(g: pd.DataFrame) -> pd.Series:
-    """Rows whose run recorded warnings (e.g. the guard's patch worse than none)."""
-    return g["warnings"].map(lambda w: isinstance(w, str) and bool(w))
+def _warned(warnings) -> bool:
+    """Whether a summary row's ``warnings`` cell holds any (e.g. the guard's patch worse than none)."""
+    return isinstance(warnings, str) and bool(warnings)
 
 
 def _ppl_plots(df: pd.DataFrame) -> list[str]:
@@ -67,7 +68,7 @@ def _ppl_plots(df: pd.DataFrame) -> list[str]:
             d0 = num(m[c].iloc[0]) if len(m) else math.nan
             by_n, by_params = [], []
             for name, pruner, g in _variants(pr, several):
-                warned = _warned(g)
+                warned = g["warnings"].map(_warned)
                 style = dict(name=name + (f" {WARN}" if warned.any() else ""), dash="+LinearPatch" in name,
                              color=PALETTE[pruners.index(pruner) % len(PALETTE)])
                 for x, out in (("n", by_n), ("pruned_ratio_%", by_params)):
@@ -85,11 +86,6 @@ def _ppl_plots(df: pd.DataFrame) -> list[str]:
     return [c for c in charts if c]
 
 
-def _model(r: dict) -> str:
-    """A record's model as the PPL charts and tables name it: ``model.name``, else the config group."""
-    return (r.get("model") or {}).get("name") or (r.get("choices") or {}).get("model", "?")
-
-
 def _score_plots(results: list[dict]) -> list[str]:
     """Each pruner's score curve (pruning.scores), one series per distinct curve, its removed layers
     (per-layer scores) or chosen block start (per-start scores) ringed."""
@@ -100,7 +96,7 @@ def _score_plots(results: list[dict]) -> list[str]:
         vals = tuple(num(v) for v in sc.get("values") or [])
         if r["status"] == "ok" and vals:
             ch = r.get("choices") or {}
-            key = (_model(r), ch.get("pruner", "?"), sc.get("kind", "score"))
+            key = (model_name(r), ch.get("pruner", "?"), sc.get("kind", "score"))
             removed = p.get("removed_layers") or []
             marks = removed[:1] if str(sc.get("kind", "")).endswith("by_start") else removed
             curves.setdefault(key, {}).setdefault(vals, []).append((n_of(r), tuple(marks)))
@@ -122,7 +118,7 @@ def _similarity_plots(results: list[dict]) -> list[str]:
     for r in results:
         p = r.get("pruning") or {}
         if r["status"] == "ok" and p.get("similarity"):
-            key = (_model(r), json.dumps(p["similarity"]))
+            key = (model_name(r), json.dumps(p["similarity"]))
             seen.setdefault(key, (p["similarity"], set()))[1].update(p.get("removed_layers") or [])
     return [heatmap(mat, sorted(removed), f"{model}: cos(h_i, h_j), calibration tokens")
             for (model, _), (mat, removed) in seen.items()]
@@ -136,7 +132,7 @@ def _qa_series(g: pd.DataFrame, cats: list[str]) -> list[dict]:
         patched = r["method"].startswith("+")
         base = base if patched else r["method"]
         color = "#7f7f7f" if base == "Dense" else colors.setdefault(base, PALETTE[len(colors) % len(PALETTE)])
-        warn = f" {WARN}" if isinstance(r["warnings"], str) and r["warnings"] else ""
+        warn = f" {WARN}" if _warned(r["warnings"]) else ""
         out.append(dict(name=(f"{base} {r['method']}" if patched else r["method"]) + warn,
                         values=[num(r[c]) for c in cats], color=color, hatch="///" if patched else None))
     return out

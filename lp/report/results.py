@@ -128,6 +128,13 @@ _NOT_EVAL = ("progress", "batch_size", "dense_reference", "eval_dense", "device"
              "generate", "base_model")  # a greedy sample and card metadata do not change the numbers
 
 
+def model_name(r: dict) -> str:
+    """A record's model as tables and charts name it: ``model.name`` (result, else config), else the
+    config group choice."""
+    return ((r.get("model") or {}).get("name") or setting(r, "model.name")
+            or (r.get("choices") or {}).get("model") or "?")
+
+
 def setting(r: dict, key: str):
     """Value of dotted config path ``key`` in a record's ``config`` (else its override string); lists
     are joined with commas, dicts give None (summary.csv holds flat values only)."""
@@ -193,9 +200,8 @@ def summarize(results: list[dict]) -> pd.DataFrame:
         row = {"job": r["job_num"], "status": r["status"], "error": r.get("error"),
                "name": r.get("name") or " ".join(r.get("overrides") or [])}
         row.update(r.get("choices") or {})
-        model = r.get("model") or {}
-        row.update(model_config=row.get("model"), model=model.get("name") or setting(r, "model.name")
-                   or row.get("model"), dtype=model.get("dtype") or setting(r, "model.dtype"))
+        row.update(model_config=row.get("model"), model=model_name(r),
+                   dtype=(r.get("model") or {}).get("dtype") or setting(r, "model.dtype"))
         removed = p.get("removed_layers")
         row.update(n=n_of(r), removed_layers=" ".join(map(str, removed)) if removed else None)
         for k in ("pruned_ratio", "pruned_ratio_with_patch"):

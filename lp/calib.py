@@ -46,7 +46,7 @@ from lp.progress import bar
 
 log = logging.getLogger(__name__)
 
-STATS_VERSION = 1  # bump when the meaning of a stored statistic changes (invalidates the disk cache)
+STATS_VERSION = 2  # 2: similarity matrices mirrored from the upper triangle (symmetric on any CPU); bump when the meaning of a stored statistic changes (invalidates the disk cache)
 VARIANTS = ("paper", "reference")
 SCALE_KINDS = ("diag", "rotate")
 _CTX_ATTR = "_lp_calib_stats"
@@ -238,8 +238,8 @@ def collect(model, windows: torch.Tensor, batch_size: int = 1, rotation: hd.Rota
             h.remove()
     seconds = time.perf_counter() - t0
     return CalibStats(
-        cos_token=_unit_diag(g_tok.cpu() / (W * T)), cos_last=_unit_diag(g_last.cpu() / W),
-        ang_last=_zero_diag(g_ang.cpu() / W), cos_channel=_unit_diag(g_ch.cpu() / (W * D)),
+        cos_token=_unit_diag(_symmetric(g_tok.cpu() / (W * T))), cos_last=_unit_diag(_symmetric(g_last.cpu() / W)),
+        ang_last=_zero_diag(_symmetric(g_ang.cpu() / W)), cos_channel=_unit_diag(_symmetric(g_ch.cpu() / (W * D))),
         abs_mean=abs_mean, abs_mean_rot=abs_rot,
         meta={"version": STATS_VERSION, "num_layers": L, "hidden_size": D, "windows": W, "seqlen": T,
               "batch_size": batch_size, "rotation": rotation.spec if rotation else None,
@@ -251,6 +251,14 @@ def collect(model, windows: torch.Tensor, batch_size: int = 1, rotation: hd.Rota
 def _gram(x: torch.Tensor) -> torch.Tensor:
     """x [K, N] float32 -> x x^T [K, K] float64 (matmul in float32)."""
     return (x @ x.T).double()
+
+
+def _symmetric(m: torch.Tensor) -> torch.Tensor:
+    """The upper triangle of `m` [K, K] mirrored onto the lower one: symmetric bit for bit by construction.
+    A Gram product x x^T is symmetric only up to the BLAS kernel's summation order, which differs
+    between CPUs (an AMD Zen 4 gave cos(a, b) != cos(b, a) in the last bits)."""
+    upper = torch.triu(m)
+    return upper + torch.triu(m, 1).T
 
 
 def _unit_diag(m):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lp import calib
-from lp.calib import CalibStats, check_block, collect, get_stats
+from lp.calib import CalibStats, _symmetric, check_block, collect, get_stats
 from lp.hadamard import Rotation, hadamard
 from lp.models import Decoder, tiny_model
 from lp.pruners.base import PruneContext
@@ -84,6 +84,26 @@ def test_similarities_match_naive(setup):
             assert stats.cos(a, b, "last") == pytest.approx(
                 sum(cosine(h[a][w, -1], h[b][w, -1]) for w in range(5)) / 5, abs=1e-5)
             assert float(stats.ang_last[a, b]) == pytest.approx(naive_angular_last(h, a, b), abs=1e-4)
+
+
+def test_every_similarity_matrix_is_symmetric_bit_for_bit(setup):
+    *_, stats, _ = setup
+    for name in ("cos_token", "cos_last", "ang_last", "cos_channel"):
+        m = getattr(stats, name)
+        assert torch.equal(m, m.T), name
+
+
+def test_symmetric_mirrors_the_upper_triangle_of_a_non_symmetric_gram():
+    # Two float32 Gram products of the same rows summed in different orders differ in the last bits,
+    # as BLAS kernels of different CPUs do; _symmetric must give an exactly symmetric matrix anyway.
+    x = torch.randn(7, 4099, generator=torch.Generator().manual_seed(0))
+    g = (x @ x.T).double()
+    g_other_order = (x.flip(1) @ x.flip(1).T).double()
+    g[3:, :3] = g_other_order[3:, :3]  # lower block from the other summation order
+    assert not torch.equal(g, g.T)  # the input really is asymmetric
+    s = _symmetric(g)
+    assert torch.equal(s, s.T)
+    assert torch.equal(torch.triu(s), torch.triu(g))  # the upper triangle is kept as computed
 
 
 @pytest.mark.parametrize("a, b", [(0, 2), (1, 4), (3, 6), (5, 6)])

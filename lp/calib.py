@@ -41,7 +41,8 @@ from safetensors.torch import load_file, save_file
 
 from lp import cache
 from lp import hadamard as hd
-from lp.models import Decoder, StopForward, hidden_input
+from lp.devices import input_device, model_dtype
+from lp.models import Decoder, StopForward, hidden_input, non_finite_error
 from lp.progress import bar
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ def collect(model, windows: torch.Tensor, batch_size: int = 1, rotation: hd.Rota
     W, T = windows.shape
     if W == 0 or T < 2:
         raise ValueError(f"calibration needs at least one window of >= 2 tokens, got shape {tuple(windows.shape)}")
-    device = next(model.parameters()).device
+    device = input_device(model)
     f64 = dict(dtype=torch.float64, device=device)
     g_tok, g_last, g_ang, g_ch = (torch.zeros(L + 1, L + 1, **f64) for _ in range(4))
     abs_mean = torch.zeros(W, L + 1, D)
@@ -191,6 +192,7 @@ def collect(model, windows: torch.Tensor, batch_size: int = 1, rotation: hd.Rota
 
     def take(idx, h_model):
         h = h_model.float()  # [B, T, D]
+        state["finite"][idx] = torch.isfinite(h).all()  # checked once per batch (one sync), see below
         w0, B = state["w0"], h.shape[0]
         ones = state["ones"]  # [B, 1, T]: sums over tokens as a matmul (~2.5x faster than a strided reduction)
         abs_mean[w0:w0 + B, idx] = (torch.bmm(ones, h.abs())[:, 0] / T).cpu()  # mean_t |h|
@@ -217,7 +219,7 @@ def collect(model, windows: torch.Tensor, batch_size: int = 1, rotation: hd.Rota
             batch = windows[w0:w0 + batch_size].to(device)
             B = batch.shape[0]
             if state.get("B") != B:  # (re)allocate the per-batch buffers
-                state.update(B=B, ones=torch.ones(B, 1, T, device=device), tok=torch.empty(L + 1, B, T, D, device=device),
+                state.update(B=B, finite=torch.ones(L + 1, dtype=torch.bool, device=device), ones=torch.ones(B, 1, T, device=device), tok=torch.empty(L + 1, B, T, D, device=device),
                              ch=torch.empty(L + 1, B, T, D, device=device))
             state["w0"] = w0
             try:
@@ -226,6 +228,8 @@ def collect(model, windows: torch.Tensor, batch_size: int = 1, rotation: hd.Rota
                 pass
             else:
                 raise RuntimeError("the last decoder layer never ran: calibration hooks did not fire")
+            if not bool(state["finite"].all()):  # the first stream h_l with NaN/inf names layer l-1
+                raise non_finite_error(int((~state["finite"]).nonzero()[0]), L, model_dtype(model))
             tok, ch = state["tok"], state["ch"]
             g_tok += _gram(tok.view(L + 1, -1))
             g_ch += _gram(ch.view(L + 1, -1))
@@ -244,7 +248,7 @@ def collect(model, windows: torch.Tensor, batch_size: int = 1, rotation: hd.Rota
         meta={"version": STATS_VERSION, "num_layers": L, "hidden_size": D, "windows": W, "seqlen": T,
               "batch_size": batch_size, "rotation": rotation.spec if rotation else None,
               "compute_seconds": round(seconds, 3), "device": str(device),
-              "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")},
+              "dtype": str(model_dtype(model)).removeprefix("torch.")},
     )
 
 

@@ -49,6 +49,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from lp.devices import input_device, is_offloaded, model_dtype, state_dict
 from lp.models import Decoder, resolve_dtype
 from lp.patch import LinearPatch, insert_patches, strip_patches
 
@@ -110,7 +111,7 @@ def folded_state_dict(model: nn.Module, patches: dict[int, LinearPatch]) -> tupl
         records.append({"start": p.start, "end": p.end, "kind": p.kind, "scale": s,
                         "folded_into": f"o_proj/down_proj of pruned layers {first}..{dec.num_layers - 1}"
                         if first < dec.num_layers else "nothing (the final norm is scale-invariant)"})
-    sd = dict(model.state_dict())
+    sd = dict(state_dict(model))
     for k, f in enumerate(factor):
         if f == 1.0:
             continue
@@ -118,7 +119,7 @@ def folded_state_dict(model: nn.Module, patches: dict[int, LinearPatch]) -> tupl
         for mod in (layer.self_attn.o_proj, layer.mlp.down_proj):
             for pname, t in mod.named_parameters(recurse=False):
                 key = f"{names[id(mod)]}.{pname}"
-                sd[key] = (t.detach().float() * f).to(t.dtype)
+                sd[key] = (sd[key].float() * f).to(t.dtype)  # sd: onloaded (lp.devices.state_dict)
     return sd, records
 
 
@@ -171,7 +172,7 @@ def _write_pruned(model: nn.Module, tokenizer, path: Path, meta: dict | None, fo
                 mode, (state, records) = "folded", folded_state_dict(model, patches)
             else:
                 mode, state, records = "custom", *_custom_state_dict(model, patches)
-        model.save_pretrained(path, state_dict=state)
+        model.save_pretrained(path, state_dict=state if state is not None or not is_offloaded(model) else state_dict(model))
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
         if mode == "custom":
@@ -181,7 +182,7 @@ def _write_pruned(model: nn.Module, tokenizer, path: Path, meta: dict | None, fo
     ps = sorted(patches.values(), key=lambda p: p.start)
     info = {
         "format": FORMAT, "mode": mode, "fold_refused": None if mode != "custom" else refusal,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "dtype": str(model_dtype(model)).removeprefix("torch."),
         "base_model_type": model.config.model_type, "base_architecture": type(model).__name__,
         "num_layers_dense": ps[0].num_layers if ps else None,
         "removed_layers": sorted(i for p in ps for i in range(p.start, p.end)),
@@ -196,7 +197,7 @@ def _custom_state_dict(model: nn.Module, patches: dict[int, LinearPatch]) -> tup
     """Base weights under their own names + `<module>.lp_patch.weight` (float32) per cut."""
     dec = Decoder(model)
     names = {id(m): n for n, m in model.named_modules()}
-    sd, records = dict(model.state_dict()), []
+    sd, records = dict(state_dict(model)), []
     for p in sorted(patches.values(), key=lambda p: p.start):
         k = pruned_index(p, patches)
         module = names[id(dec.norm if k == dec.num_layers else dec.layers[k])]
@@ -228,17 +229,17 @@ def verify_saved(path: Path, model: nn.Module, mode: str, tokens: int = 16) -> s
     `VERIFY_TOL` (relative to max |logit|), else a description of the mismatch."""
     from transformers import AutoModelForCausalLM
 
-    param = next(model.parameters())
+    device, dtype = input_device(model), model_dtype(model)
     vocab = model.config.vocab_size
-    ids = (torch.arange(2 * tokens).reshape(2, tokens) * 7919 % vocab).to(param.device)
-    back = AutoModelForCausalLM.from_pretrained(path, dtype=param.dtype, trust_remote_code=mode == "custom")
-    back = back.to(param.device).eval()
+    ids = (torch.arange(2 * tokens).reshape(2, tokens) * 7919 % vocab).to(device)
+    back = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=mode == "custom")
+    back = back.to(device).eval()
     with torch.no_grad():
         want = model(input_ids=ids, use_cache=False).logits.float()
         got = back(input_ids=ids, use_cache=False).logits.float()
     del back
     rel = ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
-    tol = VERIFY_TOL.get(param.dtype, 2e-2)
+    tol = VERIFY_TOL.get(dtype, 2e-2)
     return None if rel <= tol else f"max |logit diff| / max |logit| = {rel:.3g} > {tol:g} ({mode} layout)"
 
 

@@ -22,24 +22,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lp import cache
+from lp import cache, devices
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # Top-level config attributes holding one entry per decoder layer (Gemma2/3, Qwen2, ... in transformers 5).
 PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers")
-
-
-def cache_dir() -> Path:
-    """Root of lp's on-disk caches: `lp.cache.root()`."""
-    return cache.root()
-
-
-def resolve_device(device: str | None = "auto") -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
@@ -135,21 +124,59 @@ def tiny_model(arch: str = "llama", num_layers: int = 6, hidden_size: int = 64, 
 
 
 def load_model(cfg) -> tuple[nn.Module, object]:
-    """Load (model, tokenizer) from a `conf/model` config, in eval mode on its device and dtype."""
+    """Load (model, tokenizer) from a `conf/model` config, in eval mode, placed as `lp.devices.placement`
+    says (default: the whole model loaded straight onto `model.device`). A tiny model with another
+    placement than the default is written once to the cache and loaded like any checkpoint, so it goes
+    through the same accelerate dispatch as a real one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = resolve_dtype(cfg.dtype)
-    if cfg.get("tiny"):
+    devices.check_placement(cfg)
+    default = cfg.get("device_map") is None and not cfg.get("onload")
+    if cfg.get("tiny") and default:
         model = tiny_model(**cfg.tiny).to(dtype)
-        return model.to(resolve_device(cfg.device)), byte_tokenizer()
-    source = model_source(cfg)
-    kwargs = hub_kwargs(cfg, source)
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    device_map = cfg.get("device_map")
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map, **kwargs)
-    if device_map is None:
-        model = model.to(resolve_device(cfg.device))
+        return model.to(devices.resolve_device(cfg.device)).eval(), byte_tokenizer()
+    if cfg.get("tiny"):
+        source, kwargs, tokenizer = str(tiny_checkpoint(cfg.tiny)), {}, byte_tokenizer()
+    else:
+        source = model_source(cfg)
+        kwargs = hub_kwargs(cfg, source)
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    place = devices.placement(cfg, *module_names(source, kwargs)) if not default else \
+        {"device_map": {"": str(devices.resolve_device(cfg.get("device")))}}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **place, **kwargs)
     return model.eval(), tokenizer
+
+
+def module_names(source: str, kwargs: dict) -> tuple[list[str], list[str]]:
+    """(decoder layer names, other top-level module names) of the checkpoint at `source`, from a model
+    built on the meta device (no weights read): the units `lp.devices.placement` places."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source, **kwargs)
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(config, trust_remote_code=kwargs.get("trust_remote_code", False))
+    layers = Decoder(empty).layers
+    names = {id(m): n for n, m in empty.named_modules()}
+    layer_names = [names[id(layer)] for layer in layers]
+    prefix = layer_names[0].rsplit(".", 2)[0]  # e.g. "model" of "model.layers.0"
+    backbone = empty.get_submodule(prefix)
+    other = [f"{prefix}.{n}" for n, m in backbone.named_children() if m is not layers]
+    other += [n for n, m in empty.named_children() if m is not backbone]
+    return layer_names, other
+
+
+def tiny_checkpoint(tiny) -> Path:
+    """The tiny model of config `tiny` saved once (safetensors) in a cache entry `<cache>/models/<digest>`."""
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.to_container(tiny, resolve=True) if not isinstance(tiny, dict) else dict(tiny)
+
+    def build(out: Path) -> None:
+        tiny_model(**spec).save_pretrained(out)
+
+    return cache.fetch("models", {"tiny": spec}, build, load=lambda path: path).path
 
 
 def model_source(cfg) -> str:
@@ -281,6 +308,28 @@ class StopForward(Exception):
 def hidden_input(hidden_states_args: tuple, kwargs: dict) -> torch.Tensor:
     """The hidden state a decoder layer / final norm receives, from a `with_kwargs` pre-hook's arguments."""
     return hidden_states_args[0] if hidden_states_args else kwargs["hidden_states"]
+
+
+class NonFiniteActivations(ValueError):
+    """The residual stream became NaN/inf (a ValueError: the run ends with one line, exit 2)."""
+
+
+def non_finite_error(layer: int, num_layers: int, dtype: torch.dtype) -> NonFiniteActivations:
+    """The one-line error for a stream h_`layer` (`lp.models` numbering: h_l enters layer l, h_0 is the
+    embedding output) that holds NaN or inf: names the module that produced it and the dtype."""
+    where = "the embedding" if layer == 0 else f"decoder layer {layer - 1}"
+    if layer == num_layers:
+        where += " (the last layer)"
+    hint = " (float16 overflows easily: try model.dtype=bfloat16 or float32)" if dtype == torch.float16 else \
+        " (check the checkpoint's weights)"
+    return NonFiniteActivations(f"non-finite activations: {where} produced NaN/inf in {str(dtype).removeprefix('torch.')}"
+                                f"{hint}; nothing after it can be trusted")
+
+
+def check_finite(h: torch.Tensor, layer: int, num_layers: int) -> None:
+    """Raise `non_finite_error` if h_`layer` `[B, T, D]` holds NaN or inf (one reduction, one sync)."""
+    if not bool(torch.isfinite(h).all()):
+        raise non_finite_error(layer, num_layers, h.dtype)
 
 
 def input_of(model: nn.Module, module: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

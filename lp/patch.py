@@ -30,6 +30,7 @@ from torch import nn
 
 from lp import hadamard as hd
 from lp import patches
+from lp.devices import execution_device
 from lp.models import Decoder
 from lp.patches.base import FitSource
 from lp.patches.rotate import rotated
@@ -203,13 +204,12 @@ def fit_patches(ctx, removed, patch_cfg, kinds: list[str]) -> tuple[dict, dict]:
     source = FitSource(ctx, patch_cfg)
     chosen = [patches.get(k) for k in kinds]
     source.collect(chosen, runs)  # one activation pass for every kind that needs one
-    device = next(ctx.model.parameters()).device
     fitted, infos = {}, {}
     for kind in chosen:
         fitted[kind.name], infos[kind.name] = {}, []
         for a, b in runs:
             f = kind.fit(source, a, b)
-            p = None if f.weight is None else LinearPatch(f.weight.float(), a, b, L, kind.name, f.scales).to(device)
+            p = None if f.weight is None else LinearPatch(f.weight.float(), a, b, L, kind.name, f.scales)
             fitted[kind.name][a] = p
             infos[kind.name].append(cut_record(a, b, L, kind.name, f.info))
     cost = {"calibration": source._stats.cost if source._stats is not None else None,
@@ -273,9 +273,9 @@ def insert_patches(model: nn.Module, patches: dict[int, LinearPatch]) -> nn.Modu
 
 
 def _on_device_of(patch: LinearPatch, module: nn.Module) -> LinearPatch:
-    """The patch on the device of the module it feeds (matters for device_map-split models)."""
-    param = next(module.parameters(), None)
-    return patch.to(param.device) if param is not None else patch
+    """The patch on the execution device of the module it feeds (`lp.devices.execution_device`: the
+    accelerate hook's device for a dispatched or offloaded module, never `meta`)."""
+    return patch.to(execution_device(module))
 
 
 def find_patches(model: nn.Module) -> list[LinearPatch]:

@@ -33,10 +33,12 @@ Example: held-out NLL of the model without the block [i, i+n), bridged by `patch
 from __future__ import annotations
 
 import torch
+from accelerate.utils import align_module_device
 from torch import Tensor, nn
 
+from lp.devices import input_device
 from lp.evaluate.ppl import token_nll
-from lp.models import Decoder, StopForward, input_of
+from lp.models import Decoder, StopForward, check_finite, input_of
 
 
 def softcap(logits: Tensor, cap: float | None) -> Tensor:
@@ -67,9 +69,12 @@ class Head:
 
     def logits_at(self, hn: Tensor, idx: Tensor) -> Tensor:
         if type(self.lm_head) is nn.Linear:
-            out = torch.matmul(self.lm_head.weight[idx], hn.unsqueeze(-1)).squeeze(-1)  # [B,T,k,D] @ [B,T,D,1]
-            if self.lm_head.bias is not None:
-                out = out + self.lm_head.bias[idx]
+            with align_module_device(self.lm_head):  # onloads an offloaded head (accelerate), else a no-op
+                w, bias = self.lm_head.weight, self.lm_head.bias
+                idx, hn = idx.to(w.device), hn.to(w.device)
+                out = torch.matmul(w[idx], hn.unsqueeze(-1)).squeeze(-1)  # [B,T,k,D] @ [B,T,D,1]
+                if bias is not None:
+                    out = out + bias[idx]
             return softcap(out, self.cap)
         return self.logits(hn).gather(-1, idx)
 
@@ -94,7 +99,7 @@ class LayerCalls:
     @torch.no_grad()
     def capture(self, ids: Tensor) -> Tensor:
         shape = tuple(ids.shape)
-        device = next(self.model.parameters()).device
+        device = input_device(self.model)
         ids = ids.to(device)
         with torch.autocast(device.type, enabled=False):
             if shape in self.shapes:
@@ -151,7 +156,7 @@ class Replay:
         self.layers = list(Decoder(model).layers)  # dense numbering, whatever the caller removes later
         self.calls = LayerCalls(model, self.layers)
         self.head = Head(model)
-        self.windows = windows.to(next(model.parameters()).device)
+        self.windows = windows.to(input_device(model))
         n = len(windows)
         self.batches = [slice(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
         self.layer_calls = 0
@@ -173,13 +178,16 @@ class Replay:
     @torch.inference_mode()
     def embed(self) -> Tensor:
         """h_0 `[N, T, D]`: what enters layer 0 (the model's embedding path, scaling included)."""
-        return torch.cat([self.calls.capture(self.windows[b]) for b in self.batches])
+        h = torch.cat([self.calls.capture(self.windows[b]) for b in self.batches])
+        check_finite(h, 0, self.num_layers)
+        return h
 
     @torch.inference_mode()
     def advance(self, h: Tensor, index: int, out: Tensor) -> Tensor:
         """`out` <- dense layer `index` applied to `h` (both `[N, T, D]`; `out` may be `h`)."""
         for b in self.batches:
             out[b] = self._layer(index, h[b], b)
+        check_finite(out, index + 1, self.num_layers)
         self.layer_calls += 1
         return out
 
@@ -203,7 +211,8 @@ class Replay:
             for i in layers:
                 x = self._layer(i, x, b)
             logits = self.head(x[:, :-1])
-            nll = [token_nll(lg, t[1:]).mean() for lg, t in zip(logits, self.windows[b], strict=True)]
+            targets = self.windows[b].to(logits.device)  # the head may run on another device than the embedding
+            nll = [token_nll(lg, t[1:]).mean() for lg, t in zip(logits, targets, strict=True)]
             out.append(torch.stack(nll).double())
         self.layer_calls += len(layers)
         self.head_calls += 1

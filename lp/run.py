@@ -26,7 +26,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lp import cache, calib, card, data, distill, models, threads, validate, verify
+from lp import cache, calib, card, data, devices, distill, memory, models, threads, validate, verify
 from lp.evaluate import generate, lm_eval_tasks
 from lp.evaluate.lm_eval_tasks import paper_scores, retained_performance
 from lp.evaluate.ppl import perplexity
@@ -39,23 +39,41 @@ log = logging.getLogger(__name__)
 
 
 class Stages:
-    """Wall time per pipeline stage, in seconds."""
+    """Wall time (seconds) and peak memory (`lp.memory.StageMemory`: peak RSS, peak GPU memory per
+    device, in MB) per pipeline stage; a stage entered twice keeps the sum of times and the max peaks."""
 
     def __init__(self):
         self.times: dict[str, float] = {}
+        self.memory: dict[str, dict] = {}
         self.t0 = time.perf_counter()
 
     @contextmanager
     def __call__(self, name: str):
         t = time.perf_counter()
         log.info("[%s] ...", name)
+        mem = memory.StageMemory()
+        mem.start()
         try:
             yield
         finally:
             self.times[name] = round(self.times.get(name, 0.0) + time.perf_counter() - t, 3)
+            self.memory[name] = _max_merge(self.memory.get(name, {}), mem.stop())
 
     def total(self) -> dict:
         return {**self.times, "total": round(time.perf_counter() - self.t0, 3)}
+
+
+def _max_merge(a: dict, b: dict) -> dict:
+    """Element-wise max of two nested dicts of numbers (None and missing entries ignored)."""
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict):
+            out[k] = _max_merge(out.get(k) or {}, v)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(out.get(k), (int, float)):
+            out[k] = max(out[k], v)
+        else:
+            out[k] = v if v is not None else out.get(k)
+    return out
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -116,6 +134,7 @@ def run(cfg: DictConfig) -> dict:
         raise
     finally:
         result["timing"] = stages.total()
+        result["memory"] = stages.memory
         write_json_atomic(out / "result.json", result)
         for tracker in trackers:
             finish_tracker(tracker, result)
@@ -219,9 +238,11 @@ def run_name(cfg: DictConfig, pruner, overrides: list[str] = ()) -> str:
 def model_info(cfg: DictConfig, model) -> dict:
     """`result["model"]`: name, dense layer count, hidden size, dtype and device of the loaded model."""
     dec = models.Decoder(model)
-    param = next(model.parameters())
-    return {"name": cfg.model.name, "num_layers": dec.num_layers, "hidden_size": dec.hidden_size,
-            "dtype": str(param.dtype).removeprefix("torch."), "device": str(param.device)}
+    info = {"name": cfg.model.name, "num_layers": dec.num_layers, "hidden_size": dec.hidden_size,
+            "dtype": str(devices.model_dtype(model)).removeprefix("torch."), "device": str(devices.input_device(model))}
+    if (device_map := getattr(model, "hf_device_map", None)) and set(device_map) != {""}:
+        info["device_map"] = {k: str(v) for k, v in device_map.items()}
+    return info
 
 
 def dense_qa_scores(cfg: DictConfig, pruner, model, tokenizer, stages: Stages) -> dict[str, float] | None:

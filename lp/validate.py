@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lp import devices
+
 CONF = Path(__file__).resolve().parents[1] / "conf"  # the repository's; a Hydra app's own comes first
 OPEN = ("model.tiny",)  # nodes whose extra keys are passed on as keyword arguments (tiny model config)
 ANY = "any"  # type of a default that is an interpolation (`${oc.env:...}`) or null
@@ -137,6 +139,7 @@ def settings(cfg: DictConfig, choices: dict | None = None, conf: Path | None = N
         if not ok(value):
             raise ValueError(f"{key}={value!r}: must be {allowed}")
     device(cfg.model.get("device"))
+    devices.check_placement(cfg.model)
     root = cfg.data.get("root")
     if root is not None and not Path(str(root)).expanduser().is_dir():
         raise FileNotFoundError(f"data.root={str(root)!r} (LP_DATA_DIR by default) is not a folder; point "

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lp import models
+from lp.devices import model_dtype
 from lp.patch import Patched
 from lp.replay import Head, LayerCalls
 
@@ -27,7 +28,7 @@ def topk_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
     `student`, `teacher`: logits `[..., k]` at the same vocabulary indices; each is renormalised
     with a (log-)softmax over its k entries (in float32)."""
-    lt = F.log_softmax(teacher.float(), dim=-1)
+    lt = F.log_softmax(teacher.to(student.device).float(), dim=-1)
     ls = F.log_softmax(student.float(), dim=-1)
     return (lt.exp() * (lt - ls)).sum(-1).mean()
 
@@ -87,8 +88,8 @@ class PrefixStates:
 
     def __init__(self, suffix: Suffix, teacher, batch_size: int, budget_bytes: float, progress: bool = True):
         self.suffix = suffix
-        model_param = next(suffix.calls.model.parameters())
-        size = len(teacher) * teacher.seqlen * suffix.head.weight.shape[1] * model_param.element_size()
+        itemsize = model_dtype(suffix.calls.model).itemsize
+        size = len(teacher) * teacher.seqlen * suffix.head.weight.shape[1] * itemsize
         self.states = None
         if size <= budget_bytes:
             self.states = [None] * len(teacher)

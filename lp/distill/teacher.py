@@ -23,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lp import cache, data
+from lp.devices import input_device
 from lp.distill.config import DTYPE_NAMES
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def _write(model: nn.Module, windows: torch.Tensor, ntrain: int, k: int, key: di
            progress: bool) -> None:
     """Write `ids.npy`, `topk_idx.npy`, `topk_val.npy` and `meta.json` into the empty folder `out`."""
     n, seqlen = windows.shape
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids = np.lib.format.open_memmap(out / "ids.npy", "w+", np.int32, (n, seqlen))
     ids[:] = windows.numpy()
     idx_mm = np.lib.format.open_memmap(out / "topk_idx.npy", "w+", np.int32, (n, seqlen, k))

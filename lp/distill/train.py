@@ -24,6 +24,7 @@ from hydra.utils import instantiate
 from torch import nn
 from tqdm.auto import tqdm
 
+from lp.devices import input_device
 from lp.distill.config import resolve_autocast
 from lp.distill.student import PrefixStates, Suffix, topk_kl
 from lp.distill.teacher import TeacherCache
@@ -188,7 +189,7 @@ def distill(model: nn.Module, teacher: TeacherCache, d, tracker=None, progress: 
     if teacher.k != int(d.k) or teacher.seqlen != int(d.seqlen):
         raise ValueError(f"teacher cache {teacher.path} has k={teacher.k}, seqlen={teacher.seqlen}; "
                          f"distill asks k={d.k}, seqlen={d.seqlen}")
-    device = next(model.parameters()).device
+    device = input_device(model)
     loop = Loop(suffix, params, teacher, d, device, tracker, progress)
     init = [p.detach().clone() for p in params]
     was_training = model.training

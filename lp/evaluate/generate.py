@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from lp.devices import input_device
+
 
 def check_generate(gen_cfg) -> None:
     """Validate `eval.generate` (null, or prompt / max_new_tokens / in_multirun) before any work."""
@@ -32,7 +34,7 @@ def greedy_sample(model, tokenizer, prompt: str, max_new_tokens: int) -> dict:
     """Greedy (`do_sample=False`) continuation of `prompt` with the KV cache, as `generate` serves it.
     Returns {prompt, completion (new text only), new_tokens, max_new_tokens}."""
     check_generate({"prompt": prompt, "max_new_tokens": max_new_tokens})
-    device = next(model.parameters()).device
+    device = input_device(model)
     enc = tokenizer(prompt, return_tensors="pt").to(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():

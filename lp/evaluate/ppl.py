@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from lp.devices import input_device
+
 CE_CHUNK = 32  # positions per float32 cross-entropy chunk: stays in cache, ~3x faster than one big upcast
 
 
@@ -49,7 +51,7 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 1, desc: str = "p
     Window w's value is the mean over its T-1 shifted positions of -log p(x_{t+1} | x_{<=t}).
     """
     check_loss_dtype(loss_dtype)
-    device = next(model.parameters()).device
+    device = input_device(model)
     out = []
     for i in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, unit="batch"):
         batch = windows[i:i + batch_size].to(device)

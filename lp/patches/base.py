@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lp import hadamard as hd
+from lp.devices import input_device
 from lp.models import Decoder, StopForward, hidden_input
 
 
@@ -138,7 +139,7 @@ def collect_cuts(model, windows: torch.Tensor, batch_size: int, jobs: dict) -> N
         return pre
 
     handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in modules.items()]
-    device = next(model.parameters()).device
+    device = input_device(model)
     try:
         for w0 in range(0, len(windows), batch_size):
             got.clear()

@@ -19,6 +19,7 @@ from torch import nn
 
 from lp import cache
 from lp.calib import check_block
+from lp.devices import input_device, model_dtype
 
 log = logging.getLogger(__name__)
 SCORES_VERSION = 2  # bump when stored pruner scores (or the entry format) change (invalidates the disk cache)
@@ -109,6 +110,9 @@ MAX_ALTERNATIVES = 16  # runner-up selections offered to the held-out check / pr
 def block_selection(method: str, scores, n: int, kind: str, lower_is_better: bool = False, **extra) -> Selection:
     """Pick the best start from a per-start curve `scores` [L-n+1] (NaN = not a candidate);
     `alternatives` = the next blocks by the same score, best first (for `lp.verify.check_selection`)."""
+    if torch.isinf(scores).any() or torch.isnan(scores).all():
+        raise ValueError(f"{method}: block scores are not finite ({nan_to_none(scores)}): the model's activations "
+                         "or the statistics are broken (NaN/inf), so no ranking can be trusted")
     masked = scores.nan_to_num(float("inf") if lower_is_better else float("-inf"))
     order = torch.argsort(masked, descending=not lower_is_better, stable=True)
     order = [int(i) for i in order if not torch.isnan(scores[i])]
@@ -186,10 +190,9 @@ class ScoreCache:
 
     def __init__(self, ctx, method: str, enabled: bool = True, **settings):
         self.ctx = ctx
-        param = next(ctx.model.parameters())
         self.key = cache.normal_key({
             "ctx": ctx.cache_key, "method": method, "settings": settings, "batch_size": ctx.batch_size,
-            "device": param.device.type, "dtype": str(param.dtype), "version": SCORES_VERSION,
+            "device": input_device(ctx.model).type, "dtype": str(model_dtype(ctx.model)), "version": SCORES_VERSION,
         })
         self.name = f"{method}-{cache.digest(self.key)}"
         self.path = cache.root() / "select" / self.name if enabled and ctx.cache_key else None

@@ -6,6 +6,14 @@ from collections import Counter
 from pathlib import Path
 
 
+def peak_memory(memory: dict | None) -> str:
+    """`, peak RSS 1234 MB, GPU 5678 MB` over all stages of `result["memory"]` ('' when unknown)."""
+    stages = list((memory or {}).values())
+    rss = [m["rss_peak_mb"] for m in stages if isinstance(m.get("rss_peak_mb"), (int, float))]
+    gpu = [v for m in stages for v in (m.get("cuda_peak_mb") or {}).values()]
+    return (f", peak RSS {max(rss):.0f} MB" if rss else "") + (f", GPU {max(gpu):.0f} MB" if gpu else "")
+
+
 def summary_line(result: dict, out: Path | None = None) -> str:
     """The end-of-run message: the headline numbers (QA average and RP first, then PPL, MMLU; the
     per-task scores stay in result.json), any warnings, and where the result and a saved model are."""
@@ -18,7 +26,7 @@ def summary_line(result: dict, out: Path | None = None) -> str:
     rest = sum(1 for k, v in m.items() if isinstance(v, float)) - len(head)
     lines = [f"[lp] {result['name']}: removed {p.get('removed_layers')} ({100 * p.get('pruned_ratio', 0):.2f}% "
              f"params)  {'  '.join(head)}{f'  (+{rest} more in result.json)' if rest > 0 else ''}  "
-             f"in {result['timing']['total']:.1f}s"]
+             f"in {result['timing']['total']:.1f}s{peak_memory(result.get('memory'))}"]
     lines += [f"[lp] WARNING: {w}" for w in result.get("warnings") or []]
     if out is not None:
         lines.append(f"[lp] result: {Path(out) / 'result.json'}")

@@ -1,8 +1,8 @@
 """One calibration pass -> every statistic the similarity pruners and LinearPatch need.
 
 Conventions (see `lp.models`): L dense layers; h_l = residual stream entering layer l
-(l = 0..L-1), h_L = output of the last layer *before* the final norm; all captured with hooks
-on the decoder layers. A calibration batch is `[B, T]` token windows; statistics are
+(l = 0..L-1), h_L = output of the last layer *before* the final norm; all seen in the engine's
+layer-sequential pass (`lp.replay.Replay.walk`). A calibration batch is `[B, T]` token windows; statistics are
 accumulated in float32 per batch (float64 running sums), streaming: only the current batch's
 activations are held, never the whole calibration set.
 
@@ -42,8 +42,9 @@ from safetensors.torch import load_file, save_file
 from lp import cache
 from lp import hadamard as hd
 from lp.devices import input_device, model_dtype
-from lp.models import Decoder, StopForward, hidden_input, non_finite_error
+from lp.models import Decoder
 from lp.progress import bar
+from lp.replay import Replay
 
 log = logging.getLogger(__name__)
 
@@ -164,82 +165,58 @@ def check_block(method: str, n, num_layers: int, variant: str = "paper") -> None
 
 
 # --------------------------------------------------------------------------- the pass
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 @torch.inference_mode()
 def collect(model, windows: torch.Tensor, batch_size: int = 1, rotation: hd.Rotation | None = None,
             progress: bool = False) -> CalibStats:
     """Run the dense `model` once over `windows` [W, T] (int64) and return its `CalibStats`.
 
-    Hooks: a forward pre-hook on every layer l captures h_l, a forward hook on the last layer
-    captures h_L and raises `StopForward` (final norm and lm_head never run). Per batch, the whole stack
-    of normalised activations [L+1, B, T, D] float32 is held twice (token- and channel-normalised);
-    nothing is kept across batches except the running sums.
+    A visitor of the engine's layer-sequential pass (`lp.replay.Replay.walk`, one batch per chunk):
+    it sees h_0..h_L of each batch (h_L = the last layer's output; the final norm and lm_head never
+    run). Per batch, the whole stack of normalised activations [L+1, B, T, D] float32 is held twice
+    (token- and channel-normalised) on the device the layers run on; nothing is kept across batches
+    except the running sums, reduced on that device (the abs-means are copied to host memory per batch).
     """
     dec = Decoder(model)
     L, D = dec.num_layers, dec.hidden_size
     W, T = windows.shape
     if W == 0 or T < 2:
         raise ValueError(f"calibration needs at least one window of >= 2 tokens, got shape {tuple(windows.shape)}")
-    device = input_device(model)
+    engine = Replay(model, windows, batch_size)
+    device = input_device(model)  # where the sums are reduced
     f64 = dict(dtype=torch.float64, device=device)
     g_tok, g_last, g_ang, g_ch = (torch.zeros(L + 1, L + 1, **f64) for _ in range(4))
     abs_mean = torch.zeros(W, L + 1, D)
     abs_rot = torch.zeros(W, L + 1, D) if rotation is not None else None
     state: dict = {}
+    steps = bar(range(len(engine.batches)), progress, "calibration statistics", unit="batch")
+    ticks = iter(steps)
 
-    def take(idx, h_model):
+    def visit(idx, rows, h_model):
+        h_model = h_model.to(device)
         h = h_model.float()  # [B, T, D]
-        state["finite"][idx] = torch.isfinite(h).all()  # checked once per batch (one sync), see below
-        w0, B = state["w0"], h.shape[0]
+        B = h.shape[0]
+        if state.get("B") != B:  # (re)allocate the per-batch buffers
+            state.update(B=B, ones=torch.ones(B, 1, T, device=device), tok=torch.empty(L + 1, B, T, D, device=device),
+                         ch=torch.empty(L + 1, B, T, D, device=device))
         ones = state["ones"]  # [B, 1, T]: sums over tokens as a matmul (~2.5x faster than a strided reduction)
-        abs_mean[w0:w0 + B, idx] = (torch.bmm(ones, h.abs())[:, 0] / T).cpu()  # mean_t |h|
+        abs_mean[rows, idx] = (torch.bmm(ones, h.abs())[:, 0] / T).cpu()  # mean_t |h|
         if abs_rot is not None:  # in the model's dtype where it is half precision (see Rotation.apply)
-            abs_rot[w0:w0 + B, idx] = (torch.bmm(ones, rotation.apply(h_model).abs_())[:, 0] / T).cpu()
+            abs_rot[rows, idx] = (torch.bmm(ones, rotation.apply(h_model).abs_())[:, 0] / T).cpu()
         tok, ch = state["tok"], state["ch"]
         torch.div(h, torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min(1e-12), out=tok[idx])
         torch.div(h, torch.bmm(ones, h * h).sqrt_().clamp_min_(1e-12), out=ch[idx])
-
-    def pre_hook(idx):
-        def hook(module, args, kwargs):
-            take(idx, hidden_input(args, kwargs))
-        return hook
-
-    def last_hook(module, args, kwargs, out):
-        take(L, _first(out))
-        raise StopForward
-
-    handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(dec.layers)]
-    handles.append(dec.layers[L - 1].register_forward_hook(last_hook, with_kwargs=True))
-    t0 = time.perf_counter()
-    try:
-        for w0 in bar(range(0, W, batch_size), progress, "calibration statistics", unit="batch"):
-            batch = windows[w0:w0 + batch_size].to(device)
-            B = batch.shape[0]
-            if state.get("B") != B:  # (re)allocate the per-batch buffers
-                state.update(B=B, finite=torch.ones(L + 1, dtype=torch.bool, device=device), ones=torch.ones(B, 1, T, device=device), tok=torch.empty(L + 1, B, T, D, device=device),
-                             ch=torch.empty(L + 1, B, T, D, device=device))
-            state["w0"] = w0
-            try:
-                dec.backbone(input_ids=batch, use_cache=False)
-            except StopForward:
-                pass
-            else:
-                raise RuntimeError("the last decoder layer never ran: calibration hooks did not fire")
-            if not bool(state["finite"].all()):  # the first stream h_l with NaN/inf names layer l-1
-                raise non_finite_error(int((~state["finite"]).nonzero()[0]), L, model_dtype(model))
-            tok, ch = state["tok"], state["ch"]
-            g_tok += _gram(tok.view(L + 1, -1))
-            g_ch += _gram(ch.view(L + 1, -1))
+        if idx == L:  # the batch's whole stack is in: its pairwise sums
+            g_tok.add_(_gram(tok.view(L + 1, -1)))
+            g_ch.add_(_gram(ch.view(L + 1, -1)))
             last = tok[:, :, -1]  # [L+1, B, D]
             c = torch.einsum("abd,cbd->bac", last, last).double().clamp(-1, 1)  # per window [B, L+1, L+1]
-            g_last += c.sum(0)
-            g_ang += (torch.arccos(c) / math.pi).sum(0)
-    finally:
-        for h in handles:
-            h.remove()
+            g_last.add_(c.sum(0))
+            g_ang.add_((torch.arccos(c) / math.pi).sum(0))
+            next(ticks, None)
+
+    t0 = time.perf_counter()
+    engine.walk(L, visit)
+    next(ticks, None)  # closes the bar
     seconds = time.perf_counter() - t0
     return CalibStats(
         cos_token=_unit_diag(_symmetric(g_tok.cpu() / (W * T))), cos_last=_unit_diag(_symmetric(g_last.cpu() / W)),

@@ -332,25 +332,6 @@ def check_finite(h: torch.Tensor, layer: int, num_layers: int) -> None:
         raise non_finite_error(layer, num_layers, h.dtype)
 
 
-def input_of(model: nn.Module, module: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """The hidden state `[B, T, D]` entering `module` (a decoder layer or the final norm) during
-    `model(input_ids)`; the forward stops there, so later layers and the LM head never run."""
-    got = []
-
-    def stop(_mod, args, kwargs):
-        got.append(hidden_input(args, kwargs))
-        raise StopForward
-
-    handle = module.register_forward_pre_hook(stop, with_kwargs=True)
-    try:
-        model(input_ids=input_ids, use_cache=False)
-    except StopForward:
-        return got[0]
-    finally:
-        handle.remove()
-    raise RuntimeError(f"the forward never reached {type(module).__name__}")
-
-
 def drop_layers(model: nn.Module, indices) -> nn.Module:
     """Remove decoder layers `indices` (dense numbering) in place and return the model.
 

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from lp.devices import input_device
 from lp.evaluate.ppl import token_nll
-from lp.models import Decoder, StopForward, check_finite, input_of
+from lp.models import Decoder, StopForward, check_finite, non_finite_error
 
 
 def softcap(logits: Tensor, cap: float | None) -> Tensor:
@@ -79,6 +79,29 @@ class Head:
         return self.logits(hn).gather(-1, idx)
 
 
+def _input_of(model: nn.Module, module: nn.Module, input_ids: Tensor) -> Tensor:
+    """The hidden state `[B, T, D]` entering `module` during `model(input_ids)`; the forward stops
+    there (`StopForward`), so later layers and the LM head never run."""
+    got = []
+
+    def stop(_mod, args, kwargs):
+        got.append(args[0] if args else kwargs["hidden_states"])
+        raise StopForward
+
+    handle = module.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        model(input_ids=input_ids, use_cache=False)
+    except StopForward:
+        return got[0]
+    finally:
+        handle.remove()
+    raise RuntimeError(f"the forward never reached {type(module).__name__}")
+
+
+def _cat(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 class LayerCalls:
     """The arguments `model` passes each of `modules` (decoder layers and/or the final norm, in call
     order) besides the hidden state, captured per batch shape `(B, T)`.
@@ -103,7 +126,7 @@ class LayerCalls:
         ids = ids.to(device)
         with torch.autocast(device.type, enabled=False):
             if shape in self.shapes:
-                return input_of(self.model, self.modules[0], ids).detach()
+                return _input_of(self.model, self.modules[0], ids).detach()
             calls, first = [], []
 
             def grab(_mod, args, kwargs):
@@ -191,6 +214,40 @@ class Replay:
         self.layer_calls += 1
         return out
 
+    @torch.inference_mode()
+    def walk(self, upto: int, visit, chunk: int | None = None) -> None:
+        """The layer-sequential pass every statistic is collected from (calibration, patch sums).
+
+        For each chunk of `chunk` windows (a multiple of the batch size; default one batch): h_0 of the
+        chunk, then dense layers 0..upto-1 one at a time, each over the chunk's batches; `visit(l, rows, h)`
+        sees h_l `[len(rows), T, D]` (model dtype, on the device the last layer ran on; `rows` a slice
+        of the windows) for l = 0..upto, in order. Layers from `upto` on, the final norm and the head never
+        run. Under `model.onload=sequential` a layer's weights are onloaded once per batch call, so a
+        larger chunk costs activation memory, not transfers. A stream with NaN/inf stops the pass with
+        one line naming the layer that produced it (checked once per chunk: one host sync)."""
+        if not 0 <= upto <= self.num_layers:
+            raise ValueError(f"walk(upto={upto}): the model has layers 0..{self.num_layers - 1}")
+        size = self.batches[0].stop - self.batches[0].start
+        chunk = chunk or size
+        if chunk % size:
+            raise ValueError(f"walk: chunk={chunk} must be a multiple of the batch size {size}")
+        for c in range(0, len(self.batches), chunk // size):
+            batches = self.batches[c:c + chunk // size]
+            rows = slice(batches[0].start, batches[-1].stop)
+            local = [slice(b.start - rows.start, b.stop - rows.start) for b in batches]
+            h = _cat([self.calls.capture(self.windows[b]) for b in batches])
+            finite = torch.ones(upto + 1, dtype=torch.bool, device=h.device)
+            finite[0] = torch.isfinite(h).all()
+            visit(0, rows, h)
+            for i in range(upto):
+                h = _cat([self._layer(i, h[lb], b) for lb, b in zip(local, batches, strict=True)])
+                finite[i + 1] = torch.isfinite(h).all().to(finite.device)
+                visit(i + 1, rows, h)
+            if not bool(finite.all()):
+                bad = int((~finite).nonzero()[0])
+                raise non_finite_error(bad, self.num_layers, h.dtype)
+            self.layer_calls += upto * (rows.stop - rows.start) / self.num_windows
+
     def stream(self, layer: int) -> Tensor:
         """h_layer `[N, T, D]` (0 <= layer <= L): the embedding output run through dense layers
         0..layer-1 (h_L: before the final norm)."""
@@ -217,3 +274,63 @@ class Replay:
         self.layer_calls += len(layers)
         self.head_calls += 1
         return torch.cat(out)
+
+
+class StreamCache:
+    """H_p = the stream entering `kept[p]`, for positions p of the current `kept` list (dense indices
+    in order), kept up to a memory budget: the one prefix cache of the engine (SLEB / PPL re-scoring,
+    held-out verification).
+
+    Positions 0..m-1 are stored as they are first computed, where m = max(1, budget // bytes of
+    one position) (H_0 is always stored). A position beyond the budget is recomputed by walking
+    forward from the highest stored one into a single reusable buffer, so walking positions in
+    increasing order costs one layer call per step either way; the tensor `get` returns stays
+    valid until the next `get`. `remove(p)` drops `kept[p]`: H_0..H_p stay valid (H_p now enters
+    the next layer), every stored position after p is discarded and recomputed on demand.
+    Memory: min(m, len(kept)) + 1 positions of N*T*D elements at most.
+    """
+
+    def __init__(self, runner: Replay, kept: list[int], budget_bytes: float):
+        self.runner = runner
+        self.kept = list(kept)
+        h0 = runner.embed()
+        self.bytes_per_position = h0.numel() * h0.element_size()
+        self.max_stored = max(1, int(budget_bytes // self.bytes_per_position))
+        self.stored: dict[int, Tensor] = {0: h0}
+        self._buf: Tensor | None = None
+        self._buf_pos: int | None = None
+
+    def get(self, p: int) -> Tensor:
+        if not 0 <= p < len(self.kept):
+            raise IndexError(f"position {p} out of range 0..{len(self.kept) - 1}")
+        if p in self.stored:
+            return self.stored[p]
+        if self._buf_pos == p:
+            return self._buf
+        q = max(k for k in self.stored if k < p)
+        h = self.stored[q]
+        if self._buf_pos is not None and q < self._buf_pos < p:
+            q, h = self._buf_pos, self._buf
+        while q < p:
+            if q + 1 < self.max_stored:
+                out = self.stored[q + 1] = torch.empty_like(h)
+            else:
+                if self._buf is None:
+                    self._buf = torch.empty_like(h)
+                out = self._buf
+            self.runner.advance(h, self.kept[q], out)
+            h, q = out, q + 1
+        self._buf_pos = p if h is self._buf else self._buf_pos
+        return h
+
+    def remove(self, p: int) -> None:
+        """Drop the layer at position p from `kept`, invalidating the positions after it."""
+        del self.kept[p]
+        self.stored = {k: v for k, v in self.stored.items() if k <= p}
+        if self._buf_pos is not None and self._buf_pos > p:
+            self._buf_pos = None
+
+    def info(self, budget_gb: float) -> dict:
+        """Cache settings for result.json."""
+        return {"enabled": True, "used": True, "budget_gb": budget_gb, "bytes_per_position": self.bytes_per_position,
+                "max_positions_stored": min(self.max_stored, len(self.kept))}

@@ -29,7 +29,7 @@ from lp import data
 from lp.models import Decoder
 from lp.patch import LinearPatch, fit_patches, kinds_to_fit, patch_info, runs_of
 from lp.pruners.base import Selection
-from lp.replay import Replay
+from lp.replay import Replay, StreamCache
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +66,15 @@ class Heldout:
         self.replay = Replay(model, windows, batch_size)
         self.num_layers = self.replay.num_layers
         self.num_windows = len(windows)
-        self._prefix: tuple[int, torch.Tensor] | None = None
+        self._streams: StreamCache | None = None  # h_0 and the latest stream walked to (budget 0)
         self.calls = 0
 
-    @torch.inference_mode()
     def _stream(self, start: int) -> torch.Tensor:
         """The dense stream entering layer `start` [N, T, D] (a cached tensor: do not modify)."""
-        if self._prefix is None or self._prefix[0] > start:
-            self._prefix = (0, self.replay.embed())
-        at, h = self._prefix
-        if at < start:
-            h = h.clone()
-            for layer in range(at, start):
-                self.replay.advance(h, layer, h)
-            self._prefix = (start, h)
-        return h
+        if self._streams is None:
+            # positions 0..L are the streams entering layers 0..L-1 and h_L (the last entry never runs)
+            self._streams = StreamCache(self.replay, list(range(self.num_layers + 1)), 0)
+        return self._streams.get(start)
 
     @torch.inference_mode()
     def nll(self, removed, patches: dict[int, LinearPatch | None] | None = None) -> float:

@@ -12,11 +12,11 @@ from hydra import compose, initialize_config_dir
 from lp.evaluate.ppl import window_nll
 from lp.models import drop_layers, tiny_model
 from lp.pruners import PruneContext
-from lp.pruners._suffix import PrefixCache, score_removals
+from lp.pruners._suffix import score_removals
 from lp.pruners.ppl import PPLPruner
 from lp.pruners.sleb import SLEBPruner
 from lp.pruners.taylor import TaylorPruner
-from lp.replay import Replay
+from lp.replay import Replay, StreamCache
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHS = ["llama", "qwen2", "gemma3_text"]
@@ -55,7 +55,7 @@ def test_suffix_scores_equal_full_forward(arch, budget):
     model, w = tiny_model(arch, num_layers=5), windows()
     runner = Replay(model, w, batch_size=4)  # 6 windows: batches of 4 and 2
     kept = list(range(5))
-    got = score_removals(runner, kept, kept, PrefixCache(runner, kept, budget))
+    got = score_removals(runner, kept, kept, StreamCache(runner, kept, budget))
     for i in kept:
         assert got[i] == pytest.approx(naive_nll(model, w, [i]), rel=1e-6, abs=1e-6), (arch, i)
 
@@ -64,7 +64,7 @@ def test_prefix_cache_after_removals_matches_fresh_forward():
     model, w = tiny_model("llama", num_layers=6), windows()
     runner = Replay(model, w, batch_size=4)
     for budget in (1e9, 0):
-        cache = PrefixCache(runner, list(range(6)), budget)
+        cache = StreamCache(runner, list(range(6)), budget)
         cache.get(4)
         cache.remove(2)  # kept [0, 1, 3, 4, 5]; H_2 now enters layer 3
         cache.remove(3)  # kept [0, 1, 3, 5]

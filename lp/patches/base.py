@@ -4,8 +4,8 @@
 matrix W (float64; the patch computes x -> x W on row vectors x = the pruned stream h_a) or None
 for "no patch". Kinds read either the shared calibration statistics (`source.stats`, one pass,
 cached on disk: diag / rotate / scalar) or streaming sums over the calibration activations at the
-cut (`PatchKind.accumulator`, filled by one extra pass `collect_cuts` that stops at the deepest
-b needed: lstsq / rotate_outlier).
+cut (`PatchKind.accumulator`, filled by one extra pass `collect_cuts` of the engine that stops at
+the deepest b needed: lstsq / rotate_outlier).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from lp import hadamard as hd
-from lp.devices import input_device
-from lp.models import Decoder, StopForward, hidden_input
+from lp.models import Decoder
+from lp.replay import Replay
 
 
 @dataclass
@@ -120,37 +120,21 @@ class FitSource:
 @torch.inference_mode()
 def collect_cuts(model, windows: torch.Tensor, batch_size: int, jobs: dict) -> None:
     """Run the dense `model` over `windows` [N, T] in batches of `batch_size`; for every job
-    `key -> ((a, b), acc)` call `acc.update(h_a, h_b)` per batch (float32 [B, T, D]).
+    `key -> ((a, b), acc)` call `acc.update(h_a, h_b)` per batch (float32 [B, T, D], on the device the
+    layer before b ran on).
 
-    h_l is captured with a forward pre-hook on layer l (on the final norm for l = L); the forward
-    stops (`StopForward`) once the deepest needed state is captured, so later layers never run.
+    A visitor of the engine's layer-sequential pass (`lp.replay.Replay.walk`) up to the deepest b
+    needed, so later layers, the final norm and the head never run.
     """
-    dec = Decoder(model)
-    L = dec.num_layers
     need = sorted({i for (cut, _acc) in jobs.values() for i in cut})
-    modules = {i: (dec.layers[i] if i < L else dec.norm) for i in need}
     got: dict[int, torch.Tensor] = {}
 
-    def hook(i):
-        def pre(_mod, args, kwargs):
-            got[i] = hidden_input(args, kwargs).float()
-            if i == need[-1]:
-                raise StopForward
-        return pre
-
-    handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in modules.items()]
-    device = input_device(model)
-    try:
-        for w0 in range(0, len(windows), batch_size):
-            got.clear()
-            try:
-                dec.backbone(input_ids=windows[w0:w0 + batch_size].to(device), use_cache=False)
-            except StopForward:
-                pass
-            if len(got) != len(need):
-                raise RuntimeError(f"patch fitting: hidden states of layers {sorted(set(need) - set(got))} never captured")
+    def visit(idx, _rows, h):
+        if idx in need:
+            got[idx] = h.float()
+        if idx == need[-1]:
             for (a, b), acc in jobs.values():
-                acc.update(got[a], got[b])
-    finally:
-        for h in handles:
-            h.remove()
+                acc.update(got[a].to(got[b].device), got[b])
+            got.clear()
+
+    Replay(model, windows, batch_size).walk(need[-1], visit)

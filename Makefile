@@ -4,7 +4,7 @@ TORCH  ?= torch==2.13.0
 export LP_DATA_DIR ?= $(abspath ../shared/data)
 ARGS   ?=
 
-.PHONY: help setup run test test-fast test-quick lint bench clean
+.PHONY: help setup run test test-fast test-quick lint bench gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ lint:  ## ruff
 
 bench:  ## benchmarks on the embedded model; figures go to benchmarks/results/
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+gpu-check:  ## the embedded model end to end on CUDA (whole / sequential onload) vs the CPU; report in benchmarks/results/gpu_check.json
+	$(PY) benchmarks/gpu_check.py $(ARGS)
 
 clean:  ## remove run outputs and caches of this checkout (not ~/.cache/lp)
 	rm -rf outputs .pytest_cache .ruff_cache

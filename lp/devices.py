@@ -82,7 +82,7 @@ def state_dict(model: nn.Module) -> dict:
     `get_state_dict_offloaded_model`); the plain state dict when nothing is offloaded."""
     if not is_offloaded(model):
         return model.state_dict()
-    from accelerate.utils import get_state_dict_offloaded_model
+    from accelerate.utils.modeling import get_state_dict_offloaded_model
 
     return get_state_dict_offloaded_model(model)
 

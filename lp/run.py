@@ -238,10 +238,12 @@ def run_name(cfg: DictConfig, pruner, overrides: list[str] = ()) -> str:
 def model_info(cfg: DictConfig, model) -> dict:
     """`result["model"]`: name, dense layer count, hidden size, dtype and device of the loaded model."""
     dec = models.Decoder(model)
+    device = devices.input_device(model)
     info = {"name": cfg.model.name, "num_layers": dec.num_layers, "hidden_size": dec.hidden_size,
-            "dtype": str(devices.model_dtype(model)).removeprefix("torch."), "device": str(devices.input_device(model))}
-    if (device_map := getattr(model, "hf_device_map", None)) and set(device_map) != {""}:
-        info["device_map"] = {k: str(v) for k, v in device_map.items()}
+            "dtype": str(devices.model_dtype(model)).removeprefix("torch."), "device": str(device)}
+    device_map = {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()}
+    if device_map and device_map != {"": str(device)} and device_map != {"": str(device.index)}:
+        info["device_map"] = device_map  # split or offloaded: where each module's weights live
     return info
 
 

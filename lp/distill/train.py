@@ -48,7 +48,8 @@ class Freeze:
 
     def restore(self):
         for p, flag in self.flags.items():
-            p.requires_grad_(flag)
+            if p.requires_grad != flag and not p.is_inference():  # offloaded placeholders (accelerate) are
+                p.requires_grad_(flag)                          # re-made on every onload: nothing to restore
 
 
 def make_scheduler(node, optimizer, total: int):

@@ -125,11 +125,16 @@ def placement(cfg, layer_names: list[str], other_names: list[str]) -> dict:
     return {"device_map": {"": str(device)}}
 
 
+_TMP: list[tempfile.TemporaryDirectory] = []  # this process's default offload folder, removed at exit
+
+
 def offload_folder(cfg) -> str:
-    """`model.offload_folder`, or a fresh temporary folder (accelerate writes only what the checkpoint's
-    safetensors cannot serve directly)."""
+    """`model.offload_folder`, or one temporary folder per process, removed when it exits (accelerate
+    writes there only what the checkpoint's safetensors cannot serve directly)."""
     folder = cfg.get("offload_folder")
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
         return str(folder)
-    return tempfile.mkdtemp(prefix="lp-offload-")
+    if not _TMP:
+        _TMP.append(tempfile.TemporaryDirectory(prefix="lp-offload-"))
+    return _TMP[0].name

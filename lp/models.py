@@ -22,13 +22,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lp import cache, devices
+from lp import cache, devices, families
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-# Top-level config attributes holding one entry per decoder layer (Gemma2/3, Qwen2, ... in transformers 5).
-PER_LAYER_CONFIG_KEYS = ("layer_types", "no_rope_layers")
+# Top-level config attributes holding one entry per decoder layer in any family (transformers 5); a
+# family adds its own (`lp.families.Family.per_layer_keys`). Only lists of exactly L entries are subset.
+PER_LAYER_CONFIG_KEYS = ("layer_types",)
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
@@ -92,7 +93,7 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-TINY_ARCHS = ("llama", "qwen2", "gemma3_text", "mistral")
+TINY_ARCHS = tuple(families.tiny_arches())  # model types with a tiny random-model config (lp.families)
 
 
 def tiny_model(arch: str = "llama", num_layers: int = 6, hidden_size: int = 64, seed: int = 0, **overrides):
@@ -107,10 +108,10 @@ def tiny_model(arch: str = "llama", num_layers: int = 6, hidden_size: int = 64, 
         head_dim=hidden_size // 4, max_position_embeddings=4096, bos_token_id=256, eos_token_id=257,
         pad_token_id=258, tie_word_embeddings=False,
     )
-    if arch == "gemma3_text":  # alternate sliding / full attention so `layer_types` matters
-        kw.update(sliding_window=8, layer_types=[
-            "full_attention" if (i + 1) % 3 == 0 else "sliding_attention" for i in range(num_layers)
-        ])
+    for key, value in families.get(arch).tiny.items():
+        if value == "alternate:3":  # sliding attention with every third layer full, so `layer_types` matters
+            value = ["full_attention" if (i + 1) % 3 == 0 else "sliding_attention" for i in range(num_layers)]
+        kw[key] = value
     kw.update(overrides)
     config = AutoConfig.for_model(arch, **kw)
     torch.manual_seed(seed)
@@ -260,37 +261,40 @@ def _tiny_config(tiny):
     from types import SimpleNamespace
 
     return SimpleNamespace(num_hidden_layers=tiny.get("num_layers", 6), hidden_size=tiny.get("hidden_size", 64),
-                           max_position_embeddings=4096)
+                           max_position_embeddings=4096, model_type=tiny.get("arch", "llama"))
 
 
 # --------------------------------------------------------------------------- adapter
 @dataclass
 class Decoder:
-    """Uniform view of a decoder-only causal LM: its layer list, final norm and hidden size.
+    """Uniform view of a decoder-only causal LM: its layer list, final norm and hidden size, found at the
+    paths its family gives (`lp.families`: Llama, Mistral, Qwen2/3, Gemma2/3, Baichuan, ...).
 
-    Works for Llama, Mistral, Qwen2/3, Gemma2/3 and Baichuan style models, whose backbone
-    (`model.model`) holds `layers` (an `nn.ModuleList`) and `norm`.
+    `layers` / `norm` can be replaced (`set_layers`, `set_norm`): dropping layers, wrapping the norm with
+    a patch. A model whose `config.model_type` has no family is a one-line ValueError naming the known ones.
     """
 
     model: nn.Module
 
     def __post_init__(self):
-        backbone = getattr(self.model, "model", None)
-        if backbone is None or not isinstance(getattr(backbone, "layers", None), nn.ModuleList) \
-                or not hasattr(backbone, "norm"):
-            raise TypeError(
-                f"unsupported architecture {type(self.model).__name__}: expected `model.model.layers` "
-                "(nn.ModuleList) and `model.model.norm` as in Llama/Qwen2/Mistral/Gemma/Baichuan"
-            )
-        self.backbone = backbone
+        self.family = families.of(self.model)
+        try:
+            layers = self.model.get_submodule(self.family.layers)
+            self.model.get_submodule(self.family.norm)
+        except AttributeError:
+            layers = None
+        if not isinstance(layers, nn.ModuleList):
+            raise TypeError(f"{type(self.model).__name__} (family {self.family.name}) has no decoder layer list at "
+                            f"`{self.family.layers}` and final norm at `{self.family.norm}`")
+        self.backbone = self.model.get_submodule(self.family.layers.rpartition(".")[0])
 
     @property
     def layers(self) -> nn.ModuleList:
-        return self.backbone.layers
+        return self.model.get_submodule(self.family.layers)
 
     @property
     def num_layers(self) -> int:
-        return len(self.backbone.layers)
+        return len(self.layers)
 
     @property
     def hidden_size(self) -> int:
@@ -298,7 +302,15 @@ class Decoder:
 
     @property
     def norm(self) -> nn.Module:
-        return self.backbone.norm
+        return self.model.get_submodule(self.family.norm)
+
+    def set_layers(self, layers: nn.ModuleList) -> None:
+        parent, _, name = self.family.layers.rpartition(".")
+        setattr(self.model.get_submodule(parent), name, layers)
+
+    def set_norm(self, norm: nn.Module) -> None:
+        parent, _, name = self.family.norm.rpartition(".")
+        setattr(self.model.get_submodule(parent), name, norm)
 
 
 class StopForward(Exception):
@@ -344,13 +356,13 @@ def drop_layers(model: nn.Module, indices) -> nn.Module:
     L = dec.num_layers
     drop = validate_layers(indices, L)
     keep = [i for i in range(L) if i not in drop]
-    dec.backbone.layers = nn.ModuleList(dec.layers[i] for i in keep)
-    for new, layer in enumerate(dec.backbone.layers):
+    dec.set_layers(nn.ModuleList(dec.layers[i] for i in keep))
+    for new, layer in enumerate(dec.layers):
         for mod in (layer, getattr(layer, "self_attn", None)):
             if mod is not None and hasattr(mod, "layer_idx"):
                 mod.layer_idx = new
     config = model.config
-    for key in PER_LAYER_CONFIG_KEYS:
+    for key in PER_LAYER_CONFIG_KEYS + dec.family.per_layer_keys:
         value = getattr(config, key, None)
         if isinstance(value, (list, tuple)) and len(value) == L:
             setattr(config, key, [value[i] for i in keep])

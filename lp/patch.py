@@ -265,7 +265,7 @@ def insert_patches(model: nn.Module, patches: dict[int, LinearPatch]) -> nn.Modu
         raise ValueError("insert_patches: the model already holds patches (strip_patches first)")
     for p in ps:
         if p.end == L:
-            dec.backbone.norm = Patched(dec.backbone.norm, _on_device_of(p, dec.backbone.norm))
+            dec.set_norm(Patched(dec.norm, _on_device_of(p, dec.norm)))
         else:
             idx = p.end - sum(b - a for a, b in runs if b <= p.end)
             dec.layers[idx] = Patched(dec.layers[idx], _on_device_of(p, dec.layers[idx]))
@@ -296,7 +296,7 @@ def strip_patches(model: nn.Module) -> dict[int, LinearPatch]:
         if isinstance(layer, Patched):
             out[layer.patch.start] = layer.patch
             dec.layers[i] = layer.inner
-    if isinstance(dec.backbone.norm, Patched):
-        out[dec.backbone.norm.patch.start] = dec.backbone.norm.patch
-        dec.backbone.norm = dec.backbone.norm.inner
+    if isinstance(dec.norm, Patched):
+        out[dec.norm.patch.start] = dec.norm.patch
+        dec.set_norm(dec.norm.inner)
     return out

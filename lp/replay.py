@@ -57,9 +57,11 @@ class Head:
     """
 
     def __init__(self, model: nn.Module):
-        self.norm = Decoder(model).norm
+        dec = Decoder(model)
+        self.norm = dec.norm
         self.lm_head = model.get_output_embeddings()
-        self.cap = getattr(model.config, "final_logit_softcapping", None)
+        key = dec.family.logit_softcap_key
+        self.cap = getattr(model.config, key, None) if key else None
 
     def __call__(self, h: Tensor) -> Tensor:
         return self.logits(self.norm(h))

@@ -26,7 +26,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lp import cache, calib, card, data, devices, distill, memory, models, threads, validate, verify
+from lp import cache, calib, card, data, devices, distill, families, memory, models, threads, validate, verify
 from lp.evaluate import generate, lm_eval_tasks
 from lp.evaluate.lm_eval_tasks import paper_scores, retained_performance
 from lp.evaluate.ppl import perplexity
@@ -152,6 +152,7 @@ def recipe(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: l
     torch.manual_seed(cfg.seed)
     pruner = build(cfg.pruner)
     mconf = models.load_config(cfg.model)
+    families.get(getattr(mconf, "model_type", None))  # an unknown model family: one line, before loading
     num_layers = mconf.num_hidden_layers
     validate.against_model(cfg, pruner, num_layers, getattr(mconf, "max_position_embeddings", None),
                            getattr(mconf, "hidden_size", None))

@@ -88,8 +88,11 @@ def test_decoder_adapter_and_unsupported_architecture():
     m = models.tiny_model("qwen2", num_layers=3, hidden_size=32)
     dec = models.Decoder(m)
     assert (dec.num_layers, dec.hidden_size) == (3, 32) and dec.norm is m.model.norm
-    with pytest.raises(TypeError, match="unsupported architecture Linear"):
+    with pytest.raises(ValueError, match="model_type=None is not a model family lp knows"):
         models.Decoder(nn.Linear(2, 2))
+    m.model.layers = nn.Sequential(*m.model.layers)  # a known family whose layout is not the family's
+    with pytest.raises(TypeError, match=r"Qwen2ForCausalLM \(family qwen2\) has no decoder layer list at `model.layers`"):
+        models.Decoder(m)
 
 
 def test_load_errors_name_the_bad_value():

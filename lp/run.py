@@ -163,7 +163,7 @@ def recipe(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: l
     trackers.append(tracker)
 
     with stages("load"):
-        model, tokenizer = models.load_model(cfg.model)
+        model, tokenizer = load(cfg.model, pruner)
     result["model"] = model_info(cfg, model)
     params_dense = models.count_params(model)
     dense_qa = dense_qa_scores(cfg, pruner, model, tokenizer, stages)
@@ -234,6 +234,21 @@ def run_name(cfg: DictConfig, pruner, overrides: list[str] = ()) -> str:
     if extra:
         parts.append(",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, _, v in (o.partition("=") for o in extra)))
     return "/".join(parts)
+
+
+def load(mcfg: DictConfig, pruner) -> tuple:
+    """`models.load_model`, refusing (before and after loading) offloaded layers for pruners that need
+    gradients of the weights (`needs_weight_grads`: taylor, llm_pruner)."""
+    grads = getattr(pruner, "needs_weight_grads", False)
+    if grads and mcfg.get("onload"):
+        raise ValueError(f"pruner={pruner.name} needs gradients of the weights, which model.onload={mcfg.onload} "
+                         "keeps off the device; use the default placement or model.device_map=auto without offload")
+    model, tokenizer = models.load_model(mcfg)
+    if grads and devices.is_offloaded(model):
+        raise ValueError(f"pruner={pruner.name} needs gradients of the weights, but model.device_map="
+                         f"{mcfg.device_map} offloaded some layers to host memory or disk; give the GPUs more "
+                         "model.max_memory or use more GPUs")
+    return model, tokenizer
 
 
 def model_info(cfg: DictConfig, model) -> dict:

@@ -159,3 +159,10 @@ def test_gpu_check_script_runs_on_cpu_with_the_tiny_model(tmp_path, monkeypatch)
     assert all(report["saved_and_reloaded"].values())
     assert {"patch", "distill", "eval_ppl", "eval_qa", "save"} <= set(seq["memory"])
     assert all(math.isfinite(r["metrics"]["ppl/ptb"]) for r in report["runs"].values())
+
+
+@pytest.mark.parametrize("pruner", ["taylor", "llm_pruner"])
+def test_gradient_pruners_refuse_offloaded_layers_before_loading(cfg_factory, pruner, monkeypatch):
+    monkeypatch.setattr("lp.models.load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(ValueError, match=f"pruner={pruner} needs gradients of the weights"):
+        run(cfg_factory(*SMALL, f"pruner={pruner}", "pruner.n=1", "model.onload=sequential"))

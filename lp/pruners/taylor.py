@@ -97,6 +97,7 @@ class TaylorPruner:
     name = "taylor"
     label = "Taylor+"
     needs_calibration = True
+    needs_weight_grads = True  # backward into the weights: not with offloaded layers (lp.devices)
 
     def __init__(self, n: int = 5, micro_batch: int = 1, disk_cache: bool = True):
         if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:

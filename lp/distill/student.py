@@ -15,12 +15,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from lp import models
 from lp.devices import model_dtype
 from lp.patch import Patched
-from lp.replay import Head, LayerCalls
+from lp.replay import Head, LayerCalls, Replay
 
 
 def topk_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -83,22 +82,21 @@ def full_student_loss(model: nn.Module, ids: torch.Tensor, idx: torch.Tensor, te
 
 
 class PrefixStates:
-    """Hidden states entering the student's first patched module, one `[T, D]` per teacher window,
-    computed once and kept in RAM when they fit in `budget_bytes` (else recomputed per batch)."""
+    """Hidden states entering the student's first patched module for every teacher window `[N, T, D]`:
+    the engine's stream at that layer (`lp.replay.Replay.stream`), computed once and kept when it fits
+    in `budget_bytes` (else each batch's states are captured again, `Suffix.prefix`)."""
 
-    def __init__(self, suffix: Suffix, teacher, batch_size: int, budget_bytes: float, progress: bool = True):
+    def __init__(self, suffix: Suffix, teacher, batch_size: int, budget_bytes: float):
         self.suffix = suffix
-        itemsize = model_dtype(suffix.calls.model).itemsize
-        size = len(teacher) * teacher.seqlen * suffix.head.weight.shape[1] * itemsize
+        model = suffix.calls.model
+        size = len(teacher) * teacher.seqlen * suffix.head.weight.shape[1] * model_dtype(model).itemsize
         self.states = None
         if size <= budget_bytes:
-            self.states = [None] * len(teacher)
-            for i in tqdm(range(0, len(teacher), batch_size), desc="distill prefix", disable=not progress,
-                          unit="batch"):
-                rows = list(range(i, min(i + batch_size, len(teacher))))
-                h = suffix.prefix(teacher.get(rows)[0])
-                for r, hr in zip(rows, h, strict=True):
-                    self.states[r] = hr
+            layers = list(models.Decoder(model).layers)
+            first = layers.index(suffix.modules[0]) if suffix.modules[0] in layers else len(layers)
+            ids = torch.from_numpy(teacher.ids[:].astype("int64"))
+            self.states = Replay(model, ids, batch_size).stream(first).clone()  # clone: a normal tensor, not an
+            # inference-mode one, since the student's backward saves it
 
     @property
     def cached(self) -> bool:
@@ -108,7 +106,7 @@ class PrefixStates:
         """`[B, T, D]` for teacher rows `rows` (whose token ids are `ids` `[B, T]`)."""
         if self.states is None:
             return self.suffix.prefix(ids)
-        h = torch.stack([self.states[r] for r in rows])
+        h = self.states[torch.as_tensor(list(rows), device=self.states.device)]
         if not self.suffix.has_shape(h.shape[:2]):  # a batch shape not seen when caching
             self.suffix.prefix(ids)
         return h

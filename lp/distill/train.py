@@ -201,7 +201,7 @@ def distill(model: nn.Module, teacher: TeacherCache, d, tracker=None, progress: 
     torch.manual_seed(int(d.seed))
     try:
         t0 = time.perf_counter()  # hidden states entering the first patch: computed once, kept in RAM when they fit
-        loop.states = PrefixStates(suffix, teacher, loop.bs, float(d.prefix_cache_gb) * 2**30, progress)
+        loop.states = PrefixStates(suffix, teacher, loop.bs, float(d.prefix_cache_gb) * 2**30)
         t_prefix = time.perf_counter() - t0
         fit = loop.fit()
     finally:

@@ -1,4 +1,5 @@
-"""The pipeline: validate -> load -> select layers -> patch -> (distill) -> drop -> evaluate -> result.json.
+"""The pipeline: validate -> load -> select layers -> fit patches (dense model; teacher logits) -> drop + insert
+patches -> (distill the patches) -> (save) -> evaluate -> result.json.
 
 `run(cfg) -> dict` is a plain function of a composed config (see `conf/config.yaml`); `run.py`
 at the repository root is only the `@hydra.main` shim. Every artefact goes into
@@ -232,8 +233,14 @@ def run_name(cfg: DictConfig, pruner, overrides: list[str] = ()) -> str:
     extra = [o.lstrip("+~") for o in overrides if ("." in o.split("=")[0] or o.startswith("seed="))
              and not o.lstrip("+~").startswith(skip) and "progress" not in o.split("=")[0]]
     if extra:
-        parts.append(",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, _, v in (o.partition("=") for o in extra)))
+        parts.append(",".join(f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, _, v in (o.partition("=") for o in extra)))
     return "/".join(parts)
+
+
+def _short(value: str) -> str:
+    """A path-valued override by its last component (`model.pretrained=/data/llama` -> `llama`), so run names
+    (and the table rows built from them) never hold a whole folder path."""
+    return Path(value.rstrip("/")).name or value if "/" in value else value
 
 
 def load(mcfg: DictConfig, pruner) -> tuple:

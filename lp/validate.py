@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lp import devices
+from lp.models import DTYPES
 
 CONF = Path(__file__).resolve().parents[1] / "conf"  # the repository's; a Hydra app's own comes first
 OPEN = ("model.tiny",)  # nodes whose extra keys are passed on as keyword arguments (tiny model config)
@@ -210,7 +211,7 @@ RULES = [  # (key, predicate, what is allowed); keys absent from the config are 
     ("eval.mmlu.batch_size", _int(1), "an integer >= 1"),
     ("eval.mmlu.num_fewshot", _int(0, allow_none=True), "null or an integer >= 0"),
     ("data.source", lambda v: v in ("auto", "local", "hub"), "one of ['auto', 'local', 'hub']"),
-    ("model.dtype", lambda v: v in ("bfloat16", "float16", "float32"), "one of ['bfloat16', 'float16', 'float32']"),
+    ("model.dtype", lambda v: v in DTYPES, f"one of {sorted(DTYPES)}"),
 ]
 
 

@@ -269,6 +269,9 @@ def test_run_name_includes_non_group_settings():
     overrides = ["sweeps=q", "pruner=shortgpt", "pruner.n=4", "calib.nsamples=4", "seed=1",
                  "patch.hadamard=random", "paths.output_dir=/x", "eval.ppl.progress=false", "runtime.threads=1"]
     assert run_name(cfg, pruner, overrides) == "smol/shortgpt/rotate/n4/nsamples=4,seed=1,hadamard=random"
+    # a local model folder: its name, never the whole path (dtype and other values stay as they are)
+    local = ["model.pretrained=/data/models/llama-3-8b/", "model.dtype=bfloat16"]
+    assert run_name(cfg, pruner, local) == "smol/shortgpt/rotate/n4/pretrained=llama-3-8b,dtype=bfloat16"
 
 
 def test_compare_counts_a_resumed_job_once_and_merges_repeated_warnings(tmp_path, capsys):

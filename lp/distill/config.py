@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from hydra.utils import get_object
 
+from lp.models import DTYPES
+
 METHODS = ("output_kl",)
 KEEP = ("last", "best")
 AUTOCAST = ("auto", "bfloat16", "float16", "none")
-DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def check_config(d, max_positions: int | None = None) -> None:
@@ -91,4 +92,4 @@ def resolve_autocast(name: str, device: torch.device) -> torch.dtype | None:
     if name == "auto":
         ok = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
         return torch.bfloat16 if ok else None
-    return DTYPE_NAMES[name]
+    return DTYPES[name]

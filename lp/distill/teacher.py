@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from lp import cache, data
 from lp.devices import input_device
-from lp.distill.config import DTYPE_NAMES
+from lp.models import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class TeacherCache:
         self.ids = np.load(self.path / "ids.npy", mmap_mode="r")
         self.idx = np.load(self.path / "topk_idx.npy", mmap_mode="r")
         self.val = np.load(self.path / "topk_val.npy", mmap_mode="r")
-        self.dtype = DTYPE_NAMES[self.meta["values_dtype"]]
+        self.dtype = DTYPES[self.meta["values_dtype"]]
         self.ntrain, self.nval, self.k = self.meta["ntrain"], self.meta["nval"], self.meta["k"]
 
     def __len__(self) -> int:

@@ -108,7 +108,7 @@ def run(cfg: DictConfig) -> dict:
     }
     trackers = []  # the tracker `recipe` starts once the run has a name; finished here, also on failure
     try:
-        with cache.using(cfg.paths.get("cache_dir")):
+        with cache.using(cfg.paths.get("cache_dir"), cfg.paths.get("cache_locking", True)):
             recipe(cfg, out, stages, result, trackers)
         result["status"] = "ok"
     except BaseException as e:

@@ -1,0 +1,145 @@
+"""Cluster robustness (issue 23): best-effort cache locks on shared filesystems, preemption and
+timeouts in sweeps, one GPU per parallel job, memory of the gradient pruners."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import DATA, REPO
+
+from lp import cache, validate
+
+TINY = ["model=tiny_llama", "eval=quick", "eval.ppl.max_windows=2", "eval.ppl.progress=false"]
+CALIB = ["calib.corpus=ptb", "calib.split=test", "calib.nsamples=4", "calib.seqlen=64", "calib.batch_size=2"]
+ENV = {**os.environ, "LP_DATA_DIR": str(DATA), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+# ----------------------------------------------------------------------------- cache locking
+def _unlocked_fetch(root: str, out: str) -> None:
+    """One builder of the entry `slow/{k: 1}` with locking off; both processes build at the same time."""
+    def build(d: Path) -> None:
+        with open(Path(root) / "builds.log", "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        time.sleep(1.5)  # both processes are inside build while the entry is missing
+        (d / "v.json").write_text(json.dumps({"pid": os.getpid(), "payload": list(range(1000))}))
+
+    with cache.using(root, locking=False):
+        got = cache.fetch("slow", {"k": 1}, build, load=lambda p: json.loads((p / "v.json").read_text()))
+    Path(out).write_text(json.dumps({"value": got.value, "path": str(got.path)}))
+
+
+def test_two_unlocked_builders_both_succeed_with_one_valid_entry(tmp_path):
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_unlocked_fetch, args=(str(tmp_path), str(tmp_path / f"out{i}"))) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert len((tmp_path / "builds.log").read_text().split()) == 2  # no lock: both built
+    outs = [json.loads((tmp_path / f"out{i}").read_text()) for i in range(2)]
+    entry = Path(outs[0]["path"])
+    assert outs[1]["path"] == str(entry)
+    assert cache.check(entry, cache.normal_key({"k": 1})) is None  # manifest, key and sizes all agree
+    kept = json.loads((entry / "v.json").read_text())
+    assert all(o["value"]["payload"] == kept["payload"] for o in outs)
+    assert sorted(p.name for p in (tmp_path / "slow").iterdir()) == [entry.name]  # no temporary leftovers
+    assert not (tmp_path / ".locks").exists()  # locking off: no lock file was even created
+
+
+def _refuse_flock(monkeypatch):
+    real = fcntl.flock
+
+    def flock(fd, op):
+        if op & fcntl.LOCK_EX and not op & fcntl.LOCK_NB:
+            raise OSError(errno.ENOLCK, "No locks available")  # NFS without lockd, Lustre noflock
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+
+def _refuse_open(monkeypatch):
+    real = os.open
+
+    def open_(p, flags, *a, **k):
+        if str(p).endswith(".lock"):
+            raise PermissionError(13, "Permission denied", str(p))  # another user's lock file, read-only
+        return real(p, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", open_)
+
+
+@pytest.mark.parametrize("fault, message", [(_refuse_flock, "the filesystem refused the lock"),
+                                            (_refuse_open, "cannot open the lock file")])
+def test_a_lock_that_cannot_be_taken_is_a_warning_not_a_failure(tmp_path, monkeypatch, caplog, fault, message):
+    monkeypatch.setattr(cache, "_lock_warned", set())
+    fault(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="lp.cache"), cache.using(tmp_path):
+        got = cache.fetch("x", {"a": 1}, lambda d: (d / "v").write_text("1"), load=lambda p: (p / "v").read_text())
+        again = cache.fetch("x", {"a": 1}, lambda d: pytest.fail("rebuilt"), load=lambda p: (p / "v").read_text())
+        stored = cache.store("x", {"a": 2}, lambda d: (d / "v").write_text("2"))
+    assert (got.value, got.hit, again.value, again.hit) == ("1", False, "1", True)
+    assert cache.check(stored, cache.normal_key({"a": 2})) is None
+    assert caplog.text.count(message) == 1, caplog.text  # warned once per process, not per entry
+
+
+def test_the_lock_file_is_opened_read_write(tmp_path, monkeypatch):
+    """NFS emulates flock with POSIX locks, which need a writable descriptor (no read-only fallback)."""
+    seen = []
+    real = os.open
+
+    def open_(p, flags, *a, **k):
+        if str(p).endswith(".lock"):
+            seen.append(flags & (os.O_RDONLY | os.O_WRONLY | os.O_RDWR))
+        return real(p, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", open_)
+    with cache.using(tmp_path):
+        cache.fetch("x", {"a": 1}, lambda d: (d / "v").write_text("1"), load=lambda p: (p / "v").read_text())
+    assert seen and set(seen) == {os.O_RDWR}
+
+
+def test_replacing_a_bad_entry_without_a_lock(tmp_path, caplog):
+    with cache.using(tmp_path, locking=False):
+        path = cache.fetch("x", {"a": 1}, lambda d: (d / "v").write_text("1"), load=lambda p: (p / "v").read_text()).path
+        (path / "v").write_text("corrupted, longer")  # size no longer matches the manifest
+        with caplog.at_level(logging.WARNING, logger="lp.cache"):
+            got = cache.fetch("x", {"a": 1}, lambda d: (d / "v").write_text("1"), load=lambda p: (p / "v").read_text())
+    assert "truncated or changed" in caplog.text
+    assert (got.value, got.hit) == ("1", False) and cache.check(path, cache.normal_key({"a": 1})) is None
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == [path.name]
+
+
+def test_cache_locking_takes_only_booleans(cfg_factory):
+    validate.settings(cfg_factory("paths.cache_locking=false"))
+    with pytest.raises(ValueError, match="paths.cache_locking"):
+        validate.settings(cfg_factory("paths.cache_locking=no"))
+
+
+@pytest.mark.slow
+def test_two_fresh_cache_runs_at_once_without_locking(tmp_path):
+    root = tmp_path / "cache"
+    args = [*TINY, *CALIB, "eval.ppl.datasets=[ptb]", "eval.ppl.seqlen=64", "pruner=shortgpt", "pruner.n=2",
+            "patch=rotate", "runtime.threads=1", f"paths.cache_dir={root}", "paths.cache_locking=false"]
+    procs = [subprocess.Popen([sys.executable, str(REPO / "run.py"), *args, f"hydra.run.dir={tmp_path / str(i)}"],
+                              cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    results = [json.loads((tmp_path / str(i) / "result.json").read_text()) for i in range(2)]
+    assert results[0]["metrics"] == results[1]["metrics"]  # same thread count, same inputs: same arithmetic
+    entries = [m.parent for m in root.glob("*/*/manifest.json")]
+    assert any(e.parent.name == "calib" for e in entries), entries
+    for e in entries:  # every entry complete and consistent with its own manifest
+        assert cache.check(e, json.loads((e / "manifest.json").read_text())["key"]) is None, e
+    assert not list(root.glob("*/.*.tmp-*")) and not (root / ".locks").exists()

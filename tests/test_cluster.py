@@ -9,6 +9,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -143,3 +144,123 @@ def test_two_fresh_cache_runs_at_once_without_locking(tmp_path):
     for e in entries:  # every entry complete and consistent with its own manifest
         assert cache.check(e, json.loads((e / "manifest.json").read_text())["key"]) is None, e
     assert not list(root.glob("*/.*.tmp-*")) and not (root / ".locks").exists()
+
+
+# ----------------------------------------------------------------------------- preemption, timeouts, lost jobs
+SWEEP = [*TINY, "pruner=none", "runtime.threads=1", "eval.ppl.datasets=[ptb]", "eval.ppl.seqlen=64",
+         "eval.ppl.max_windows=null"]  # 3 dense jobs (no calibration), each a few seconds of PPL to interrupt
+
+
+def _launch(tmp_path: Path, *args: str) -> subprocess.Popen:
+    log = open(tmp_path / "sweep.log", "w")  # noqa: SIM115 - the child writes it; read back by _log
+    return subprocess.Popen([sys.executable, str(REPO / "run.py"), "-m", *args, f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                            cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def _log(tmp_path: Path) -> str:
+    return (tmp_path / "sweep.log").read_text()
+
+
+def _wait(proc: subprocess.Popen, pred, what: str, timeout: float = 240):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        got = pred()
+        if got:
+            return got
+        assert proc.poll() is None, f"the sweep ended (exit {proc.returncode}) before {what}"
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _results(sweep: Path) -> dict[int, dict]:
+    return {int(p.parent.name): json.loads(p.read_text()) for p in sweep.glob("*/result.json")}
+
+
+def _submitit_jobs_in_eval(sweep: Path) -> list[int]:
+    """submitit_local job ids (= controller pids) whose job is evaluating PPL (mid-run)."""
+    return [int(f.parent.name) for f in sweep.glob(".submitit/*/*_0_log.out") if "[eval_ppl]" in f.read_text()]
+
+
+def _task(controller: int) -> int:
+    """The job process submitit_local's controller started."""
+    return int(Path(f"/proc/{controller}/task/{controller}/children").read_text().split()[0])
+
+
+@pytest.mark.slow
+def test_basic_sweep_sigterm_after_the_first_job_writes_the_tables_and_exits_nonzero(tmp_path):
+    proc = _launch(tmp_path, *SWEEP, "seed=0,1,2")
+    _wait(proc, lambda: "job 2/3" in _log(tmp_path) and "[eval_ppl]" in _log(tmp_path).split("job 2/3")[1],
+          "job 2 to evaluate")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 128 + signal.SIGTERM, _log(tmp_path)
+    sweep, log = tmp_path / "sweep", _log(tmp_path)
+    results = _results(sweep)
+    assert results[0]["status"] == "ok" and results[1]["status"] == "failed" and "SIGTERM" in results[1]["error"]
+    assert 2 not in results  # never started
+    assert "| Dense |" in (sweep / "table.md").read_text()  # the finished job's row
+    assert f"python -m lp aggregate {sweep}" in log and "interrupted (SIGTERM)" in log, log
+
+
+@pytest.mark.slow
+def test_submitit_sweep_survives_a_terminated_and_a_preempted_job(tmp_path):
+    """submitit_local, 3 jobs at once: SIGTERM to one (recorded failed, its result still reaches the
+    launcher), submitit's preemption signal USR2 to another (checkpointed, requeued, runs again, ok)."""
+    proc = _launch(tmp_path, *SWEEP, "seed=0,1,2", "hydra/launcher=submitit_local")
+    sweep = tmp_path / "sweep"
+    jobs = _wait(proc, lambda: (j := _submitit_jobs_in_eval(sweep)) and len(j) >= 2 and j, "two jobs mid-run")
+    os.kill(jobs[0], signal.SIGTERM)  # the controller forwards it to its job, as SLURM's scancel would
+    os.kill(_task(jobs[1]), signal.SIGUSR2)  # submitit's preemption / timeout signal
+    code = proc.wait(300)
+    log, results = _log(tmp_path), _results(sweep)
+    assert code == 1, log
+    statuses = sorted(r["status"] for r in results.values())
+    assert statuses == ["failed", "ok", "ok"], results
+    (failed,) = [r for r in results.values() if r["status"] == "failed"]
+    assert "SIGTERM" in failed["error"]
+    requeued = (sweep / ".submitit" / str(jobs[1]) / f"{jobs[1]}_0_log.out").read_text()
+    assert "Requeued job" in requeued and requeued.count("[load]") == 2  # ran again from the start
+    assert (sweep / "table.md").is_file() and "sweep adhoc done: 1 failed, 2 ok" in log
+    assert f"python -m lp aggregate {sweep}" in log
+
+
+def _submitit_job(sweep: Path, num: int) -> int | None:
+    """The submitit_local job id (= controller pid) of sweep job `num` (1-based) once it evaluates PPL."""
+    for f in sweep.glob(".submitit/*/*_0_log.out"):
+        text = f.read_text()
+        if f"job {num}/" in text and "[eval_ppl]" in text:
+            return int(f.parent.name)
+    return None
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_launcher_raises_still_writes_the_tables(tmp_path):
+    """The plugin's submitit_local: a job killed outright (SIGKILL: no result) makes the launcher raise
+    and Hydra skip its end-of-sweep callbacks; run.py still writes the tables of what finished."""
+    proc = _launch(tmp_path, *SWEEP, "seed=0,1", "hydra/launcher=submitit_local")
+    sweep = tmp_path / "sweep"
+    job = _wait(proc, lambda: _submitit_job(sweep, 2), "job 2 mid-run")
+    os.kill(_task(job), signal.SIGKILL)
+    code = proc.wait(300)
+    log = _log(tmp_path)
+    assert code == 1, log
+    assert "has not produced any output" in log  # submitit's error, raised by the launcher
+    assert _results(sweep)[0]["status"] == "ok" and 1 not in _results(sweep)
+    assert "| Dense |" in (sweep / "table.md").read_text()
+    assert f"python -m lp aggregate {sweep}" in log and "interrupted (the launcher or Hydra failed" in log
+
+
+@pytest.mark.slow
+def test_lp_local_launcher_records_a_killed_job_and_waits_for_the_others(tmp_path):
+    """`hydra/launcher=local` (lp.launchers): the first job is killed outright; the second still runs to
+    the end, the lost one gets a failed result.json, the sweep is aggregated normally and exits 1."""
+    proc = _launch(tmp_path, *SWEEP, "seed=0,1", "hydra/launcher=local")
+    sweep = tmp_path / "sweep"
+    job = _wait(proc, lambda: _submitit_job(sweep, 1), "job 1 mid-run")
+    os.kill(_task(job), signal.SIGKILL)
+    code = proc.wait(300)
+    log, results = _log(tmp_path), _results(sweep)
+    assert code == 1, log
+    assert results[1]["status"] == "ok"
+    assert results[0]["status"] == "failed" and results[0]["error"].startswith(f"lost: submitit job {job} ")
+    assert "sweep adhoc done: 1 failed, 1 ok" in log and f"python -m lp aggregate {sweep}" in log
+    assert "Traceback" not in log

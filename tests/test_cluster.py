@@ -264,3 +264,59 @@ def test_lp_local_launcher_records_a_killed_job_and_waits_for_the_others(tmp_pat
     assert results[0]["status"] == "failed" and results[0]["error"].startswith(f"lost: submitit job {job} ")
     assert "sweep adhoc done: 1 failed, 1 ok" in log and f"python -m lp aggregate {sweep}" in log
     assert "Traceback" not in log
+
+
+# ----------------------------------------------------------------------------- memory of the gradient pruners
+def _windows(n=6, t=20, seed=0):
+    import torch
+
+    return torch.randint(0, 259, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("layers_per_pass", [1, 2])
+def test_taylor_layer_by_layer_equals_one_pass(layers_per_pass, monkeypatch):
+    """`layers_per_pass=None` is the former computation (every candidate's float32 gradient sum in one
+    pass). Layer groups sum the same micro-batch gradients in the same order, so the scores agree;
+    rel 1e-6 (not exact) leaves room for a different kernel when fewer weights need gradients."""
+    from lp.models import Decoder, tiny_model
+    from lp.pruners import taylor
+
+    model, w = tiny_model("llama", num_layers=9), _windows()
+    layers = list(range(4, 7))
+    before = taylor.taylor_scores(model, w, layers, micro_batch=2, layers_per_pass=None)
+    sizes, real = [], taylor.loss_grads
+
+    def spy(model_, windows_, params, *a, **k):
+        sizes.append(sum(p.numel() for p in params))
+        return real(model_, windows_, params, *a, **k)
+
+    monkeypatch.setattr(taylor, "loss_grads", spy)
+    after = taylor.taylor_scores(model, w, layers, micro_batch=2, layers_per_pass=layers_per_pass)
+    assert after == pytest.approx(before, rel=1e-6) and list(after) == layers
+    per_layer = sum(p.numel() for p in Decoder(model).layers[4].parameters())
+    assert sizes == [per_layer * len(g) for g in ([[6], [5], [4]] if layers_per_pass == 1 else [[6, 5], [4]])]
+
+
+def test_llm_pruner_layer_by_layer_equals_one_pass():
+    import torch
+
+    from lp.models import tiny_model
+    from lp.pruners.llm_pruner import unit_importance
+
+    model, w = tiny_model("qwen2", num_layers=5), _windows()  # qwen2: q/k/v biases are scored too
+    before = unit_importance(model, w, [1, 2, 3], micro_batch=4, layers_per_pass=None)
+    after = unit_importance(model, w, [1, 2, 3], micro_batch=4, layers_per_pass=1)
+    for i in (1, 2, 3):  # same tolerance and reason as for Taylor+ above
+        torch.testing.assert_close(after[i][0], before[i][0], rtol=1e-6, atol=0)
+        torch.testing.assert_close(after[i][1], before[i][1], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("pruner", ["taylor", "llm_pruner"])
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "2"])
+def test_layers_per_pass_is_checked(pruner, value):
+    from lp.pruners.llm_pruner import LLMPruner
+    from lp.pruners.taylor import TaylorPruner
+
+    cls = TaylorPruner if pruner == "taylor" else LLMPruner
+    with pytest.raises(ValueError, match=rf"pruner={pruner}: pruner.layers_per_pass={value!r} must be an integer >= 1"):
+        cls(layers_per_pass=value)

@@ -26,7 +26,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lp import cache, calib, card, data, distill, models, threads, validate, verify
+from lp import cache, calib, card, data, distill, gpus, models, threads, validate, verify
 from lp.evaluate import generate, lm_eval_tasks
 from lp.evaluate.lm_eval_tasks import paper_scores, retained_performance
 from lp.evaluate.ppl import perplexity
@@ -128,7 +128,8 @@ def recipe(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: l
     writes into `result`, as each part becomes known (so a failed run's result.json holds every part
     that finished)."""
     result["runtime"], warnings = threads.apply(cfg.runtime.threads)  # first: before any torch work
-    result.setdefault("warnings", []).extend(warnings)
+    result["runtime"]["gpu"], gpu_warnings = gpus.apply(cfg.model)  # parallel local jobs: one GPU each
+    result.setdefault("warnings", []).extend(warnings + gpu_warnings)
     validate.settings(cfg, hydra_runtime()[0])  # every setting, before anything is built or loaded
     torch.manual_seed(cfg.seed)
     pruner = build(cfg.pruner)

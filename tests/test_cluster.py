@@ -261,6 +261,7 @@ def test_lp_local_launcher_records_a_killed_job_and_waits_for_the_others(tmp_pat
     log, results = _log(tmp_path), _results(sweep)
     assert code == 1, log
     assert results[1]["status"] == "ok"
+    assert "gpu" in results[1]["runtime"] and results[1]["runtime"]["gpu"] is None  # a parallel launcher on CPU
     assert results[0]["status"] == "failed" and results[0]["error"].startswith(f"lost: submitit job {job} ")
     assert "sweep adhoc done: 1 failed, 1 ok" in log and f"python -m lp aggregate {sweep}" in log
     assert "Traceback" not in log
@@ -320,3 +321,90 @@ def test_layers_per_pass_is_checked(pruner, value):
     cls = TaylorPruner if pruner == "taylor" else LLMPruner
     with pytest.raises(ValueError, match=rf"pruner={pruner}: pruner.layers_per_pass={value!r} must be an integer >= 1"):
         cls(layers_per_pass=value)
+
+
+# ----------------------------------------------------------------------------- one GPU per parallel job
+def _fake_gpus(monkeypatch, n: int) -> list[int]:
+    """Pretend `n` GPUs are visible; returns the list `torch.cuda.set_device` calls are recorded in."""
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    return calls
+
+
+def _worker(tmp: str, visible: str, num: int, barrier, out: str) -> None:
+    """One parallel job's process: 2 fake GPUs, claims its slot, holds it until the other one has too."""
+    import torch
+
+    os.environ.update(TMPDIR=tmp, CUDA_VISIBLE_DEVICES=visible)
+    torch.cuda.is_available, torch.cuda.device_count = (lambda: True), (lambda: 2)
+    torch.cuda.set_device = lambda k: None
+    from lp import gpus
+
+    record, warnings = gpus.assign("auto", None, {"n_jobs": 2}, num)
+    barrier.wait(30)  # both slots are held at the same time, as by two running jobs
+    Path(out).write_text(json.dumps({"record": record, "warnings": warnings}))
+
+
+def test_two_parallel_jobs_get_distinct_gpus(tmp_path):
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_worker, args=(str(tmp_path), "3,5", i, barrier, str(tmp_path / f"w{i}"))) for i in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    got = [json.loads((tmp_path / f"w{i}").read_text()) for i in (0, 1)]
+    assert sorted(g["record"]["index"] for g in got) == [0, 1] and all(not g["warnings"] for g in got)
+    by_slot = {g["record"]["index"]: g["record"] for g in got}
+    assert (by_slot[0]["name"], by_slot[1]["name"]) == ("3", "5")  # the physical GPUs behind cuda:0 / cuda:1
+    assert by_slot[1]["device"] == "cuda:1" and by_slot[1]["cuda_visible_devices"] == "3,5"
+
+
+def test_more_jobs_than_gpus_share_with_a_warning(tmp_path, monkeypatch):
+    from lp import gpus
+
+    monkeypatch.setattr(gpus, "slot_dir", lambda: tmp_path)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    calls = _fake_gpus(monkeypatch, 2)
+    held = []
+    for name in ("0", "1"):  # two other jobs hold both GPUs
+        fd = os.open(tmp_path / f"{name}.lock", os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        held.append(fd)
+    try:
+        monkeypatch.setattr(gpus, "_held", None)
+        record, warnings = gpus.assign("auto", None, {"_target_": "hydra_plugins.lp_launcher.LocalLauncher"}, 5)
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert record["index"] == 1 and calls == [1] and "more jobs at once than GPUs" in warnings[0]
+
+
+@pytest.mark.parametrize("device, device_map, launcher, want", [
+    ("auto", None, None, None),                                   # basic launcher: one job at a time
+    ("auto", None, {"n_jobs": 1}, None),                          # joblib with one worker
+    ("auto", None, {"_target_": "hydra_plugins.lp_launcher.SlurmLauncher"}, None),  # SLURM allocates GPUs
+    ("cuda:1", None, {"n_jobs": 2}, "model.device=cuda:1: not reassigned"),
+    ("auto", "auto", {"n_jobs": 2}, "model.device_map=auto: every visible GPU"),
+])
+def test_gpu_assignment_only_for_parallel_local_jobs(monkeypatch, tmp_path, device, device_map, launcher, want):
+    from lp import gpus
+
+    monkeypatch.setattr(gpus, "slot_dir", lambda: tmp_path)
+    calls = _fake_gpus(monkeypatch, 2)
+    record, _ = gpus.assign(device, device_map, launcher, 0)
+    assert calls == [] and (record if want is None else record["source"]) == want
+
+
+def test_no_gpu_recorded_on_cpu(monkeypatch):
+    import torch
+
+    from lp import gpus
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpus.assign("auto", None, {"n_jobs": 2}, 0) == (None, [])

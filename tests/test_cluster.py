@@ -408,3 +408,43 @@ def test_no_gpu_recorded_on_cpu(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpus.assign("auto", None, {"n_jobs": 2}, 0) == (None, [])
+
+
+# ----------------------------------------------------------------------------- lm-eval batch size, distillation autocast
+def test_lm_eval_batch_size_auto_is_detected_recorded_and_scores_like_a_fixed_one():
+    """On CPU nothing runs out of memory, so lm-eval's search keeps its start (64). Accuracies are
+    compared with 1e-9: a few 8-example tasks on a tiny float32 model, where padding a batch changes
+    logits by ~1e-7 at most, far from flipping a choice unless two choices tie (then the test would
+    fail loudly, not pass wrongly)."""
+    from lp.evaluate.lm_eval_tasks import evaluate_tasks
+    from lp.models import byte_tokenizer, tiny_model
+
+    model, tok = tiny_model("llama", num_layers=2), byte_tokenizer()
+    fixed, info8 = evaluate_tasks(model, tok, ["copa", "piqa"], data_dir=DATA, limit=8, batch_size=8, progress=False)
+    auto, info = evaluate_tasks(model, tok, ["copa", "piqa"], data_dir=DATA, limit=8, batch_size="auto", progress=False)
+    assert info8["batch_size"] == {"setting": 8, "detected": []}
+    assert info["batch_size"]["setting"] == "auto" and info["batch_size"]["detected"] == [64]
+    assert auto == pytest.approx(fixed, abs=1e-9)
+
+
+@pytest.mark.parametrize("value, ok", [("auto", True), ("auto:4", True), (16, True), ("big", False), (0, False)])
+def test_lm_eval_batch_size_setting(cfg_factory, value, ok):
+    cfg = cfg_factory("eval=qa", f"eval.qa.batch_size={value}")
+    if ok:
+        validate.settings(cfg, {"eval": "qa"})
+    else:
+        with pytest.raises(ValueError, match="eval.qa.batch_size"):
+            validate.settings(cfg, {"eval": "qa"})
+
+
+@pytest.mark.parametrize("model_dtype, want", [("float16", "float16"), ("bfloat16", "bfloat16"), ("float32", "bfloat16"),
+                                               (None, "bfloat16")])
+def test_distill_autocast_auto_follows_an_fp16_model(model_dtype, want):
+    import torch
+
+    from lp.distill import resolve_autocast
+
+    dtype = None if model_dtype is None else getattr(torch, model_dtype)
+    assert resolve_autocast("auto", torch.device("cpu"), dtype) == getattr(torch, want)
+    assert resolve_autocast("bfloat16", torch.device("cpu"), torch.float16) == torch.bfloat16  # explicit wins
+    assert resolve_autocast("none", torch.device("cpu"), torch.float16) is None

@@ -2,7 +2,7 @@
 
 Layout: `<root>/<kind>/<name>/` holds an entry's files plus `manifest.json` (cache format, the
 entry's key, every file's size). Writing an entry (`fetch`):
-  * into a private temporary folder (`.<name>.tmp-<pid>-<random>`), files fsynced and given the
+  * into a private temporary folder (`.<name>.tmp-<host>-<pid>-<random>`), files fsynced and given the
     umask's permissions (a group-shared cache stays readable by the group), then renamed into place.
     This alone makes concurrent writers safe: readers only ever see a complete entry (the manifest
     is checked), and a writer that finds a valid entry already in place when it is done discards
@@ -13,8 +13,10 @@ entry's key, every file's size). Writing an entry (`fetch`):
     filesystem refuses (NFS without lock daemon, Lustre mounted `noflock`, ...) is a warning and the
     entry is built unlocked. `paths.cache_locking=false` (`using(..., locking=False)`) turns locking
     off, for filesystems where `flock` misbehaves silently (Lustre `localflock`: per node only);
-  * leftover temporary folders of killed writers (no process holds their entry's lock) are removed by
-    a writer that holds a lock (never when locking is off or failed: a live writer cannot be told apart).
+  * leftover temporary folders of writers known to be dead are removed by the next writer in the same
+    folder: on this host, those whose process no longer exists; of other hosts (or of an older lp
+    without the host in the name), those untouched for `STALE_S` (a day) whose entry's lock is free.
+    This does not trust the lock, which may hold per node only (Lustre `localflock`) or not at all.
 Reading checks the manifest (format, key, every file present with its recorded size) and then the
 caller's `load`; an incomplete or corrupt entry is logged as a warning, removed and rebuilt, never
 used. An unwritable cache (read-only folder, no permission) is a warning: the entry is built into a
@@ -38,7 +40,9 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,10 +111,10 @@ def fetch(kind: str, key: dict, build: Callable[[Path], None], load: Callable[[P
     if got is not None:
         return Fetched(got[0], path, hit=True)
     try:
-        with _locked(path) as held:
+        with _locked(path):
             got = _read(path, key, load, warn=False)  # built by another process while this one waited
             if got is None:
-                _publish(path, key, build, held, replace=False)
+                _publish(path, key, build, replace=False)
     except _Unwritable as e:
         return _uncached(kind, build, load, str(e))
     if got is not None:
@@ -131,8 +135,8 @@ def store(kind: str, key: dict, build: Callable[[Path], None], name: str | None 
     key = normal_key(key)
     path = root() / kind / (name or digest(key))
     try:
-        with _locked(path) as held:
-            _publish(path, key, build, held, replace=True)
+        with _locked(path):
+            _publish(path, key, build, replace=True)
     except _Unwritable as e:
         log.warning("cache %s is not writable (%s): %s entry not saved", root(), e, kind)
         return None
@@ -145,27 +149,26 @@ class _Unwritable(OSError):
 
 @contextlib.contextmanager
 def _locked(path: Path):
-    """Create the entry's folder and hold its lock if locking is on and the lock can be taken; yields
-    whether it is held. `_Unwritable` if the cache folder cannot be created."""
+    """Create the entry's folder and hold its lock if locking is on and the lock can be taken (best
+    effort: see `_Lock`). `_Unwritable` if the cache folder cannot be created."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _Unwritable(f"{type(e).__name__}: {e}") from e
     if not _locking:
-        yield False
+        yield
         return
-    with _Lock(_lock_path(path)) as lock:
-        yield lock.held
+    with _Lock(_lock_path(path)):
+        yield
 
 
-def _publish(path: Path, key: dict, build, locked: bool, replace: bool) -> None:
-    """Build the entry in a private temporary folder and rename it into place. `locked`: this process
-    holds the entry's lock (then leftovers of dead writers are cleaned). `replace`: an existing valid
-    entry is replaced (`store`); otherwise a valid entry another writer put in place first wins."""
-    if locked:
-        _clean_stale(path.parent, own=path.name)
+def _publish(path: Path, key: dict, build, replace: bool) -> None:
+    """Build the entry in a private temporary folder and rename it into place (safe with or without the
+    lock). `replace`: an existing valid entry is replaced (`store`); otherwise a valid entry another
+    writer put in place first wins."""
+    _clean_stale(path.parent, own=path.name)
     try:
-        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp = path.parent / f".{path.name}.tmp-{_writer()}-{secrets.token_hex(4)}"
         tmp.mkdir()
     except OSError as e:
         raise _Unwritable(f"{type(e).__name__}: {e}") from e
@@ -187,7 +190,7 @@ def _install(tmp: Path, path: Path, key: dict, replace: bool, tries: int = 5) ->
             if not replace and check(path, key) is None:
                 log.info("cache: %s was completed by another writer meanwhile; keeping it", path)
                 return
-            aside = path.parent / f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}-old"
+            aside = path.parent / f".{path.name}.tmp-{_writer()}-old{secrets.token_hex(4)}"
             try:
                 os.rename(path, aside)
             except FileNotFoundError:  # another writer moved it first
@@ -334,12 +337,40 @@ def _lock_warning(path: Path, what: str, e: OSError) -> None:
                 "compute it twice; paths.cache_locking=false silences this)", path, reason)
 
 
+STALE_S = 24 * 3600  # a temporary folder of another host untouched this long belongs to a dead writer
+
+
+def _writer() -> str:
+    """`<host>-<pid>` of this process, as temporary folder names carry it (dots in the host name kept)."""
+    return f"{socket.gethostname().replace('/', '_')}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, another user's
+        return True
+    return True
+
+
 def _clean_stale(folder: Path, own: str) -> None:
-    """Remove temporary folders of writers that died: those of entry `own` (whose lock this process
-    holds) and those whose entry's lock nobody holds (a live writer holds its lock until it renames)."""
+    """Remove temporary folders left by writers that died (see the module docstring), never a live one's.
+    `own`: the entry this process is writing (its lock, if any, is this process's: not asked)."""
+    host = socket.gethostname().replace("/", "_")
     for tmp in folder.glob(".*.tmp-*"):
-        name = tmp.name[1:].rsplit(".tmp-", 1)[0]
-        if name == own or not _locked_elsewhere(_lock_path(folder / name)):
+        name, _, writer = tmp.name[1:].rpartition(".tmp-")
+        parts = writer.rsplit("-", 2)  # <host>-<pid>-<random>; older lp: <pid>-<random>
+        if len(parts) == 3 and parts[0] == host and parts[1].isdigit():
+            dead = not _pid_alive(int(parts[1]))
+        else:
+            try:
+                old = time.time() - tmp.stat().st_mtime > STALE_S
+            except OSError:
+                continue
+            dead = old and (name == own or not (_locking and _locked_elsewhere(_lock_path(folder / name))))
+        if dead:
             log.info("cache: removing %s, left by a writer that did not finish", tmp)
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -26,36 +26,44 @@ ENV = {**os.environ, "LP_DATA_DIR": str(DATA), "OMP_NUM_THREADS": "1", "PYTHONUN
 
 
 # ----------------------------------------------------------------------------- cache locking
-def _unlocked_fetch(root: str, out: str) -> None:
-    """One builder of the entry `slow/{k: 1}` with locking off; both processes build at the same time."""
+def _unlocked_fetch(root: str, out: str, mode: str = "off") -> None:
+    """One builder of the entry `slow/{k: 1}`, all builders at the same time. mode `off`: locking off;
+    `noop`: locking on, but flock silently grants every lock (Lustre -o localflock across nodes)."""
+    if mode == "noop":
+        fcntl.flock = lambda fd, op: None
+
     def build(d: Path) -> None:
         with open(Path(root) / "builds.log", "a") as fh:
             fh.write(f"{os.getpid()}\n")
         time.sleep(1.5)  # both processes are inside build while the entry is missing
         (d / "v.json").write_text(json.dumps({"pid": os.getpid(), "payload": list(range(1000))}))
 
-    with cache.using(root, locking=False):
+    with cache.using(root, locking=mode != "off"):
         got = cache.fetch("slow", {"k": 1}, build, load=lambda p: json.loads((p / "v.json").read_text()))
     Path(out).write_text(json.dumps({"value": got.value, "path": str(got.path)}))
 
 
-def test_two_unlocked_builders_both_succeed_with_one_valid_entry(tmp_path):
+@pytest.mark.parametrize("mode, builders", [("off", 2), ("noop", 3)])
+def test_unlocked_builders_all_succeed_with_one_valid_entry(tmp_path, mode, builders):
+    """Before: with a lock that grants everything, each writer took the others' temporary folders for
+    leftovers of dead writers and removed them (FileNotFoundError in their build)."""
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_unlocked_fetch, args=(str(tmp_path), str(tmp_path / f"out{i}"))) for i in range(2)]
+    procs = [ctx.Process(target=_unlocked_fetch, args=(str(tmp_path), str(tmp_path / f"out{i}"), mode))
+             for i in range(builders)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(60)
-    assert [p.exitcode for p in procs] == [0, 0]
-    assert len((tmp_path / "builds.log").read_text().split()) == 2  # no lock: both built
-    outs = [json.loads((tmp_path / f"out{i}").read_text()) for i in range(2)]
+    assert [p.exitcode for p in procs] == [0] * builders
+    assert len((tmp_path / "builds.log").read_text().split()) == builders  # no working lock: all built
+    outs = [json.loads((tmp_path / f"out{i}").read_text()) for i in range(builders)]
     entry = Path(outs[0]["path"])
-    assert outs[1]["path"] == str(entry)
+    assert all(o["path"] == str(entry) for o in outs)
     assert cache.check(entry, cache.normal_key({"k": 1})) is None  # manifest, key and sizes all agree
     kept = json.loads((entry / "v.json").read_text())
     assert all(o["value"]["payload"] == kept["payload"] for o in outs)
     assert sorted(p.name for p in (tmp_path / "slow").iterdir()) == [entry.name]  # no temporary leftovers
-    assert not (tmp_path / ".locks").exists()  # locking off: no lock file was even created
+    assert (tmp_path / ".locks").exists() == (mode == "noop")  # locking off: no lock file was even created
 
 
 def _refuse_flock(monkeypatch):

@@ -113,7 +113,7 @@ def aggregate_sweep(config: DictConfig, interrupted: str | None = None) -> None:
         from lp.report.results import NoResultsError
 
         if isinstance(e, NoResultsError):  # nothing finished (yet): no tables to write
-            log.error("sweep %s: %s; once jobs have finished, %s", config.get("sweep_name"), e,
+            log.error("aggregating sweep %s: %s; once jobs have finished, %s", config.get("sweep_name"), e,
                       reaggregate_hint(sweep_dir))
         else:
             log.exception("aggregating %s failed; %s", sweep_dir, reaggregate_hint(sweep_dir))

@@ -200,12 +200,10 @@ def _install(tmp: Path, path: Path, key: dict, replace: bool, tries: int = 5) ->
                     _remove(aside)
         try:
             os.rename(tmp, path)
+            return _fsync(path.parent)
         except OSError as e:
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):  # else: another writer's entry landed first
                 raise
-            continue  # another writer's entry landed between the check and the rename: look again
-        _fsync(path.parent)
-        return
     raise OSError(errno.EBUSY, f"cache entry {path}: {tries} attempts to rename it into place lost to other writers")
 
 
@@ -330,8 +328,7 @@ def _lock_warning(path: Path, what: str, e: OSError) -> None:
     """Warn (once per process and reason) that an entry is built without its lock."""
     reason = f"{what} ({type(e).__name__}: {e.strerror or e})"
     if reason in _lock_warned:
-        log.debug("cache lock %s: %s; building without it", path, reason)
-        return
+        return log.debug("cache lock %s: %s; building without it", path, reason)
     _lock_warned.add(reason)
     log.warning("cache lock %s: %s; building the entry without a lock (correct, but concurrent jobs may "
                 "compute it twice; paths.cache_locking=false silences this)", path, reason)
@@ -351,7 +348,7 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except OSError:  # exists, another user's
-        return True
+        pass
     return True
 
 

@@ -7,6 +7,9 @@ Callbacks (registered in ``conf/config.yaml`` under ``hydra.callbacks``):
 * :class:`AggregateOnMultirunEnd` writes ``summary.csv``, ``table.md``, ``table.tex`` and
   ``dashboard.html`` into the sweep dir once every job returned (:func:`lp.aggregate.write_all`)
   and logs the ok/failed counts. It never raises: a failure is logged, the result files stay.
+  Hydra calls ``on_multirun_end`` only when the launcher returns; a sweep that is interrupted
+  (SIGTERM, Ctrl-C) or whose launcher raises (a submitit job killed without a result) is
+  aggregated by :func:`finish_interrupted`, which the ``run.py`` shim calls on its way out.
 
 Resume (called by the ``run.py`` shim for each multirun job, unless ``resume=false`` or
 ``force=true``): :func:`resume_job` looks for a result.json of every job of every earlier run of
@@ -70,6 +73,7 @@ class SweepProgress(Callback):
 
 
 _failed_sweeps: list[str] = []  # sweep dirs (this process) with a job that did not finish ok
+_running_sweeps: dict[str, DictConfig] = {}  # sweep dir -> config, from on_multirun_start until aggregated
 
 
 def sweep_exit_code() -> int:
@@ -77,31 +81,70 @@ def sweep_exit_code() -> int:
     return 1 if _failed_sweeps else 0
 
 
+def reaggregate_hint(sweep_dir: str | Path) -> str:
+    """How to redo a sweep's tables by hand (after re-running its missing or failed jobs)."""
+    return f"re-aggregate with `python -m lp aggregate {sweep_dir}`"
+
+
+def aggregate_sweep(config: DictConfig, interrupted: str | None = None) -> None:
+    """Write the tables of `config`'s sweep dir for whatever finished and log the outcome; never raises.
+    `interrupted`: why the sweep stopped before every job returned (its exit code is then non-zero)."""
+    sweep_dir = Path(config.hydra.sweep.dir)
+    _running_sweeps.pop(str(sweep_dir), None)
+    _failed_sweeps.append(str(sweep_dir))  # until aggregation shows every job ok
+    try:
+        from lp import aggregate
+        from lp.report.messages import sweep_message
+
+        paths = aggregate.write_all(sweep_dir)
+        records = aggregate.load_results(sweep_dir)
+        failed = interrupted is not None or any(r["status"] != "ok" for r in records)
+        log.log(logging.WARNING if failed else logging.INFO, "%s", sweep_message(config.get("sweep_name"), records, paths))
+        if interrupted is not None:
+            log.error("sweep %s interrupted (%s): tables written for the %d jobs with a result; launch the same "
+                      "sweep again to run the others (finished jobs are resumed), or %s", config.get("sweep_name"),
+                      interrupted, len(records), reaggregate_hint(sweep_dir))
+        elif failed:
+            log.warning("launch the same sweep again to re-run the failed jobs (finished jobs are resumed); "
+                        "or %s", reaggregate_hint(sweep_dir))
+        else:
+            _failed_sweeps.remove(str(sweep_dir))
+    except Exception as e:  # noqa: BLE001 - the jobs' results are safe; aggregation can be redone
+        from lp.report.results import NoResultsError
+
+        if isinstance(e, NoResultsError):  # nothing finished (yet): no tables to write
+            log.error("aggregating sweep %s: %s; once jobs have finished, %s", config.get("sweep_name"), e,
+                      reaggregate_hint(sweep_dir))
+        else:
+            log.exception("aggregating %s failed; %s", sweep_dir, reaggregate_hint(sweep_dir))
+    try:  # with a tracker: the aggregated tables and the dashboard's charts, in the sweep's group
+        from lp import aggregate
+
+        aggregate.log_sweep(config, sweep_dir)
+    except Exception:  # noqa: BLE001 - the files above are the record; the tracker is a copy
+        log.exception("logging the aggregated sweep %s to the tracker failed", sweep_dir)
+
+
+def finish_interrupted(why: str) -> bool:
+    """Aggregate every sweep this process started whose `on_multirun_end` never ran (the sweep was
+    interrupted or its launcher raised); True if there was one (then :func:`sweep_exit_code` is 1)."""
+    pending = list(_running_sweeps.values())
+    for config in pending:
+        aggregate_sweep(config, interrupted=why)
+    return bool(pending)
+
+
 class AggregateOnMultirunEnd(Callback):
     """Aggregates the sweep dir with :func:`lp.aggregate.write_all` after the last job; never raises.
-    A job that did not finish ok makes :func:`sweep_exit_code` 1 (the `run.py` shim's exit code)."""
+    A job that did not finish ok makes :func:`sweep_exit_code` 1 (the `run.py` shim's exit code).
+    The sweep is remembered from its start, so that :func:`finish_interrupted` can still aggregate it
+    when Hydra never calls `on_multirun_end` (interrupted sweep, launcher error)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _running_sweeps[str(Path(config.hydra.sweep.dir))] = config
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        _failed_sweeps.append(str(sweep_dir))  # until aggregation shows every job ok
-        try:
-            from lp import aggregate
-            from lp.report.messages import sweep_message
-
-            paths = aggregate.write_all(sweep_dir)
-            records = aggregate.load_results(sweep_dir)
-            failed = any(r["status"] != "ok" for r in records)
-            log.log(logging.WARNING if failed else logging.INFO, "%s", sweep_message(config.get("sweep_name"), records, paths))
-            if not failed:
-                _failed_sweeps.remove(str(sweep_dir))
-        except Exception:  # noqa: BLE001 - the jobs' results are safe; aggregation can be redone
-            log.exception("aggregating %s failed; redo with `python -m lp.aggregate %s`", sweep_dir, sweep_dir)
-        try:  # with a tracker: the aggregated tables and the dashboard's charts, in the sweep's group
-            from lp import aggregate
-
-            aggregate.log_sweep(config, sweep_dir)
-        except Exception:  # noqa: BLE001 - the files above are the record; the tracker is a copy
-            log.exception("logging the aggregated sweep %s to the tracker failed", sweep_dir)
+        aggregate_sweep(config)
 
 
 # --------------------------------------------------------------------------------------- resume

@@ -27,7 +27,21 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lp import cache, calib, card, data, devices, distill, families, memory, models, threads, validate, verify
+from lp import (
+    cache,
+    calib,
+    card,
+    data,
+    devices,
+    distill,
+    families,
+    gpus,
+    memory,
+    models,
+    threads,
+    validate,
+    verify,
+)
 from lp.evaluate import generate, lm_eval_tasks
 from lp.evaluate.lm_eval_tasks import paper_scores, retained_performance
 from lp.evaluate.ppl import perplexity
@@ -127,7 +141,7 @@ def run(cfg: DictConfig) -> dict:
     }
     trackers = []  # the tracker `recipe` starts once the run has a name; finished here, also on failure
     try:
-        with cache.using(cfg.paths.get("cache_dir")):
+        with cache.using(cfg.paths.get("cache_dir"), cfg.paths.get("cache_locking", True)):
             recipe(cfg, out, stages, result, trackers)
         result["status"] = "ok"
     except BaseException as e:
@@ -148,7 +162,8 @@ def recipe(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: l
     writes into `result`, as each part becomes known (so a failed run's result.json holds every part
     that finished)."""
     result["runtime"], warnings = threads.apply(cfg.runtime.threads)  # first: before any torch work
-    result.setdefault("warnings", []).extend(warnings)
+    result["runtime"]["gpu"], gpu_warnings = gpus.apply(cfg.model)  # parallel local jobs: one GPU each
+    result.setdefault("warnings", []).extend(warnings + gpu_warnings)
     validate.settings(cfg, hydra_runtime()[0])  # every setting, before anything is built or loaded
     torch.manual_seed(cfg.seed)
     pruner = build(cfg.pruner)

@@ -29,6 +29,7 @@ from lp.models import DTYPES
 CONF = Path(__file__).resolve().parents[1] / "conf"  # the repository's; a Hydra app's own comes first
 OPEN = ("model.tiny",)  # nodes whose extra keys are passed on as keyword arguments (tiny model config)
 ANY = "any"  # type of a default that is an interpolation (`${oc.env:...}`) or null
+ALSO = {"eval.qa.batch_size": {"str"}, "eval.mmlu.batch_size": {"str"}}  # besides the default's type: "auto"
 
 
 # ----------------------------------------------------------------------------- schema from the defaults
@@ -57,7 +58,7 @@ def schema(choices: dict | None = None, conf: Path = CONF) -> dict[str, set]:
     """Dotted key -> set of default types ("bool", "int", "float", "str", "list", "dict", ANY; a list's
     element type as "list[int]"), from `conf/config.yaml` and each group's chosen option (every option
     of a group whose choice is unknown)."""
-    types: dict[str, set] = {}
+    types: dict[str, set] = {k: set(v) for k, v in ALSO.items()}
     top = OmegaConf.to_container(OmegaConf.load(conf / "config.yaml"), resolve=False)
     _add(types, "", {k: v for k, v in top.items() if k not in ("defaults", "hydra")})
     for group_dir in sorted(p for p in conf.iterdir() if p.is_dir() and p.name != "hydra"):
@@ -190,6 +191,11 @@ def _int(lo: int, allow_none: bool = False):
     return lambda v: (v is None and allow_none) or (isinstance(v, int) and not isinstance(v, bool) and v >= lo)
 
 
+def _auto(v) -> bool:
+    """lm-eval's automatic batch size: "auto" or "auto:<N>" (N re-detections over the run)."""
+    return isinstance(v, str) and (v == "auto" or (v.startswith("auto:") and v[5:].replace(".", "", 1).isdigit()))
+
+
 def _holdout(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v < 1
 
@@ -205,10 +211,10 @@ RULES = [  # (key, predicate, what is allowed); keys absent from the config are 
     ("eval.ppl.batch_size", _int(1), "an integer >= 1"),
     ("eval.ppl.max_windows", _int(1, allow_none=True), "null (all windows) or an integer >= 1"),
     ("eval.qa.limit", _int(1, allow_none=True), "null (full sets) or an integer >= 1"),
-    ("eval.qa.batch_size", _int(1), "an integer >= 1"),
+    ("eval.qa.batch_size", lambda v: _int(1)(v) or _auto(v), "an integer >= 1, 'auto' or 'auto:<N>' (lm-eval)"),
     ("eval.qa.num_fewshot", _int(0, allow_none=True), "null or an integer >= 0"),
     ("eval.mmlu.limit", _int(1, allow_none=True), "null (full sets) or an integer >= 1"),
-    ("eval.mmlu.batch_size", _int(1), "an integer >= 1"),
+    ("eval.mmlu.batch_size", lambda v: _int(1)(v) or _auto(v), "an integer >= 1, 'auto' or 'auto:<N>' (lm-eval)"),
     ("eval.mmlu.num_fewshot", _int(0, allow_none=True), "null or an integer >= 0"),
     ("data.source", lambda v: v in ("auto", "local", "hub"), "one of ['auto', 'local', 'hub']"),
     ("model.dtype", lambda v: v in DTYPES, f"one of {sorted(DTYPES)}"),

@@ -9,6 +9,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -163,15 +164,24 @@ def test_truncated_teacher_logits_are_rebuilt(tmp_path, caplog, file):
 
 
 def test_leftover_temporary_folders_of_killed_writers_are_removed(tmp_path, monkeypatch):
+    """Dead writers: on this host a process that no longer exists; elsewhere (or an older name without the
+    host) a folder untouched for a day. A live writer's folder stays even if the lock is not trusted."""
     monkeypatch.setenv("LP_CACHE_DIR", str(tmp_path))
-    stale = [tmp_path / "x" / ".other.tmp-999999-dead", tmp_path / "x" / f".{cache.digest({'a': 1})}.tmp-1-dead"]
-    for d in stale:
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    host, entry = socket.gethostname(), cache.digest({"a": 1})
+    stale = [tmp_path / "x" / f".other.tmp-{host}-{dead.pid}-dead", tmp_path / "x" / f".{entry}.tmp-{host}-{dead.pid}-ab",
+             tmp_path / "x" / f".{entry}.tmp-1-old", tmp_path / "x" / f".{entry}.tmp-node7-12-old"]
+    live = [tmp_path / "x" / f".{entry}.tmp-{host}-{os.getpid()}-live", tmp_path / "x" / f".{entry}.tmp-node7-12-new"]
+    for d in stale + live:
         d.mkdir(parents=True)
         (d / "half.bin").write_bytes(b"0" * 10)
+    for d in stale[2:]:
+        os.utime(d, (time.time() - 2 * cache.STALE_S,) * 2)
     got = cache.fetch("x", {"a": 1}, lambda d: (d / "v").write_text("1"), load=lambda p: (p / "v").read_text())
     assert got.value == "1" and not got.hit
     assert not any(d.exists() for d in stale)
-    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == [got.path.name]
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == sorted([got.path.name, *(d.name for d in live)])
 
 
 def _slow_fetch(root: str, out: str) -> None:

@@ -85,11 +85,14 @@ def check_optimizer(opt, sched) -> None:
                          "remove it")
 
 
-def resolve_autocast(name: str, device: torch.device) -> torch.dtype | None:
-    """`auto`: bfloat16 on CPU and on CUDA devices that support it, else no autocast."""
+def resolve_autocast(name: str, device: torch.device, model_dtype: torch.dtype | None = None) -> torch.dtype | None:
+    """`auto`: float16 for a float16 model (fp16 checkpoints such as the Llama-2 configs keep their own
+    arithmetic), else bfloat16 on CPU and on CUDA devices that support it, else no autocast."""
     if name == "none":
         return None
     if name == "auto":
+        if model_dtype == torch.float16:
+            return torch.float16
         ok = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
         return torch.bfloat16 if ok else None
     return DTYPES[name]

@@ -67,7 +67,7 @@ class Loop:
     def __init__(self, suffix: Suffix, params: list, teacher: TeacherCache, d, device, tracker, progress: bool):
         self.suffix, self.params, self.teacher, self.d = suffix, params, teacher, d
         self.device, self.tracker, self.progress = device, tracker, progress
-        self.amp = resolve_autocast(d.autocast, device)
+        self.amp = resolve_autocast(d.autocast, device, suffix.head.weight.dtype)  # auto follows an fp16 model
         self.bs, self.ntrain, self.nval = int(d.batch_size), teacher.ntrain, teacher.nval
         self.total = int(d.epochs) * math.ceil(self.ntrain / self.bs)
         self.states: PrefixStates | None = None

@@ -186,22 +186,32 @@ def load_tasks(tasks: list[str], *, data_dir: str | os.PathLike | None, num_fews
 
 
 # ----------------------------------------------------------------- evaluation
-def _hflm(model, tokenizer, batch_size: int, progress: bool):
-    """lm-eval's HFLM around the in-memory model; ``progress=False`` hides its tqdm bars."""
+def _hflm(model, tokenizer, batch_size: int | str, progress: bool):
+    """lm-eval's HFLM around the in-memory model; ``progress=False`` hides its tqdm bars.
+    ``batch_size``: an integer, or ``"auto"`` / ``"auto:N"`` (lm-eval finds the largest that fits,
+    from 64 down on out-of-memory); the sizes it found are kept in ``.detected``."""
     from lm_eval.models.huggingface import HFLM
 
-    class QuietHFLM(HFLM):
+    class LpHFLM(HFLM):
+        detected: list[int]
+
+        def _detect_batch_size(self, requests=None, pos: int = 0):
+            size = super()._detect_batch_size(requests, pos)
+            self.detected.append(int(size))
+            return size
+
         def loglikelihood(self, requests, disable_tqdm=False):
-            return super().loglikelihood(requests, disable_tqdm=True)
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not progress)
 
         def loglikelihood_rolling(self, requests, disable_tqdm=False):
-            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or not progress)
 
         def generate_until(self, requests, disable_tqdm=False):
-            return super().generate_until(requests, disable_tqdm=True)
+            return super().generate_until(requests, disable_tqdm=disable_tqdm or not progress)
 
-    cls = HFLM if progress else QuietHFLM
-    return cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = LpHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm.detected = []
+    return lm
 
 
 def _num(x: Any) -> float | None:
@@ -219,7 +229,7 @@ def evaluate_tasks(
     *,
     data_dir: str | os.PathLike | None,
     limit: int | float | None,
-    batch_size: int,
+    batch_size: int | str,
     num_fewshot: int | None = None,
     device=None,
     progress: bool = True,
@@ -274,6 +284,7 @@ def evaluate_tasks(
         "data_dir": None if data_dir is None else str(data_dir),
         "avg_tasks": qa,
         "avg_complete": set(qa) == set(QA_TASKS),
+        "batch_size": {"setting": batch_size, "detected": lm.detected},  # detected: sizes lm-eval found (auto)
     }
     return metrics, info
 

@@ -26,10 +26,11 @@ with budget t = ratio x P_prunable: g = min(round(ratio x G), floor(t / P_group)
 then round((t - g P_group) / P_channel) channels, so coarse GQA groups (SmolLM2-135M: 3) do not
 move the ratio. At least one group and one channel always stay.
 
-Memory (8B on one 80 GB GPU): as `taylor`, float32 gradient accumulators only for the pruned range's
-projection weights (26 of 32 Llama-3-8B layers: 26 x 0.218 B x 4 B = 23 GB) + 16 GB bf16 weights +
-one micro-batch's activations (~13 GB at 2048 tokens) = ~52 GB; each layer's accumulators are freed
-once its unit importances are summed. The importances do not depend on the ratio: with
+Memory: as `taylor` (`pruner.layers_per_pass`, default 1: one calibration pass per layer, top
+down), float32 gradient sums exist only for the projection weights of the layers of the current pass,
+reduced to that layer's unit importances ([G] + [I] floats) and freed when the pass ends. Llama-2-13B
+fp16: 26 GB weights + 1.27 GB (one layer) + ~18 GB activations of one 2048-token window = ~45 GB;
+`layers_per_pass: null` holds all 34 pruned layers' sums at once (+43 GB). The importances do not depend on the ratio: with
 `disk_cache: true` a sweep scores once.
 """
 
@@ -42,36 +43,36 @@ import torch
 
 from lp.models import Decoder
 from lp.pruners.base import PruneContext, ScoreCache, Selection, check_flag, check_n
-from lp.pruners.taylor import loss_grads
+from lp.pruners.taylor import check_layers_per_pass, passes_over, per_layer_pass
 from lp.width import Geometry, WidthPlan, geometry, modules
 
 
-def unit_importance(model, windows: torch.Tensor, layers: list[int],
-                    micro_batch: int = 1, progress: bool = False) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """`{layer: (KV-group importance [G], channel importance [I])}` (float32, CPU) for dense `layers`."""
+def unit_importance(model, windows: torch.Tensor, layers: list[int], micro_batch: int = 1, progress: bool = False,
+                    layers_per_pass: int | None = 1) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """`{layer: (KV-group importance [G], channel importance [I])}` (float32, CPU) for dense `layers`,
+    `layers_per_pass` layers' gradients at a time (None: all at once; see the module docstring)."""
     dec = Decoder(model)
     mods = {i: modules(dec.layers[i]) for i in layers}
     lins = {i: [getattr(a, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
             + [getattr(m, n) for n in ("gate_proj", "up_proj", "down_proj")] for i, (a, m) in mods.items()}
-    grads = loss_grads(model, windows, [p for i in layers for lin in lins[i] for p in lin.parameters()], micro_batch,
-                       progress, desc="llm_pruner gradients")
 
-    def sal(lin, dim):  # per output row (dim 1 summed) or input column (dim 0 summed) of |w * g|, + bias
-        s = (grads.pop(lin.weight) * lin.weight.detach().float()).abs_().sum(dim)
-        if lin.bias is not None:
-            b = (grads.pop(lin.bias) * lin.bias.detach().float()).abs_()
-            s = s + b if dim == 1 else s  # o/down biases live in the hidden dimension: never pruned
-        return s
+    def units(i: int, grads: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        def sal(lin, dim):  # per output row (dim 1 summed) or input column (dim 0 summed) of |w * g|, + bias
+            s = (grads.pop(lin.weight) * lin.weight.detach().float()).abs_().sum(dim)
+            if lin.bias is not None:
+                b = (grads.pop(lin.bias) * lin.bias.detach().float()).abs_()
+                s = s + b if dim == 1 else s  # o/down biases live in the hidden dimension: never pruned
+            return s
 
-    out = {}
-    for i in layers:
         g = geometry(dec.layers[i])
         q, k, v, o, gate, up, down = lins[i]
         group = (sal(q, 1) + sal(o, 0)).view(g.kv_heads, -1).sum(1) \
             + (sal(k, 1) + sal(v, 1)).view(g.kv_heads, -1).sum(1)
         channel = sal(gate, 1) + sal(up, 1) + sal(down, 0)
-        out[i] = (group.cpu(), channel.cpu())
-    return out
+        return group.cpu(), channel.cpu()
+
+    params = {i: [p for lin in lins[i] for p in lin.parameters()] for i in layers}
+    return per_layer_pass(model, windows, params, units, layers_per_pass, micro_batch, progress, "llm_pruner gradients")
 
 
 def unit_counts(g: Geometry, ratio: float) -> tuple[int, int]:
@@ -96,7 +97,7 @@ class LLMPruner:
     width = True  # removes heads/channels, not layers: `patch` must be none
 
     def __init__(self, ratio="match", n: int | None = 5, keep_first: int = 4, keep_last: int = 2,
-                 micro_batch: int = 1, disk_cache: bool = True):
+                 micro_batch: int = 1, disk_cache: bool = True, layers_per_pass: int | None = 1):
         for key, value, lo in (("keep_first", keep_first, 0), ("keep_last", keep_last, 0), ("micro_batch", micro_batch, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 raise ValueError(f"pruner={self.name}: pruner.{key}={value!r} must be an integer >= {lo}")
@@ -111,6 +112,7 @@ class LLMPruner:
         self.ratio, self.n = ratio, n
         self.keep_first, self.keep_last, self.micro_batch = keep_first, keep_last, micro_batch
         self.disk_cache = check_flag(self.name, "disk_cache", disk_cache)
+        self.layers_per_pass = check_layers_per_pass(self.name, layers_per_pass)
 
     def layers(self, num_layers: int) -> list[int]:
         return list(range(self.keep_first, num_layers - self.keep_last))
@@ -169,8 +171,9 @@ class LLMPruner:
         else:
             windows = ctx.windows
             t0 = time.perf_counter()
-            imp = unit_importance(ctx.model, windows, span, self.micro_batch, ctx.progress)
-            passes, seconds = -(-len(windows) // self.micro_batch), time.perf_counter() - t0
+            imp = unit_importance(ctx.model, windows, span, self.micro_batch, ctx.progress, self.layers_per_pass)
+            passes = -(-len(windows) // self.micro_batch) * passes_over(len(span), self.layers_per_pass)
+            seconds = time.perf_counter() - t0
             disk.save({"units": {str(i): [a.tolist(), b.tolist()] for i, (a, b) in imp.items()}})
         return imp, {"importance": "taylor |w * dL/dw| summed per KV group / channel", "backward_passes": passes,
                      "disk_cache": disk.info(hit=hit), "time_s": round(seconds, 3)}

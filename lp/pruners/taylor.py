@@ -13,16 +13,28 @@ removing the first four and the last two blocks: candidates are dense layers 4..
 
 dL/dW is the gradient of the loss over the *whole* calibration set, i.e. the sum of the
 micro-batch gradients (each micro-batch loss is its windows' share, sum_{w in batch} ... / N); the
-absolute value is taken only after summing. Each micro-batch's gradient is added into a float32
-accumulator by a post-accumulate-grad hook that then frees `.grad`, so model-dtype gradients are
-freed as soon as backward has produced them (no full set of `.grad`s is ever held). Only the candidate layers' parameters require
-grad (embedding, LM head, final norm and the protected layers do not), so backward stops at
-layer 4. Memory: weights + float32 accumulators of the candidate layers + the saved activations of
-one micro-batch. Llama-3-8B at seqlen 2048, micro-batch 1: 16 GB bf16 weights + 23 GB accumulators
-(26 of 32 blocks x 0.22 B params x 4 bytes) + ~13 GB activations of blocks 4..31 and logits
-(~0.4 GB per block) = ~52 GB, so it fits one 80 GB GPU; per-block accumulators could go to the
-host if memory were tighter. Gradients of a bf16 model are bf16 per micro-batch before the fp32 sum.
-The model is left as found: weights, `requires_grad` flags, existing `.grad`s and train/eval mode.
+absolute value is taken only after summing, so a layer's whole float32 gradient sum must exist
+before its score can be taken. Each micro-batch's gradient is added into a float32 accumulator by a
+post-accumulate-grad hook that then frees `.grad`, so model-dtype gradients are freed as soon as
+backward has produced them (no full set of `.grad`s is ever held).
+
+Layer by layer (`pruner.layers_per_pass`, default 1): one pass over the calibration windows per
+group of k candidate layers, from the top down; only that group's parameters require grad, so only
+its float32 accumulators exist, backward stops at its lowest layer, and once the pass ends each
+layer is reduced to its score and its accumulators freed. `layers_per_pass: null` scores every
+candidate in one pass (fastest, most memory). The scores are the same either way (the same
+micro-batch gradients summed in the same order; tested to 1e-6 relative).
+
+Memory: weights + k layers' float32 accumulators + the saved activations of one micro-batch of the
+layers from the group up + the logits. Llama-2-13B (fp16, 40 blocks of 0.318 B params, 34
+candidates), seqlen 2048, micro-batch 1: 26 GB weights + 1.3 GB (k = 1) + ~18 GB activations (~0.5 GB
+per block in fp16, logits 32000 x 2048 in fp32 0.26 GB) = ~45 GB, on one 80 GB GPU; all candidates
+in one pass would add 34 x 1.27 = 43 GB of accumulators instead (~87 GB: out of memory).
+Cost: one forward per group and a backward from the top to the group; k = 1 on 34 candidates is
+~34 forwards + ~17 full backwards per calibration window instead of one of each (~15x the time of
+one pass); raise k where memory allows. Gradients of a bf16 model are bf16 per micro-batch before
+the fp32 sum. The model is left as found: weights, `requires_grad` flags, existing `.grad`s and
+train/eval mode.
 The scores do not depend on n: with `disk_cache: true` they are stored and reused by runs with any n
 (see `lp.pruners.base.ScoreCache`).
 """
@@ -33,6 +45,7 @@ import time
 
 import torch
 
+from lp.devices import input_device
 from lp.evaluate.ppl import token_nll
 from lp.models import Decoder
 from lp.progress import bar
@@ -42,13 +55,49 @@ KEEP_FIRST, KEEP_LAST = 4, 2
 
 
 def taylor_scores(model, windows: torch.Tensor, layers: list[int], micro_batch: int = 1,
-                  progress: bool = False) -> dict[int, float]:
+                  progress: bool = False, layers_per_pass: int | None = 1) -> dict[int, float]:
     """`{layer: sum |W * dL/dW|}` over the parameters of each dense layer in `layers`, with L the mean
-    per-window next-token NLL of `windows` `[N, T]`, accumulated over micro-batches in float32."""
+    per-window next-token NLL of `windows` `[N, T]`, accumulated over micro-batches in float32,
+    `layers_per_pass` layers' gradients at a time (None: all at once; see the module docstring)."""
     dec = Decoder(model)
-    params = {i: list(dec.layers[i].parameters()) for i in layers}
-    grads = loss_grads(model, windows, [p for ps in params.values() for p in ps], micro_batch, progress)
-    return {i: sum((grads[p] * p.detach().float()).abs().sum().item() for p in ps) for i, ps in params.items()}
+
+    def score(i: int, grads: dict) -> float:
+        return sum((grads.pop(p) * p.detach().float()).abs_().sum().item() for p in dec.layers[i].parameters())
+
+    return per_layer_pass(model, windows, {i: list(dec.layers[i].parameters()) for i in layers}, score,
+                          layers_per_pass, micro_batch, progress, "taylor gradients")
+
+
+def check_layers_per_pass(pruner: str, value) -> int | None:
+    """`pruner.layers_per_pass`: an integer >= 1 or null (all scored layers in one pass)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"pruner={pruner}: pruner.layers_per_pass={value!r} must be an integer >= 1 or null "
+                         "(every scored layer in one pass)")
+    return value
+
+
+def passes_over(layers: int, layers_per_pass: int | None) -> int:
+    """Passes over the calibration windows `per_layer_pass` makes for `layers` scored layers."""
+    return 1 if layers_per_pass is None else -(-layers // layers_per_pass)
+
+
+def per_layer_pass(model, windows: torch.Tensor, params: dict[int, list], reduce, layers_per_pass: int | None,
+                   micro_batch: int = 1, progress: bool = False, desc: str = "gradients") -> dict:
+    """`{layer: reduce(layer, grads)}` for the dense layers in `params` (layer -> its parameters to
+    differentiate), where `grads` maps each of the group's parameters to dL/dparam (float32, summed
+    over all windows; `reduce` may pop them). One pass over `windows` per group of `layers_per_pass`
+    layers (None: one group), the highest layers first; a group's gradients are freed when reduced."""
+    order = sorted(params, reverse=True)
+    k = len(order) if layers_per_pass is None else layers_per_pass
+    out = {}
+    for g, start in enumerate(range(0, len(order), max(k, 1))):
+        group = order[start:start + k]
+        label = desc if len(order) <= k else f"{desc} (layers {min(group)}-{max(group)}, pass {g + 1})"
+        grads = loss_grads(model, windows, [p for i in group for p in params[i]], micro_batch, progress, label)
+        for i in group:
+            out[i] = reduce(i, grads)
+        del grads
+    return {i: out[i] for i in sorted(out)}
 
 
 def loss_grads(model, windows: torch.Tensor, params: list, micro_batch: int = 1, progress: bool = False,
@@ -56,8 +105,8 @@ def loss_grads(model, windows: torch.Tensor, params: list, micro_batch: int = 1,
     """`{param: dL/dparam}` (float32, the param's shape) for each of `params`, L the mean per-window
     next-token NLL of `windows` `[N, T]`: the sum of the micro-batch gradients, each added into a
     float32 accumulator as soon as backward produced it (see the module docstring for memory)."""
-    device = next(model.parameters()).device
-    acc = {p: torch.zeros(p.shape, dtype=torch.float32, device=device) for p in params}
+    device = input_device(model)
+    acc = {p: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params}  # beside each weight
     flags = {p: p.requires_grad for p in model.parameters()}
     old_grads = {p: p.grad for p in model.parameters() if p.grad is not None}
     was_training = model.training
@@ -99,11 +148,12 @@ class TaylorPruner:
     needs_calibration = True
     needs_weight_grads = True  # backward into the weights: not with offloaded layers (lp.devices)
 
-    def __init__(self, n: int = 5, micro_batch: int = 1, disk_cache: bool = True):
+    def __init__(self, n: int = 5, micro_batch: int = 1, disk_cache: bool = True, layers_per_pass: int | None = 1):
         if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
             raise ValueError(f"pruner=taylor: pruner.micro_batch={micro_batch!r} must be an integer >= 1")
         self.n = n
         self.micro_batch = micro_batch
+        self.layers_per_pass = check_layers_per_pass(self.name, layers_per_pass)
         self.disk_cache = check_flag(self.name, "disk_cache", disk_cache)
 
     def check(self, num_layers: int) -> None:
@@ -120,9 +170,10 @@ class TaylorPruner:
         if not hit:
             windows = ctx.windows  # built (tokenized) before the clock starts
             t0 = time.perf_counter()
-            scores = taylor_scores(ctx.model, windows, list(range(KEEP_FIRST, L - KEEP_LAST)), self.micro_batch,
-                                   ctx.progress)
-            passes, seconds = -(-len(windows) // self.micro_batch), time.perf_counter() - t0
+            layers = list(range(KEEP_FIRST, L - KEEP_LAST))
+            scores = taylor_scores(ctx.model, windows, layers, self.micro_batch, ctx.progress, self.layers_per_pass)
+            passes = -(-len(windows) // self.micro_batch) * passes_over(len(layers), self.layers_per_pass)
+            seconds = time.perf_counter() - t0
             stored = {"scores": per_layer(scores, L)}
             disk.save(stored)
         values = stored["scores"]

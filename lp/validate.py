@@ -29,7 +29,8 @@ from lp.models import DTYPES
 CONF = Path(__file__).resolve().parents[1] / "conf"  # the repository's; a Hydra app's own comes first
 OPEN = ("model.tiny",)  # nodes whose extra keys are passed on as keyword arguments (tiny model config)
 ANY = "any"  # type of a default that is an interpolation (`${oc.env:...}`) or null
-ALSO = {"eval.qa.batch_size": {"str"}, "eval.mmlu.batch_size": {"str"}}  # besides the default's type: "auto"
+ALSO = {"eval.qa.batch_size": {"str"}, "eval.mmlu.batch_size": {"str"},  # besides the default's type: "auto"
+        "pruner.layers_per_pass": {"int", ANY}}  # default "auto"; an integer or null too
 
 
 # ----------------------------------------------------------------------------- schema from the defaults

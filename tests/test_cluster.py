@@ -282,6 +282,21 @@ def _windows(n=6, t=20, seed=0):
     return torch.randint(0, 259, (n, t), generator=torch.Generator().manual_seed(seed))
 
 
+def test_auto_layers_per_pass_fits_the_free_memory(monkeypatch):
+    from lp.models import tiny_model
+    from lp.pruners import taylor
+
+    model = tiny_model("llama", num_layers=6, hidden_size=32)
+    per_layer = sum(p.numel() for p in model.model.layers[0].parameters()) * 4  # float32 sums of one layer
+    monkeypatch.setattr(taylor, "available_host_bytes", lambda: 2 * 2.5 * per_layer)  # half of it: 2.5 layers
+    assert taylor.resolve_layers_per_pass("auto", model, [1, 2, 3, 4]) == 2
+    monkeypatch.setattr(taylor, "available_host_bytes", lambda: 2 * 10 * per_layer)
+    assert taylor.resolve_layers_per_pass("auto", model, [1, 2, 3, 4]) is None  # all fit: one pass
+    monkeypatch.setattr(taylor, "available_host_bytes", lambda: per_layer // 4)
+    assert taylor.resolve_layers_per_pass("auto", model, [1, 2, 3, 4]) == 1  # never fewer than one layer
+    assert taylor.resolve_layers_per_pass(3, model, [1, 2]) == 3
+
+
 @pytest.mark.parametrize("layers_per_pass", [1, 2])
 def test_taylor_layer_by_layer_equals_one_pass(layers_per_pass, monkeypatch):
     """`layers_per_pass=None` is the former computation (every candidate's float32 gradient sum in one
@@ -327,7 +342,7 @@ def test_layers_per_pass_is_checked(pruner, value):
     from lp.pruners.taylor import TaylorPruner
 
     cls = TaylorPruner if pruner == "taylor" else LLMPruner
-    with pytest.raises(ValueError, match=rf"pruner={pruner}: pruner.layers_per_pass={value!r} must be an integer >= 1"):
+    with pytest.raises(ValueError, match=rf"pruner={pruner}: pruner.layers_per_pass={value!r} must be auto, an integer >= 1"):
         cls(layers_per_pass=value)
 
 

@@ -26,7 +26,7 @@ with budget t = ratio x P_prunable: g = min(round(ratio x G), floor(t / P_group)
 then round((t - g P_group) / P_channel) channels, so coarse GQA groups (SmolLM2-135M: 3) do not
 move the ratio. At least one group and one channel always stay.
 
-Memory: as `taylor` (`pruner.layers_per_pass`, default 1: one calibration pass per layer, top
+Memory: as `taylor` (`pruner.layers_per_pass`, default auto; 1: one calibration pass per layer, top
 down), float32 gradient sums exist only for the projection weights of the layers of the current pass,
 reduced to that layer's unit importances ([G] + [I] floats) and freed when the pass ends. Llama-2-13B
 fp16: 26 GB weights + 1.27 GB (one layer) + ~18 GB activations of one 2048-token window = ~45 GB;
@@ -43,7 +43,7 @@ import torch
 
 from lp.models import Decoder
 from lp.pruners.base import PruneContext, ScoreCache, Selection, check_flag, check_n
-from lp.pruners.taylor import check_layers_per_pass, passes_over, per_layer_pass
+from lp.pruners.taylor import check_layers_per_pass, passes_over, per_layer_pass, resolve_layers_per_pass
 from lp.width import Geometry, WidthPlan, geometry, modules
 
 
@@ -97,7 +97,7 @@ class LLMPruner:
     width = True  # removes heads/channels, not layers: `patch` must be none
 
     def __init__(self, ratio="match", n: int | None = 5, keep_first: int = 4, keep_last: int = 2,
-                 micro_batch: int = 1, disk_cache: bool = True, layers_per_pass: int | None = 1):
+                 micro_batch: int = 1, disk_cache: bool = True, layers_per_pass: int | str | None = "auto"):
         for key, value, lo in (("keep_first", keep_first, 0), ("keep_last", keep_last, 0), ("micro_batch", micro_batch, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 raise ValueError(f"pruner={self.name}: pruner.{key}={value!r} must be an integer >= {lo}")
@@ -171,8 +171,9 @@ class LLMPruner:
         else:
             windows = ctx.windows
             t0 = time.perf_counter()
-            imp = unit_importance(ctx.model, windows, span, self.micro_batch, ctx.progress, self.layers_per_pass)
-            passes = -(-len(windows) // self.micro_batch) * passes_over(len(span), self.layers_per_pass)
+            k = resolve_layers_per_pass(self.layers_per_pass, ctx.model, list(span))
+            imp = unit_importance(ctx.model, windows, span, self.micro_batch, ctx.progress, k)
+            passes = -(-len(windows) // self.micro_batch) * passes_over(len(span), k)
             seconds = time.perf_counter() - t0
             disk.save({"units": {str(i): [a.tolist(), b.tolist()] for i, (a, b) in imp.items()}})
         return imp, {"importance": "taylor |w * dL/dw| summed per KV group / channel", "backward_passes": passes,

@@ -18,7 +18,8 @@ before its score can be taken. Each micro-batch's gradient is added into a float
 post-accumulate-grad hook that then frees `.grad`, so model-dtype gradients are freed as soon as
 backward has produced them (no full set of `.grad`s is ever held).
 
-Layer by layer (`pruner.layers_per_pass`, default 1): one pass over the calibration windows per
+Layer by layer (`pruner.layers_per_pass`; default `auto`: as many layers per pass as fit in half the free
+memory, usually all of them on a model that fits with room to spare): one pass over the calibration windows per
 group of k candidate layers, from the top down; only that group's parameters require grad, so only
 its float32 accumulators exist, backward stops at its lowest layer, and once the pass ends each
 layer is reduced to its score and its accumulators freed. `layers_per_pass: null` scores every
@@ -41,6 +42,7 @@ The scores do not depend on n: with `disk_cache: true` they are stored and reuse
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -50,6 +52,8 @@ from lp.evaluate.ppl import token_nll
 from lp.models import Decoder
 from lp.progress import bar
 from lp.pruners.base import PruneContext, ScoreCache, Selection, check_flag, check_n, per_layer
+
+log = logging.getLogger(__name__)
 
 KEEP_FIRST, KEEP_LAST = 4, 2
 
@@ -68,12 +72,48 @@ def taylor_scores(model, windows: torch.Tensor, layers: list[int], micro_batch: 
                           layers_per_pass, micro_batch, progress, "taylor gradients")
 
 
-def check_layers_per_pass(pruner: str, value) -> int | None:
-    """`pruner.layers_per_pass`: an integer >= 1 or null (all scored layers in one pass)."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"pruner={pruner}: pruner.layers_per_pass={value!r} must be an integer >= 1 or null "
+def check_layers_per_pass(pruner: str, value) -> int | str | None:
+    """`pruner.layers_per_pass`: "auto", an integer >= 1 or null (all scored layers in one pass)."""
+    if value != "auto" and value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"pruner={pruner}: pruner.layers_per_pass={value!r} must be auto, an integer >= 1 or null "
                          "(every scored layer in one pass)")
     return value
+
+
+def auto_layers_per_pass(params: dict[int, list], share: float = 0.5) -> int | None:
+    """"auto": as many layers per pass as their float32 gradient sums fit in `share` of the memory free
+    where the layers' weights live (GPU: `torch.cuda.mem_get_info`; CPU: MemAvailable); None (one pass)
+    when every scored layer fits. Fewer passes are faster: each pass is a forward + backward over all windows."""
+    sizes = {i: sum(p.numel() for p in ps) * 4 for i, ps in params.items()}
+    device = next((p.device for ps in params.values() for p in ps if p.device.type != "meta"), torch.device("cpu"))
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = available_host_bytes()
+    k = int(share * free // max(sizes.values(), default=1))
+    k = None if k >= len(params) else max(k, 1)
+    log.info("layers_per_pass=auto: %s (%.1f GB free on %s, %.2f GB float32 sums per layer)",
+             "all in one pass" if k is None else k, free / 2**30, device, max(sizes.values(), default=0) / 2**30)
+    return k
+
+
+def resolve_layers_per_pass(value, model, layers: list[int]) -> int | None:
+    """`pruner.layers_per_pass` for scoring dense `layers` of `model`: "auto" resolved (`auto_layers_per_pass`)."""
+    if value != "auto":
+        return value
+    dec = Decoder(model)
+    return auto_layers_per_pass({i: list(dec.layers[i].parameters()) for i in layers})
+
+
+def available_host_bytes() -> int:
+    """MemAvailable of /proc/meminfo (bytes); a large number where it cannot be read."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 50
 
 
 def passes_over(layers: int, layers_per_pass: int | None) -> int:
@@ -148,7 +188,7 @@ class TaylorPruner:
     needs_calibration = True
     needs_weight_grads = True  # backward into the weights: not with offloaded layers (lp.devices)
 
-    def __init__(self, n: int = 5, micro_batch: int = 1, disk_cache: bool = True, layers_per_pass: int | None = 1):
+    def __init__(self, n: int = 5, micro_batch: int = 1, disk_cache: bool = True, layers_per_pass: int | str | None = "auto"):
         if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
             raise ValueError(f"pruner=taylor: pruner.micro_batch={micro_batch!r} must be an integer >= 1")
         self.n = n
@@ -171,8 +211,9 @@ class TaylorPruner:
             windows = ctx.windows  # built (tokenized) before the clock starts
             t0 = time.perf_counter()
             layers = list(range(KEEP_FIRST, L - KEEP_LAST))
-            scores = taylor_scores(ctx.model, windows, layers, self.micro_batch, ctx.progress, self.layers_per_pass)
-            passes = -(-len(windows) // self.micro_batch) * passes_over(len(layers), self.layers_per_pass)
+            k = resolve_layers_per_pass(self.layers_per_pass, ctx.model, layers)
+            scores = taylor_scores(ctx.model, windows, layers, self.micro_batch, ctx.progress, k)
+            passes = -(-len(windows) // self.micro_batch) * passes_over(len(layers), k)
             seconds = time.perf_counter() - t0
             stored = {"scores": per_layer(scores, L)}
             disk.save(stored)

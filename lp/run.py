@@ -15,8 +15,6 @@ import logging
 import os
 import platform
 import subprocess
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
@@ -36,11 +34,11 @@ from lp import (
     distill,
     families,
     gpus,
-    memory,
     models,
     threads,
     validate,
     verify,
+    width,
 )
 from lp.evaluate import generate, lm_eval_tasks
 from lp.evaluate.lm_eval_tasks import paper_scores, retained_performance
@@ -48,47 +46,10 @@ from lp.evaluate.ppl import perplexity
 from lp.patch import insert_patches
 from lp.pruners import PruneContext
 from lp.report.messages import summary_line
+from lp.stages import Stages
 from lp.tracking import finish_tracker, start_tracker
 
 log = logging.getLogger(__name__)
-
-
-class Stages:
-    """Wall time (seconds) and peak memory (`lp.memory.StageMemory`: peak RSS, peak GPU memory per
-    device, in MB) per pipeline stage; a stage entered twice keeps the sum of times and the max peaks."""
-
-    def __init__(self):
-        self.times: dict[str, float] = {}
-        self.memory: dict[str, dict] = {}
-        self.t0 = time.perf_counter()
-
-    @contextmanager
-    def __call__(self, name: str):
-        t = time.perf_counter()
-        log.info("[%s] ...", name)
-        mem = memory.StageMemory()
-        mem.start()
-        try:
-            yield
-        finally:
-            self.times[name] = round(self.times.get(name, 0.0) + time.perf_counter() - t, 3)
-            self.memory[name] = _max_merge(self.memory.get(name, {}), mem.stop())
-
-    def total(self) -> dict:
-        return {**self.times, "total": round(time.perf_counter() - self.t0, 3)}
-
-
-def _max_merge(a: dict, b: dict) -> dict:
-    """Element-wise max of two nested dicts of numbers (None and missing entries ignored)."""
-    out = dict(a)
-    for k, v in b.items():
-        if isinstance(v, dict):
-            out[k] = _max_merge(out.get(k) or {}, v)
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and isinstance(out.get(k), (int, float)):
-            out[k] = max(out[k], v)
-        else:
-            out[k] = v if v is not None else out.get(k)
-    return out
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
@@ -167,11 +128,7 @@ def recipe(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: l
     validate.settings(cfg, hydra_runtime()[0])  # every setting, before anything is built or loaded
     torch.manual_seed(cfg.seed)
     pruner = build(cfg.pruner)
-    mconf = models.load_config(cfg.model)
-    families.get(getattr(mconf, "model_type", None))  # an unknown model family: one line, before loading
-    num_layers = mconf.num_hidden_layers
-    validate.against_model(cfg, pruner, num_layers, getattr(mconf, "max_position_embeddings", None),
-                           getattr(mconf, "hidden_size", None))
+    num_layers = check_model(cfg, pruner)
     if cfg.eval.get("qa") and cfg.eval.qa.dense_reference:
         dense_reference(cfg, list(cfg.eval.qa.tasks))
     result["name"] = run_name(cfg, pruner, result["overrides"])
@@ -256,6 +213,18 @@ def _short(value: str) -> str:
     """A path-valued override by its last component (`model.pretrained=/data/llama` -> `llama`), so run names
     (and the table rows built from them) never hold a whole folder path."""
     return Path(value.rstrip("/")).name or value if "/" in value else value
+
+
+def check_model(cfg: DictConfig, pruner) -> int:
+    """Every check that needs the model's config but no weights: its family (`lp.families`; an unknown one is
+    one line), the layout width surgery edits, then `validate.against_model`. Returns the dense layer count."""
+    mconf = models.load_config(cfg.model)
+    family = families.get(getattr(mconf, "model_type", None))
+    if getattr(pruner, "width", False):
+        width.check_family(family)
+    validate.against_model(cfg, pruner, mconf.num_hidden_layers, getattr(mconf, "max_position_embeddings", None),
+                           getattr(mconf, "hidden_size", None))
+    return mconf.num_hidden_layers
 
 
 def load(mcfg: DictConfig, pruner) -> tuple:

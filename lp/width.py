@@ -37,6 +37,15 @@ from lp.models import Decoder
 ATTN, MLP = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
 
 
+def check_family(family) -> None:
+    """Whether width surgery applies to a model family (`lp.families.Family`): separate q/k/v/o projections
+    under `self_attn` and gate/up/down under `mlp`, the names this module edits; a one-line ValueError if not."""
+    if family.attn != ATTN or family.mlp != MLP or (family.attn_module, family.mlp_module) != ("self_attn", "mlp"):
+        raise ValueError(f"width pruning edits self_attn.{{q,k,v,o}}_proj and mlp.{{gate,up,down}}_proj; the {family.name} "
+                         f"family has attention projections {family.attn} and MLP projections {family.mlp} "
+                         "(lp/families): not supported")
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Dense sizes of one decoder layer and the parameter count of one unit."""

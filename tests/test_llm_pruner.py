@@ -174,3 +174,12 @@ def test_real_smollm2_width_pruning(cfg_factory):
     assert 1 - count_params(model) / dense == pytest.approx(5 * 3540096 / dense, abs=0.002)
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=w).logits).all()
+
+
+def test_width_pruning_refuses_a_family_without_separate_projections():
+    from lp import families
+    from lp.width import check_family
+
+    check_family(families.get("llama"))  # the layout it edits
+    with pytest.raises(ValueError, match="the baichuan family has attention projections None"):
+        check_family(families.get("baichuan"))

@@ -51,7 +51,8 @@ def save_with_card(model, tokenizer, path, result: dict, width=None) -> tuple[st
     meta = {"name": result["name"], "removed_layers": result["pruning"]["removed_layers"], "patch": result["patch"]}
     if width is not None:
         return str(width.save(model, tokenizer, path, meta)), None
-    folder = save_pruned(model, tokenizer, path, meta)
+    plain_only = bool(((result.get("config") or {}).get("patch") or {}).get("foldable", False))
+    folder = save_pruned(model, tokenizer, path, meta, plain_only=plain_only)
     info = json.loads((folder / META_FILE).read_text())
     if info["mode"] == "custom" and all(c.get("kind") == "scalar" for c in info["cuts"]):
         msg = f"scalar patch not folded ({info['fold_refused']}): the saved model needs trust_remote_code=True"

@@ -51,6 +51,7 @@ from torch import nn
 
 from lp.models import Decoder, resolve_dtype
 from lp.patch import LinearPatch, insert_patches, strip_patches
+from lp.patches._mlp import site_name
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +71,13 @@ def scalar_of(patch: LinearPatch) -> float | None:
     return s if torch.equal(w, s * torch.eye(w.shape[0], dtype=w.dtype, device=w.device)) else None
 
 
-def fold_refusal(model: nn.Module, patches: dict[int, LinearPatch]) -> str | None:
-    """Why the patches of `model` (a stripped pruned model) cannot be folded exactly; None if they can."""
-    for p in patches.values():
-        s = scalar_of(p)
-        if s is None:
-            return f"the {p.kind} patch at cut [{p.start}, {p.end}) is not a uniform scalar s*I"
-        if not (math.isfinite(s) and s > 0):
-            return f"the scalar patch at cut [{p.start}, {p.end}) has s={s}; folding needs a finite s > 0"
+def is_diagonal(w: torch.Tensor) -> bool:
+    return bool(torch.equal(w, torch.diag(torch.diagonal(w))))
+
+
+def scalar_fold_refusal(model: nn.Module) -> str | None:
+    """Why a positive scalar patch cannot be folded into `model`'s architecture (the module docstring's
+    argument: every reader is a scale-invariant RMSNorm, every writer o_proj / down_proj); None if it can."""
     dec = Decoder(model)
     norms = [("model.norm", dec.norm)]
     for i, layer in enumerate(dec.layers):
@@ -95,30 +95,106 @@ def fold_refusal(model: nn.Module, patches: dict[int, LinearPatch]) -> str | Non
     return None
 
 
-def folded_state_dict(model: nn.Module, patches: dict[int, LinearPatch]) -> tuple[dict, list[dict]]:
-    """State dict of the stripped pruned `model` with each scalar patch folded into the writers after
-    its cut (see the module docstring); returns (state dict, one record per cut for `lp_patch.json`).
-    Factors are applied in float32 and cast back to each tensor's dtype; the model is not modified."""
+def mlp_fold_refusal(model: nn.Module, patch: LinearPatch, patches: dict[int, LinearPatch]) -> str | None:
+    """Why the mlp-site `patch` (T on the MLP output of the last kept layer before its cut) cannot be
+    folded into that layer of the stripped pruned `model`; None if it can. Folding targets: `down_proj`
+    (W <- T^T W, b <- b T: exact for any T), or, when the layer normalises the MLP output before the
+    residual add (Gemma2/3 `post_feedforward_layernorm`), that norm's weight for a diagonal T only."""
+    layer = Decoder(model).layers[mlp_layer_index(patch, patches)]
+    if not isinstance(getattr(getattr(layer, "mlp", None), "down_proj", None), nn.Linear):
+        return f"the layer before cut [{patch.start}, {patch.end}) has no mlp.down_proj nn.Linear"
+    site = site_name(layer)
+    if site != "mlp" and not (is_diagonal(patch.weight.detach()) and getattr(getattr(layer, site), "weight", None) is not None):
+        return (f"the layer before cut [{patch.start}, {patch.end}) normalises its MLP output ({site}); the "
+                f"{patch.kind} patch is not diagonal, so it does not fold into that norm's weight")
+    return None
+
+
+def fold_refusal(model: nn.Module, patches: dict[int, LinearPatch]) -> str | None:
+    """Why the patches of `model` (a stripped pruned model) cannot all be folded exactly; None if they can."""
+    for p in patches.values():
+        if p.site == "mlp":
+            why = mlp_fold_refusal(model, p, patches)
+            if why is not None:
+                return why
+            continue
+        s = scalar_of(p)
+        if s is None:
+            return f"the {p.kind} patch at cut [{p.start}, {p.end}) is not a uniform scalar s*I"
+        if not (math.isfinite(s) and s > 0):
+            return f"the scalar patch at cut [{p.start}, {p.end}) has s={s}; folding needs a finite s > 0"
+    if any(p.site != "mlp" for p in patches.values()):
+        return scalar_fold_refusal(model)
+    return None
+
+
+def norm_offset(norm: nn.Module) -> float:
+    """c in norm(x) = x_hat * (c + weight): 1 for Gemma's RMSNorm (weight stored as a delta from 1), else 0."""
+    return 1.0 if "gemma" in type(norm).__name__.lower() else 0.0
+
+
+def folded_state_dict(model: nn.Module, patches: dict[int, LinearPatch],
+                      all_patches: dict[int, LinearPatch] | None = None) -> tuple[dict, list[dict]]:
+    """State dict of the stripped pruned `model` with `patches` folded into its weights (each must pass
+    `fold_refusal`); returns (state dict, one record per cut for `lp_patch.json`, by cut start).
+    `all_patches` (default `patches`): every cut of the model, for the pruned layer numbering.
+
+    * mlp-site T at cut [a, b) (the last kept layer k before it): `down_proj` weight [out, in] <- T^T W
+      and bias <- b T (y = x W^T + b, so y T = x (T^T W)^T + b T); with a post-feedforward norm (T
+      diagonal), the norm's weight <- (c + w) diag(T) - c, `norm_offset` c.
+    * scalar s (input site): every o_proj / down_proj after the cut divided by s (module docstring).
+    Both compose (an mlp fold and scalar factors on the same down_proj multiply). Arithmetic in float32,
+    cast back to each tensor's dtype; the model is not modified."""
+    all_patches = all_patches or patches
     dec = Decoder(model)
     names = {id(m): n for n, m in model.named_modules()}
-    factor = [1.0] * dec.num_layers
+    new: dict[str, torch.Tensor] = {}  # key -> folded float32 value
+
+    def value(mod, pname):
+        key = f"{names[id(mod)]}.{pname}"
+        return key, new.get(key, getattr(mod, pname).detach().float())
+
     records = []
+    factor = [1.0] * dec.num_layers
     for p in sorted(patches.values(), key=lambda p: p.start):
-        s, first = scalar_of(p), pruned_index(p, patches)
+        if p.site == "mlp":
+            k = mlp_layer_index(p, all_patches)
+            layer = dec.layers[k]
+            site = site_name(layer)
+            if site == "mlp":
+                down = layer.mlp.down_proj
+                T = p.weight.detach().float().to(down.weight.device)
+                for pname, _t in down.named_parameters(recurse=False):
+                    key, v = value(down, pname)
+                    new[key] = T.T @ v if pname == "weight" else v @ T
+                where = f"{names[id(down)]} (W <- T^T W, b <- b T)"
+            else:
+                norm = getattr(layer, site)
+                c = norm_offset(norm)
+                key, v = value(norm, "weight")
+                new[key] = (c + v) * torch.diagonal(p.weight.detach().float()).to(v.device) - c
+                where = f"{names[id(norm)]}.weight (diagonal T)"
+            records.append({"start": p.start, "end": p.end, "kind": p.kind, "folded_into": where,
+                            "why": "the patch multiplies that layer's MLP output, a linear map of this weight"})
+            continue
+        s, first = scalar_of(p), pruned_index(p, all_patches)
         for k in range(first, dec.num_layers):
             factor[k] /= s
         records.append({"start": p.start, "end": p.end, "kind": p.kind, "scale": s,
                         "folded_into": f"o_proj/down_proj of pruned layers {first}..{dec.num_layers - 1}"
-                        if first < dec.num_layers else "nothing (the final norm is scale-invariant)"})
-    sd = dict(model.state_dict())
+                        if first < dec.num_layers else "nothing (the final norm is scale-invariant)",
+                        "why": "every reader of the stream is a scale-invariant RMSNorm"})
     for k, f in enumerate(factor):
         if f == 1.0:
             continue
         layer = dec.layers[k]
         for mod in (layer.self_attn.o_proj, layer.mlp.down_proj):
-            for pname, t in mod.named_parameters(recurse=False):
-                key = f"{names[id(mod)]}.{pname}"
-                sd[key] = (t.detach().float() * f).to(t.dtype)
+            for pname, _t in mod.named_parameters(recurse=False):
+                key, v = value(mod, pname)
+                new[key] = v * f
+    sd = dict(model.state_dict())
+    for key, v in new.items():
+        sd[key] = v.to(sd[key].dtype)
     return sd, records
 
 
@@ -127,11 +203,18 @@ def pruned_index(patch: LinearPatch, patches: dict[int, LinearPatch]) -> int:
     return patch.end - sum(p.end - p.start for p in patches.values() if p.end <= patch.end)
 
 
+def mlp_layer_index(patch: LinearPatch, patches: dict[int, LinearPatch]) -> int:
+    """Pruned index of the last kept layer before the cut (dense start - 1): an mlp-site patch's layer."""
+    return patch.start - 1 - sum(p.end - p.start for p in patches.values() if p.end <= patch.start - 1)
+
+
 # --------------------------------------------------------------------------- save
-def save_pruned(model: nn.Module, tokenizer, path, meta: dict | None = None, verify: bool = True) -> Path:
+def save_pruned(model: nn.Module, tokenizer, path, meta: dict | None = None, verify: bool = True,
+                plain_only: bool = False) -> Path:
     """Save the pruned (+ patched) `model` to folder `path` (layouts: module docstring) and return `path`.
     Written into a temporary sibling folder, verified (`verify_saved`), then swapped in; an existing
-    `path` must be an earlier `save_pruned` folder (or empty), anything else is refused."""
+    `path` must be an earlier `save_pruned` folder (or empty), anything else is refused. `plain_only`
+    (`patch.foldable=true`): a model that would need the custom layout is an error, nothing written."""
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not (path / META_FILE).is_file():
         raise FileExistsError(f"{path} exists and is not a save_pruned folder ({META_FILE} missing); not overwriting it")
@@ -140,9 +223,15 @@ def save_pruned(model: nn.Module, tokenizer, path, meta: dict | None = None, ver
     tmp.mkdir(parents=True)
     try:
         info = _write_pruned(model, tokenizer, tmp, meta, fold=True)
+        if plain_only and info["mode"] == "custom":
+            raise RuntimeError(f"save_pruned: patch.foldable=true but the patches do not fold ({info['fold_refused']}); "
+                               f"nothing written to {path}")
         if verify:
             err = verify_saved(tmp, model, info["mode"])
             if err is not None and info["mode"] == "folded":
+                if plain_only:
+                    raise RuntimeError(f"save_pruned: patch.foldable=true but the folded checkpoint does not "
+                                       f"reproduce the model ({err}); nothing written to {path}")
                 log.warning("export: the folded checkpoint does not reproduce the model (%s); saving the "
                             "custom-class layout instead", err)
                 shutil.rmtree(tmp)
@@ -163,19 +252,25 @@ def save_pruned(model: nn.Module, tokenizer, path, meta: dict | None = None, ver
 def _write_pruned(model: nn.Module, tokenizer, path: Path, meta: dict | None, fold: bool, why: str | None = None) -> dict:
     patches = strip_patches(model)
     try:
+        mlp = {a: p for a, p in patches.items() if p.site == "mlp"}
+        for p in mlp.values():  # mlp-site patches exist only in folded form: no custom-class fallback
+            if (err := mlp_fold_refusal(model, p, patches)) is not None:
+                raise ValueError(f"save_pruned: cannot save the {p.kind} patch: {err}")
+        refusal = (fold_refusal(model, patches) if fold else why) if patches else None
         if not patches:
             mode, state, records = "plain", None, []
+        elif refusal is None:
+            mode, (state, records) = "folded", folded_state_dict(model, patches)
         else:
-            refusal = fold_refusal(model, patches) if fold else why
-            if refusal is None:
-                mode, (state, records) = "folded", folded_state_dict(model, patches)
-            else:
-                mode, state, records = "custom", *_custom_state_dict(model, patches)
+            rest = {a: p for a, p in patches.items() if a not in mlp}
+            state, records = folded_state_dict(model, mlp, patches) if mlp else (None, [])
+            state, custom = _custom_state_dict(model, rest, patches, state)
+            mode, records = "custom", sorted([*records, *custom], key=lambda r: r["start"])
         model.save_pretrained(path, state_dict=state)
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
         if mode == "custom":
-            _write_custom_config(path, model, records)
+            _write_custom_config(path, model, [r for r in records if "module" in r])
     finally:
         insert_patches(model, patches)
     ps = sorted(patches.values(), key=lambda p: p.start)
@@ -192,13 +287,15 @@ def _write_pruned(model: nn.Module, tokenizer, path: Path, meta: dict | None, fo
     return info
 
 
-def _custom_state_dict(model: nn.Module, patches: dict[int, LinearPatch]) -> tuple[dict, list[dict]]:
-    """Base weights under their own names + `<module>.lp_patch.weight` (float32) per cut."""
+def _custom_state_dict(model: nn.Module, patches: dict[int, LinearPatch], all_patches: dict[int, LinearPatch],
+                       state: dict | None = None) -> tuple[dict, list[dict]]:
+    """Base weights under their own names (from `state` when given, e.g. with mlp-site patches folded)
+    + `<module>.lp_patch.weight` (float32) per cut of `patches`; `all_patches` number the pruned layers."""
     dec = Decoder(model)
     names = {id(m): n for n, m in model.named_modules()}
-    sd, records = dict(model.state_dict()), []
+    sd, records = dict(state if state is not None else model.state_dict()), []
     for p in sorted(patches.values(), key=lambda p: p.start):
-        k = pruned_index(p, patches)
+        k = pruned_index(p, all_patches)
         module = names[id(dec.norm if k == dec.num_layers else dec.layers[k])]
         sd[f"{module}.lp_patch.weight"] = p.weight.detach().float().cpu().contiguous()
         records.append({"start": p.start, "end": p.end, "kind": p.kind, "module": module})
@@ -297,12 +394,13 @@ def _load_custom(path: Path, info: dict, config, dtype) -> nn.Module:
         model, loading = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
     finally:
         hf_logging.set_verbosity(level)
-    weights = _read_tensors(path, {f"{c['module']}.lp_patch.weight" for c in info["cuts"]})
+    weights = _read_tensors(path, {f"{c['module']}.lp_patch.weight" for c in info["cuts"] if "module" in c})
     missing = set(loading["missing_keys"]) - _tied_keys(model)
     if set(loading["unexpected_keys"]) != set(weights) or missing or loading.get("mismatched_keys"):
         raise RuntimeError(f"{path}: unexpected checkpoint contents (missing {sorted(missing)}, unexpected "
                            f"{sorted(loading['unexpected_keys'])}, mismatched {loading.get('mismatched_keys')})")
-    insert_patches(model, {c["start"]: _patch(weights[f"{c['module']}.lp_patch.weight"], c, info) for c in info["cuts"]})
+    insert_patches(model, {c["start"]: _patch(weights[f"{c['module']}.lp_patch.weight"], c, info)
+                           for c in info["cuts"] if "module" in c}, removed=info["removed_layers"])
     return model.eval()
 
 

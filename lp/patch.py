@@ -16,6 +16,9 @@ first argument (the hidden states) by P, so the patch is a real module of the mo
   * a cut at the start, a = 0: wraps dense layer b as well; the patch acts on the embedding output;
   * a cut at the end, b = L: wraps the final norm; the patch acts on the last kept layer's output
     before the final norm.
+  * "mlp"-site kinds (`lstsq_mlp`, `rotate_mlp`; `PatchKind.site`): `OutputPatched` wraps the MLP
+    (its output as added to the stream, `lp.patches._mlp.site_name`) of the last kept layer before
+    the cut, dense layer a - 1, and multiplies that output by P; it folds into that layer's down_proj.
 One patch per cut: removing several separate runs (e.g. [1, 2, 5] = runs [1, 3) and [5, 6))
 gives each run its own patch, scaled from h_a and h_b measured on the dense model.
 """
@@ -31,6 +34,7 @@ from torch import nn
 from lp import hadamard as hd
 from lp import patches
 from lp.models import Decoder
+from lp.patches._mlp import site_name
 from lp.patches.base import FitSource
 from lp.patches.rotate import rotated
 
@@ -89,6 +93,14 @@ class LinearPatch(nn.Module):
         self.weight = nn.Parameter(weight.detach().to(torch.float32).clone())
         self.start, self.end, self.num_layers, self.kind = int(start), int(end), int(num_layers), kind
         self.scales = None if scales is None else scales.detach().float().cpu().clone()  # metadata, not a buffer
+        if self.site == "mlp" and start == 0:
+            raise ValueError(f"LinearPatch kind={kind}: an mlp-site patch needs a kept layer before the cut, got [0, {end})")
+
+    @property
+    def site(self) -> str:
+        """Where x -> x W acts (`lp.patches.base.PatchKind.site`): "input" or "mlp"."""
+        k = patches.KINDS.get(self.kind)
+        return k.site if k is not None else "input"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight.to(device=x.device, dtype=torch.float32)  # no-op unless the model was cast/split
@@ -124,6 +136,28 @@ class Patched(nn.Module):
             return getattr(self.inner, name)
 
 
+class OutputPatched(nn.Module):
+    """`inner` (the MLP of a decoder layer, or its post-feedforward norm) with `patch` applied to its
+    output: x -> patch(inner(x)). Attribute lookups that fail on the wrapper go to `inner`."""
+
+    def __init__(self, inner: nn.Module, patch: LinearPatch):
+        super().__init__()
+        self.patch = patch
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        out = self.inner(*args, **kwargs)
+        return (self.patch(out[0]), *out[1:]) if isinstance(out, tuple) else self.patch(out)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("inner", "patch"):
+                raise
+            return getattr(self.inner, name)
+
+
 # --------------------------------------------------------------------------- construction
 def check_patch(patch_cfg, hidden_size: int) -> None:
     """Validate `patch.*` (kind, auto candidates, verify list, each kind's settings) against the
@@ -145,24 +179,69 @@ def check_patch(patch_cfg, hidden_size: int) -> None:
         hd.spec(hidden_size, patch_cfg.get("hadamard", "constructed"), patch_cfg.get("hadamard_seed"), seed)
     if kind == "auto" and not patch_cfg.get("candidates"):
         raise ValueError("patch=auto needs patch.candidates, a non-empty list of kinds to choose from")
+    foldable = patch_cfg.get("foldable", False)
+    if not isinstance(foldable, bool):
+        raise ValueError(f"patch.foldable={foldable!r} must be true or false")
+    if foldable and kind != "auto" and not patches.KINDS[kind].foldable:
+        raise ValueError(f"patch.foldable=true but patch={kind} does not fold into the base weights; "
+                         f"foldable kinds: {foldable_kinds()} (or patch=auto, which then chooses among them)")
+    if foldable and kind == "auto" and not own_kinds(patch_cfg):
+        raise ValueError(f"patch.foldable=true leaves none of patch.candidates={list(patch_cfg.candidates)}; "
+                         f"foldable kinds: {foldable_kinds()}")
     for k in own_kinds(patch_cfg):
         patches.get(k).check(patch_cfg, hidden_size)
 
 
+def foldable_kinds() -> list[str]:
+    return [k for k, v in patches.KINDS.items() if v.foldable]
+
+
 def own_kinds(patch_cfg) -> list[str]:
-    """The configured kind, or auto's candidates."""
-    return list(patch_cfg.get("candidates") or []) if patch_cfg.kind == "auto" else [patch_cfg.kind]
+    """The configured kind, or auto's candidates (only the foldable ones with `patch.foldable=true`)."""
+    if patch_cfg.kind != "auto":
+        return [patch_cfg.kind]
+    cands = list(patch_cfg.get("candidates") or [])
+    return [k for k in cands if patches.KINDS[k].foldable] if patch_cfg.get("foldable", False) else cands
 
 
-def kinds_to_fit(patch_cfg, hidden_size: int) -> list[str]:
+def cut_refusal(kind: str, model: nn.Module, runs, foldable: bool = False) -> str | None:
+    """Why `kind` cannot bridge the cuts `runs` of the dense `model` (`PatchKind.check_cuts`), or,
+    with `foldable`, cannot be folded there into a plain checkpoint; None when it can."""
+    try:
+        patches.KINDS[kind].check_cuts(model, runs)
+    except ValueError as e:
+        return str(e)
+    if foldable and kind == "scalar":
+        from lp.export import scalar_fold_refusal  # noqa: PLC0415  (lp.export imports this module)
+
+        why = scalar_fold_refusal(model)
+        return None if why is None else f"patch=scalar cannot fold into this architecture: {why}"
+    return None
+
+
+def kinds_to_fit(patch_cfg, hidden_size: int, model: nn.Module | None = None, runs=None) -> list[str]:
     """Kinds whose patches a run builds: `own_kinds`, then the `patch.verify` kinds that can be
     built for this hidden size (e.g. rotate is skipped without a Hadamard basis), without
-    duplicates and without `none`."""
-    out = [k for k in own_kinds(patch_cfg) if k != "none"]
+    duplicates and without `none`. With `model` and `runs`: the configured kind that cannot bridge
+    (or, with `patch.foldable`, fold at) these cuts is a ValueError before any fitting; auto
+    candidates and verify kinds that cannot are skipped with a log line (e.g. `lstsq_mlp` when
+    layer 0 is removed)."""
+    foldable = patch_cfg.get("foldable", False)
+    out = []
+    for k in own_kinds(patch_cfg):
+        why = cut_refusal(k, model, runs, foldable) if model is not None and k != "none" else None
+        if why is not None and patch_cfg.kind != "auto":
+            raise ValueError(why)
+        if why is not None:
+            log.warning("patch=auto: candidate %s left out (%s)", k, why)
+        elif k != "none":
+            out.append(k)
     for k in patch_cfg.get("verify") or []:
         if k != "none" and k not in out:
             try:
                 patches.get(k).check(patch_cfg, hidden_size)
+                if model is not None and (why := cut_refusal(k, model, runs)) is not None:
+                    raise ValueError(why)
             except ValueError as e:
                 log.info("patch.verify: skipping %s (%s)", k, e)
                 continue
@@ -202,6 +281,8 @@ def fit_patches(ctx, removed, patch_cfg, kinds: list[str]) -> tuple[dict, dict]:
         raise ValueError("fit_patches: no layers removed, nothing to patch")
     source = FitSource(ctx, patch_cfg)
     chosen = [patches.get(k) for k in kinds]
+    for kind in chosen:  # before the activation pass
+        kind.check_cuts(ctx.model, runs)
     source.collect(chosen, runs)  # one activation pass for every kind that needs one
     device = next(ctx.model.parameters()).device
     fitted, infos = {}, {}
@@ -243,11 +324,13 @@ def patch_info(kind: str, ps: dict, cuts: list[dict], fit_info: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- placement
-def insert_patches(model: nn.Module, patches: dict[int, LinearPatch]) -> nn.Module:
+def insert_patches(model: nn.Module, patches: dict[int, LinearPatch], removed=None) -> nn.Module:
     """Wrap the first kept module after each cut in the *pruned* model (call after `drop_layers`).
 
     Dense run [a, b) -> pruned index b - (#removed layers below b) of the next kept layer, or the
-    final norm when b = L. Checks that the model's layer count is L - (#removed).
+    final norm when b = L; an mlp-site patch wraps the MLP of the kept layer a - 1. `removed`: every
+    removed dense layer (default: the patches' cuts; give it when some cuts have no patch). Checks that
+    the model's layer count is L - (#removed).
     """
     if not patches:
         return model
@@ -257,6 +340,10 @@ def insert_patches(model: nn.Module, patches: dict[int, LinearPatch]) -> nn.Modu
     runs = [(p.start, p.end) for p in ps]
     if any(p.num_layers != L for p in ps) or any(b > a2 for (_, b), (a2, _) in zip(runs, runs[1:], strict=False)):
         raise ValueError(f"patches overlap or come from different models: cuts {runs}")
+    if removed is not None:
+        if not set(runs) <= set(runs_of(removed)):
+            raise ValueError(f"insert_patches: cuts {runs} are not runs of the removed layers {sorted(removed)}")
+        runs = runs_of(removed)
     removed = sum(b - a for a, b in runs)
     if dec.num_layers != L - removed:
         raise ValueError(f"insert_patches: the model has {dec.num_layers} layers but cuts {runs} of a "
@@ -264,7 +351,13 @@ def insert_patches(model: nn.Module, patches: dict[int, LinearPatch]) -> nn.Modu
     if find_patches(model):
         raise ValueError("insert_patches: the model already holds patches (strip_patches first)")
     for p in ps:
-        if p.end == L:
+        if p.site == "mlp":  # the last kept layer before the cut, dense index start - 1
+            if p.start - 1 in {i for a, b in runs for i in range(a, b)}:
+                raise ValueError(f"insert_patches: the {p.kind} patch at [{p.start}, {p.end}) needs layer {p.start - 1} kept")
+            layer = unwrap(dec.layers[p.start - 1 - sum(b - a for a, b in runs if b <= p.start - 1)])
+            name = site_name(layer)
+            setattr(layer, name, OutputPatched(getattr(layer, name), _on_device_of(p, getattr(layer, name))))
+        elif p.end == L:
             dec.backbone.norm = Patched(dec.backbone.norm, _on_device_of(p, dec.backbone.norm))
         else:
             idx = p.end - sum(b - a for a, b in runs if b <= p.end)
@@ -284,7 +377,7 @@ def find_patches(model: nn.Module) -> list[LinearPatch]:
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    return module.inner if isinstance(module, Patched) else module
+    return module.inner if isinstance(module, (Patched, OutputPatched)) else module
 
 
 def strip_patches(model: nn.Module) -> dict[int, LinearPatch]:
@@ -295,7 +388,11 @@ def strip_patches(model: nn.Module) -> dict[int, LinearPatch]:
     for i, layer in enumerate(dec.layers):
         if isinstance(layer, Patched):
             out[layer.patch.start] = layer.patch
-            dec.layers[i] = layer.inner
+            dec.layers[i] = layer = layer.inner
+        for name, child in list(layer.named_children()):
+            if isinstance(child, OutputPatched):
+                out[child.patch.start] = child.patch
+                setattr(layer, name, child.inner)
     if isinstance(dec.backbone.norm, Patched):
         out[dec.backbone.norm.patch.start] = dec.backbone.norm.patch
         dec.backbone.norm = dec.backbone.norm.inner

@@ -22,12 +22,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager
 
 import torch
 
 from lp import data
 from lp.models import Decoder
-from lp.patch import LinearPatch, fit_patches, kinds_to_fit, patch_info, runs_of
+from lp.patch import LinearPatch, OutputPatched, fit_patches, kinds_to_fit, own_kinds, patch_info, runs_of
+from lp.patches._mlp import site_name
 from lp.pruners.base import Selection
 from lp.replay import Replay
 
@@ -60,22 +62,27 @@ class Heldout:
     `windows` [N, T] token ids. `nll(removed, patches)`: `removed` dense indices, `patches`
     {run start a: LinearPatch or None}; the patch of run [a, b) multiplies the stream entering
     dense layer b (the final norm when b = L). The dense prefix before the first removed layer
-    is cached per start (the latest one only)."""
+    is cached per start (the latest two)."""
 
     def __init__(self, model, windows: torch.Tensor, batch_size: int = 1):
         self.replay = Replay(model, windows, batch_size)
         self.num_layers = self.replay.num_layers
         self.num_windows = len(windows)
         self._prefix: tuple[int, torch.Tensor] | None = None
+        self._earlier: tuple[int, torch.Tensor] | None = None  # the prefix before the latest one
         self.calls = 0
 
     @torch.inference_mode()
     def _stream(self, start: int) -> torch.Tensor:
         """The dense stream entering layer `start` [N, T, D] (a cached tensor: do not modify)."""
         if self._prefix is None or self._prefix[0] > start:
-            self._prefix = (0, self.replay.embed())
+            if self._earlier is not None and self._earlier[0] <= start:
+                self._prefix = self._earlier  # e.g. h_{a-1} for mlp-site patches beside h_a for the others
+            else:
+                self._prefix = (0, self.replay.embed())
         at, h = self._prefix
         if at < start:
+            self._earlier = self._prefix
             h = h.clone()
             for layer in range(at, start):
                 self.replay.advance(h, layer, h)
@@ -85,19 +92,37 @@ class Heldout:
     @torch.inference_mode()
     def nll(self, removed, patches: dict[int, LinearPatch | None] | None = None) -> float:
         removed = sorted(set(int(i) for i in removed))
-        ends = {b: (patches or {}).get(a) for a, b in runs_of(removed)}
-        start = removed[0] if removed else self.num_layers
+        runs = [(a, b, (patches or {}).get(a)) for a, b in runs_of(removed)]
+        ends = {b: p for a, b, p in runs if p is not None and p.site == "input"}
+        mlps = {a - 1: p for a, b, p in runs if p is not None and p.site == "mlp"}  # patch on layer a-1's MLP output
+        start = min([removed[0] if removed else self.num_layers, *mlps])
         x = self._stream(start).clone()
         for layer in range(start, self.num_layers):
             if layer in removed:
                 continue
             if ends.get(layer) is not None:
                 x = ends[layer](x)
-            self.replay.advance(x, layer, x)
+            with mlp_patched(self.replay.layers[layer], mlps.get(layer)):
+                self.replay.advance(x, layer, x)
         if ends.get(self.num_layers) is not None:
             x = ends[self.num_layers](x)
         self.calls += 1
         return self.replay.nll(x, []).mean().item()
+
+
+@contextmanager
+def mlp_patched(layer, patch: LinearPatch | None):
+    """`layer` with `patch` on its MLP output (`lp.patch.OutputPatched`) inside the block (no-op for None)."""
+    if patch is None:
+        yield
+        return
+    name = site_name(layer)
+    inner = getattr(layer, name)
+    setattr(layer, name, OutputPatched(inner, patch))
+    try:
+        yield
+    finally:
+        setattr(layer, name, inner)
 
 
 # --------------------------------------------------------------------------- patches
@@ -106,7 +131,7 @@ def fit_and_verify(ctx, removed, patch_cfg, heldout: Heldout | None) -> tuple[di
     `patch=auto`, choose per cut. Returns `(patches to insert {a: LinearPatch}, result["patch"], warnings)`."""
     kind = patch_cfg.kind
     t0 = time.perf_counter()
-    kinds = kinds_to_fit(patch_cfg, Decoder(ctx.model).hidden_size)
+    kinds = kinds_to_fit(patch_cfg, Decoder(ctx.model).hidden_size, ctx.model, runs_of(removed))
     fitted, fit_info = fit_patches(ctx, removed, patch_cfg, kinds) if kinds else ({}, None)
     fit_seconds = time.perf_counter() - t0
     runs = runs_of(removed)
@@ -114,7 +139,7 @@ def fit_and_verify(ctx, removed, patch_cfg, heldout: Heldout | None) -> tuple[di
     record, warnings = None, []
     if heldout is not None:
         t1 = time.perf_counter()
-        own = list(patch_cfg.candidates) if kind == "auto" else [kind]
+        own = [k for k in own_kinds(patch_cfg) if k in fitted]  # foldable / bridgeable candidates only
         record, warnings = verify_patches(heldout, removed, fitted, kind, own)
         record["seconds"] = {"fit": round(fit_seconds, 3), "verify": round(time.perf_counter() - t1, 3)}
     if kind == "auto":

@@ -15,6 +15,7 @@ from lp.patches.base import Fit, PatchKind
 class ScalarPatch(PatchKind):
     name = "scalar"
     paper = "Prune&Comp (Chen et al., AAAI 2026): P = s I, s = mean_c of the per-channel magnitude ratios"
+    foldable = True
 
     def fit(self, source, a, b) -> Fit:
         s = source.stats.scales(a, b, "diag").double().mean()

@@ -50,7 +50,7 @@ from safetensors import safe_open
 from torch import nn
 
 from lp.models import Decoder, resolve_dtype
-from lp.patch import LinearPatch, insert_patches, strip_patches
+from lp.patch import LinearPatch, folded_linear, insert_patches, removed_runs, strip_patches
 from lp.patches._mlp import site_name
 
 log = logging.getLogger(__name__)
@@ -161,12 +161,13 @@ def folded_state_dict(model: nn.Module, patches: dict[int, LinearPatch],
             k = mlp_layer_index(p, all_patches)
             layer = dec.layers[k]
             site = site_name(layer)
-            if site == "mlp":
+            if site == "mlp":  # the same arithmetic as the in-memory patch: lp.patch.folded_linear
                 down = layer.mlp.down_proj
-                T = p.weight.detach().float().to(down.weight.device)
-                for pname, _t in down.named_parameters(recurse=False):
-                    key, v = value(down, pname)
-                    new[key] = T.T @ v if pname == "weight" else v @ T
+                w, b = folded_linear(down.weight.detach(), None if down.bias is None else down.bias.detach(),
+                                     p.weight.detach())
+                new[f"{names[id(down)]}.weight"] = w.float()
+                if b is not None:
+                    new[f"{names[id(down)]}.bias"] = b.float()
                 where = f"{names[id(down)]} (W <- T^T W, b <- b T)"
             else:
                 norm = getattr(layer, site)
@@ -200,12 +201,12 @@ def folded_state_dict(model: nn.Module, patches: dict[int, LinearPatch],
 
 def pruned_index(patch: LinearPatch, patches: dict[int, LinearPatch]) -> int:
     """Pruned index of the kept layer the patch feeds (= the pruned layer count for a cut at the end)."""
-    return patch.end - sum(p.end - p.start for p in patches.values() if p.end <= patch.end)
+    return patch.end - sum(b - a for a, b in removed_runs(patches) if b <= patch.end)
 
 
 def mlp_layer_index(patch: LinearPatch, patches: dict[int, LinearPatch]) -> int:
     """Pruned index of the last kept layer before the cut (dense start - 1): an mlp-site patch's layer."""
-    return patch.start - 1 - sum(p.end - p.start for p in patches.values() if p.end <= patch.start - 1)
+    return patch.start - 1 - sum(b - a for a, b in removed_runs(patches) if b <= patch.start - 1)
 
 
 # --------------------------------------------------------------------------- save
@@ -279,7 +280,7 @@ def _write_pruned(model: nn.Module, tokenizer, path: Path, meta: dict | None, fo
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "base_model_type": model.config.model_type, "base_architecture": type(model).__name__,
         "num_layers_dense": ps[0].num_layers if ps else None,
-        "removed_layers": sorted(i for p in ps for i in range(p.start, p.end)),
+        "removed_layers": sorted(i for a, b in removed_runs(patches) for i in range(a, b)),
         "cuts": [{**r, "scales": None if p.scales is None else p.scales.cpu().tolist()} for p, r in zip(ps, records, strict=True)],
         "meta": meta or {},
     }
@@ -379,7 +380,7 @@ def base_config(path: Path):
 
 def _patch(weight: torch.Tensor, cut: dict, info: dict) -> LinearPatch:
     s = None if cut.get("scales") is None else torch.tensor(cut["scales"])
-    return LinearPatch(weight, cut["start"], cut["end"], info["num_layers_dense"], cut["kind"], s)
+    return LinearPatch(weight, cut["start"], cut["end"], info["num_layers_dense"], cut["kind"], s, info["removed_layers"])
 
 
 def _load_custom(path: Path, info: dict, config, dtype) -> nn.Module:

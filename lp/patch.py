@@ -16,9 +16,10 @@ first argument (the hidden states) by P, so the patch is a real module of the mo
   * a cut at the start, a = 0: wraps dense layer b as well; the patch acts on the embedding output;
   * a cut at the end, b = L: wraps the final norm; the patch acts on the last kept layer's output
     before the final norm.
-  * "mlp"-site kinds (`lstsq_mlp`, `rotate_mlp`; `PatchKind.site`): `OutputPatched` wraps the MLP
-    (its output as added to the stream, `lp.patches._mlp.site_name`) of the last kept layer before
-    the cut, dense layer a - 1, and multiplies that output by P; it folds into that layer's down_proj.
+  * "mlp"-site kinds (`lstsq_mlp`, `rotate_mlp`; `PatchKind.site`): `OutputPatched` wraps the
+    `mlp.down_proj` of the last kept layer before the cut, dense layer a - 1 (`lp.patches._mlp.site`),
+    so that its output M becomes M P, computed through the folded weight P^T W exactly as the saved
+    checkpoint computes it.
 One patch per cut: removing several separate runs (e.g. [1, 2, 5] = runs [1, 3) and [5, 6))
 gives each run its own patch, scaled from h_a and h_b measured on the dense model.
 """
@@ -34,7 +35,7 @@ from torch import nn
 from lp import hadamard as hd
 from lp import patches
 from lp.models import Decoder
-from lp.patches._mlp import site_name
+from lp.patches._mlp import site as mlp_site
 from lp.patches.base import FitSource
 from lp.patches.rotate import rotated
 
@@ -80,11 +81,13 @@ class LinearPatch(nn.Module):
     (symmetric for rotate / diag / scalar; `scalar` has weight s I, `lstsq` a general matrix).
 
     `start`, `end` = the removed dense run [start, end) this patch bridges; `num_layers` = dense L;
-    `scales` (optional, [D]) = the calibration scales it was built from (metadata for reports).
+    `scales` (optional, [D]) = the calibration scales it was built from (metadata for reports);
+    `removed` (optional) = every dense layer the model loses, [start, end) one of its runs: lets
+    placement and export number the pruned layers when other cuts carry no patch (`removed_runs`).
     """
 
     def __init__(self, weight: torch.Tensor, start: int, end: int, num_layers: int, kind: str = "rotate",
-                 scales: torch.Tensor | None = None):
+                 scales: torch.Tensor | None = None, removed=None):
         super().__init__()
         if weight.dim() != 2 or weight.shape[0] != weight.shape[1]:
             raise ValueError(f"LinearPatch weight must be square [D, D], got {tuple(weight.shape)}")
@@ -93,6 +96,9 @@ class LinearPatch(nn.Module):
         self.weight = nn.Parameter(weight.detach().to(torch.float32).clone())
         self.start, self.end, self.num_layers, self.kind = int(start), int(end), int(num_layers), kind
         self.scales = None if scales is None else scales.detach().float().cpu().clone()  # metadata, not a buffer
+        self.removed = None if removed is None else tuple(sorted(int(i) for i in removed))
+        if self.removed is not None and (self.start, self.end) not in runs_of(self.removed):
+            raise ValueError(f"LinearPatch cut [{start}, {end}) is not a run of the removed layers {list(self.removed)}")
         if self.site == "mlp" and start == 0:
             raise ValueError(f"LinearPatch kind={kind}: an mlp-site patch needs a kept layer before the cut, got [0, {end})")
 
@@ -137,8 +143,11 @@ class Patched(nn.Module):
 
 
 class OutputPatched(nn.Module):
-    """`inner` (the MLP of a decoder layer, or its post-feedforward norm) with `patch` applied to its
-    output: x -> patch(inner(x)). Attribute lookups that fail on the wrapper go to `inner`."""
+    """`inner` with `patch` P applied to its output. For an `nn.Linear` inner (a layer's `down_proj`,
+    y = x W^T + b) the output y P is computed as the folded layer: weight (P^T W) and bias (b P) in
+    float32, cast to the layer's dtype, then `F.linear` -- bit for bit what the saved checkpoint
+    (`lp.export.folded_state_dict`) computes, in any dtype; P trains through it. For another inner
+    (a post-feedforward norm): x -> patch(inner(x)). Attribute lookups that fail go to `inner`."""
 
     def __init__(self, inner: nn.Module, patch: LinearPatch):
         super().__init__()
@@ -146,6 +155,9 @@ class OutputPatched(nn.Module):
         self.inner = inner
 
     def forward(self, *args, **kwargs):
+        if isinstance(self.inner, nn.Linear):
+            w, b = folded_linear(self.inner.weight, self.inner.bias, self.patch.weight)
+            return torch.nn.functional.linear(args[0] if args else kwargs["input"], w, b)
         out = self.inner(*args, **kwargs)
         return (self.patch(out[0]), *out[1:]) if isinstance(out, tuple) else self.patch(out)
 
@@ -156,6 +168,15 @@ class OutputPatched(nn.Module):
             if name in ("inner", "patch"):
                 raise
             return getattr(self.inner, name)
+
+
+def folded_linear(weight: torch.Tensor, bias: torch.Tensor | None, P: torch.Tensor):
+    """(P^T W, b P) for a linear layer y = x W^T + b (W [out, in]) followed by y -> y P: float32
+    arithmetic, cast back to W's dtype (the one definition both the in-memory patch and the export use)."""
+    P = P.to(device=weight.device, dtype=torch.float32)
+    with torch.autocast(weight.device.type, enabled=False):  # float32 also under distillation's autocast
+        w = (P.T @ weight.float()).to(weight.dtype)
+        return w, None if bias is None else (bias.float() @ P).to(bias.dtype)
 
 
 # --------------------------------------------------------------------------- construction
@@ -290,7 +311,8 @@ def fit_patches(ctx, removed, patch_cfg, kinds: list[str]) -> tuple[dict, dict]:
         fitted[kind.name], infos[kind.name] = {}, []
         for a, b in runs:
             f = kind.fit(source, a, b)
-            p = None if f.weight is None else LinearPatch(f.weight.float(), a, b, L, kind.name, f.scales).to(device)
+            p = None if f.weight is None else LinearPatch(f.weight.float(), a, b, L, kind.name, f.scales,
+                                                          removed).to(device)
             fitted[kind.name][a] = p
             infos[kind.name].append(cut_record(a, b, L, kind.name, f.info))
     cost = {"calibration": source._stats.cost if source._stats is not None else None,
@@ -329,8 +351,8 @@ def insert_patches(model: nn.Module, patches: dict[int, LinearPatch], removed=No
 
     Dense run [a, b) -> pruned index b - (#removed layers below b) of the next kept layer, or the
     final norm when b = L; an mlp-site patch wraps the MLP of the kept layer a - 1. `removed`: every
-    removed dense layer (default: the patches' cuts; give it when some cuts have no patch). Checks that
-    the model's layer count is L - (#removed).
+    removed dense layer (default: `removed_runs` of the patches; needed when some cuts have no patch and
+    the patches do not know it). Checks that the model's layer count is L - (#removed).
     """
     if not patches:
         return model
@@ -340,10 +362,10 @@ def insert_patches(model: nn.Module, patches: dict[int, LinearPatch], removed=No
     runs = [(p.start, p.end) for p in ps]
     if any(p.num_layers != L for p in ps) or any(b > a2 for (_, b), (a2, _) in zip(runs, runs[1:], strict=False)):
         raise ValueError(f"patches overlap or come from different models: cuts {runs}")
-    if removed is not None:
-        if not set(runs) <= set(runs_of(removed)):
-            raise ValueError(f"insert_patches: cuts {runs} are not runs of the removed layers {sorted(removed)}")
-        runs = runs_of(removed)
+    all_runs = runs_of(removed) if removed is not None else removed_runs(patches)
+    if not set(runs) <= set(all_runs):
+        raise ValueError(f"insert_patches: cuts {runs} are not runs of the removed layers {all_runs}")
+    runs = all_runs
     removed = sum(b - a for a, b in runs)
     if dec.num_layers != L - removed:
         raise ValueError(f"insert_patches: the model has {dec.num_layers} layers but cuts {runs} of a "
@@ -355,14 +377,21 @@ def insert_patches(model: nn.Module, patches: dict[int, LinearPatch], removed=No
             if p.start - 1 in {i for a, b in runs for i in range(a, b)}:
                 raise ValueError(f"insert_patches: the {p.kind} patch at [{p.start}, {p.end}) needs layer {p.start - 1} kept")
             layer = unwrap(dec.layers[p.start - 1 - sum(b - a for a, b in runs if b <= p.start - 1)])
-            name = site_name(layer)
-            setattr(layer, name, OutputPatched(getattr(layer, name), _on_device_of(p, getattr(layer, name))))
+            parent, name = mlp_site(layer)
+            setattr(parent, name, OutputPatched(getattr(parent, name), _on_device_of(p, getattr(parent, name))))
         elif p.end == L:
             dec.backbone.norm = Patched(dec.backbone.norm, _on_device_of(p, dec.backbone.norm))
         else:
             idx = p.end - sum(b - a for a, b in runs if b <= p.end)
             dec.layers[idx] = Patched(dec.layers[idx], _on_device_of(p, dec.layers[idx]))
     return model
+
+
+def removed_runs(patches: dict[int, LinearPatch]) -> list[tuple[int, int]]:
+    """Every removed run of the model the patches belong to: from `LinearPatch.removed` when set
+    (cuts without a patch included), else the patches' own cuts."""
+    removed = next((p.removed for p in patches.values() if p.removed is not None), None)
+    return runs_of(removed) if removed is not None else sorted((p.start, p.end) for p in patches.values())
 
 
 def _on_device_of(patch: LinearPatch, module: nn.Module) -> LinearPatch:
@@ -389,10 +418,11 @@ def strip_patches(model: nn.Module) -> dict[int, LinearPatch]:
         if isinstance(layer, Patched):
             out[layer.patch.start] = layer.patch
             dec.layers[i] = layer = layer.inner
-        for name, child in list(layer.named_children()):
-            if isinstance(child, OutputPatched):
-                out[child.patch.start] = child.patch
-                setattr(layer, name, child.inner)
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, OutputPatched):
+                    out[child.patch.start] = child.patch
+                    setattr(parent, name, child.inner)
     if isinstance(dec.backbone.norm, Patched):
         out[dec.backbone.norm.patch.start] = dec.backbone.norm.patch
         dec.backbone.norm = dec.backbone.norm.inner

@@ -29,7 +29,7 @@ import torch
 from lp import data
 from lp.models import Decoder
 from lp.patch import LinearPatch, OutputPatched, fit_patches, kinds_to_fit, own_kinds, patch_info, runs_of
-from lp.patches._mlp import site_name
+from lp.patches._mlp import site
 from lp.pruners.base import Selection
 from lp.replay import Replay
 
@@ -116,13 +116,13 @@ def mlp_patched(layer, patch: LinearPatch | None):
     if patch is None:
         yield
         return
-    name = site_name(layer)
-    inner = getattr(layer, name)
-    setattr(layer, name, OutputPatched(inner, patch))
+    parent, name = site(layer)
+    inner = getattr(parent, name)
+    setattr(parent, name, OutputPatched(inner, patch))
     try:
         yield
     finally:
-        setattr(layer, name, inner)
+        setattr(parent, name, inner)
 
 
 # --------------------------------------------------------------------------- patches

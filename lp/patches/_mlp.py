@@ -30,6 +30,13 @@ def site_name(layer: nn.Module) -> str:
     return "mlp"
 
 
+def site(layer: nn.Module) -> tuple[nn.Module, str]:
+    """(parent, attribute) of the module whose output is M: `mlp.down_proj` (M = its output), or the
+    post-feedforward norm where there is one (`site_name`). The patch wraps this module."""
+    name = site_name(layer)
+    return (layer.mlp, "down_proj") if name == "mlp" else (layer, name)
+
+
 def refusal(model: nn.Module, a: int, full: bool = True) -> str | None:
     """Why an "mlp"-site patch cannot bridge the cut starting at dense layer `a` of `model` (None
     when it can). `full`: the patch is a general D x D matrix (not diagonal)."""
@@ -59,7 +66,7 @@ def check_cuts(kind: str, model: nn.Module, runs) -> None:
 
 class MlpGram:
     """Running M^T M and M^T Y (float64 [D, D]) with Y = h_b - h_a + M (the target of M T), over the
-    calibration batches; M is captured by a forward hook on layer a-1's MLP site (`attach`)."""
+    calibration batches; M is captured by a forward hook on layer a-1's `site` (`attach`)."""
 
     def __init__(self, dim: int, a: int):
         self.a = a
@@ -74,7 +81,8 @@ class MlpGram:
         def grab(_mod, _args, out):
             self._m = (out[0] if isinstance(out, tuple) else out).float()
 
-        return [getattr(layer, site_name(layer)).register_forward_hook(grab)]
+        parent, name = site(layer)
+        return [getattr(parent, name).register_forward_hook(grab)]
 
     def update(self, xa: torch.Tensor, xb: torch.Tensor) -> None:
         if self._m is None or self._m.shape != xa.shape:

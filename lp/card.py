@@ -28,9 +28,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("{path}")
 tokenizer = AutoTokenizer.from_pretrained("{path}")
 ```
-The uniform scalar patch is folded into the weights (each `o_proj` / `down_proj` after a cut divided by
-its scale; exact by RMSNorm scale invariance up to the norm's eps), so this is a plain checkpoint of
-the base architecture: no lp and no remote code needed.""",
+Every patch is folded into existing weights (see "Folded patches" above), so this is a plain checkpoint
+of the base architecture with fewer layers: no lp and no remote code needed.""",
     "custom": """```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("{path}", trust_remote_code=True)
@@ -42,6 +41,20 @@ Without `trust_remote_code=True`, `from_pretrained` refuses this folder instead 
 the base architecture without the patch. With lp installed, `lp.load_pruned("{path}")` returns
 `(model, tokenizer)` in lp's own form (no remote code).""",
 }
+
+
+def fold_why(cut: dict) -> str:
+    """Why the folded patch of one `lp_patch.json` cut reproduces the model (the card's column)."""
+    if cut["kind"] == "scalar":
+        return ("P = s I with s > 0, and every reader of the residual stream is a scale-invariant RMSNorm: "
+                "dividing every later writer (o_proj, down_proj) by s gives the same normalised inputs "
+                "(exact up to the norms' eps)")
+    if cut["folded_into"].endswith("(diagonal T)"):
+        return ("T is diagonal and multiplies the output x_hat (c + w) of the layer's post-feedforward norm: "
+                "its weight becomes (c + w) T - c (exact up to float rounding)")
+    return (f"{cut['kind']} multiplies the MLP output y = x W^T (+ b) of the last kept layer before the cut by "
+            "T, and y T = x (T^T W)^T (+ b T): one linear map, stored as that down_proj's weight (the "
+            "in-memory model computed it the same way: identical logits)")
 
 
 def save_with_card(model, tokenizer, path, result: dict, width=None) -> tuple[str, dict | None]:
@@ -115,7 +128,13 @@ def body(folder: Path, result: dict, info: dict) -> str:
     ]
     out = [f"# {result.get('name') or folder.name}", "",
            "Layer-pruned with lp (layer pruning of LLMs with LinearPatch).", "",
-           "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "", "## Metrics", "", _metrics(result), ""]
+           "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
+    folded = [c for c in info.get("cuts", []) if c.get("folded_into")]
+    if folded:
+        out += ["## Folded patches", "", "| cut | kind | folded into | why it is exact |", "|---|---|---|---|",
+                *[f"| [{c['start']}, {c['end']}) | {c['kind']} | {c['folded_into']} | {fold_why(c)} |"
+                  for c in folded], ""]
+    out += ["## Metrics", "", _metrics(result), ""]
     gen = result.get("generation")
     if gen:
         out += ["## Greedy sample", "", f"Prompt: `{gen['prompt']}`", "", "```", gen["prompt"] + gen["completion"], "```", ""]
@@ -145,7 +164,7 @@ def _patch_text(patch: dict, info: dict) -> str:
         return "none"
     basis = f", basis {patch['hadamard']}" if patch.get("hadamard") else ""
     seed = f" (seed {patch['hadamard_seed']})" if patch.get("hadamard_seed") is not None else ""
-    cuts = ", ".join(f"[{c['start']}, {c['end']})" for c in info.get("cuts", []))
+    cuts = ", ".join(f"[{c['start']}, {c['end']}) {c['kind']}" for c in info.get("cuts", []))
     return f"{kind}{basis}{seed}; one D x D patch per cut: {cuts}"
 
 

@@ -175,16 +175,14 @@ def folded_state_dict(model: nn.Module, patches: dict[int, LinearPatch],
                 key, v = value(norm, "weight")
                 new[key] = (c + v) * torch.diagonal(p.weight.detach().float()).to(v.device) - c
                 where = f"{names[id(norm)]}.weight (diagonal T)"
-            records.append({"start": p.start, "end": p.end, "kind": p.kind, "folded_into": where,
-                            "why": "the patch multiplies that layer's MLP output, a linear map of this weight"})
+            records.append({"start": p.start, "end": p.end, "kind": p.kind, "folded_into": where})
             continue
         s, first = scalar_of(p), pruned_index(p, all_patches)
         for k in range(first, dec.num_layers):
             factor[k] /= s
         records.append({"start": p.start, "end": p.end, "kind": p.kind, "scale": s,
                         "folded_into": f"o_proj/down_proj of pruned layers {first}..{dec.num_layers - 1}"
-                        if first < dec.num_layers else "nothing (the final norm is scale-invariant)",
-                        "why": "every reader of the stream is a scale-invariant RMSNorm"})
+                        if first < dec.num_layers else "nothing (the final norm is scale-invariant)"})
     for k, f in enumerate(factor):
         if f == 1.0:
             continue

@@ -270,3 +270,13 @@ def test_run_auto_foldable_always_saves_a_plain_checkpoint(cfg_factory, tmp_path
     assert len(windows) == ver["windows"]
     nll = window_nll(back, windows, c.calib.batch_size, progress=False).mean().item()
     assert nll == pytest.approx(ver["chosen_nll"], abs=1e-4)  # float32 fold rounding is ~1e-6 of the logits
+
+
+def test_card_says_which_kind_folds_where_and_why(tmp_path):
+    from lp.card import write_card
+
+    model = insert_patches(drop_layers(tiny_model("llama", num_layers=L, hidden_size=D), [3, 4]), {3: mlp_patch(3, 5, 0)})
+    path = save_pruned(model, byte_tokenizer(), tmp_path / "m")
+    text = write_card(path, {"name": "t", "patch": {"kind": "lstsq_mlp"}}).read_text()
+    assert "| [3, 5) | lstsq_mlp | model.layers.2.mlp.down_proj (W <- T^T W, b <- b T) | lstsq_mlp multiplies" in text
+    assert "`folded` layout" in text and "trust_remote_code" not in text

@@ -3,10 +3,12 @@
 `save_pruned(model, tokenizer, path)` picks one of three layouts (`lp_patch.json` "mode"):
 
 * `plain`  - no patch: the pruned model's `save_pretrained` files; stock `from_pretrained` loads it.
-* `folded` - every patch is a positive uniform scalar s (weight exactly s*I) and the architecture passes
-  `fold_refusal`: the patch is folded into existing weights and the folder is a plain checkpoint of the
-  base architecture (stock `from_pretrained`, no lp, no remote code). See `folded_state_dict`.
-* `custom` - any other patch (diag, rotate, lstsq, distilled, ...): the folder's config gets
+* `folded` - every patch folds into existing weights (`lp.fold`: a positive uniform scalar s*I on an
+  architecture that passes `fold_refusal`; lstsq_mlp / rotate_mlp, T on a layer's MLP output, into its
+  down_proj): the folder is a plain checkpoint of the base architecture (stock `from_pretrained`, no lp,
+  no remote code). See `folded_state_dict`.
+* `custom` - any other patch (diag, rotate, lstsq, distilled, ...): mlp-site patches are folded as above
+  (they have no other form) and the folder's config gets
   `model_type = "lp_patched_<base>"`, `architectures = ["LpPatchedForCausalLM"]` and an `auto_map` to
   `modeling_lp.py` (copied from `lp/modeling_lp.py`), a subclass of the base architecture that applies
   each patch before the module it feeds. `from_pretrained(folder, trust_remote_code=True)` gives the lp
@@ -19,28 +21,13 @@ the model falls back to `custom`; any other mismatch is an error and nothing is 
 `load_pruned(path)` returns `(model, tokenizer)`: lp's own in-memory form (patches as `Patched`
 wrappers, as after a run) for every layout.
 
-Why folding a scalar is exact (up to the norms' eps): every module that *reads* the residual stream
-of a Llama-style decoder reads it through a scale-invariant RMSNorm (input_layernorm,
-post_attention_layernorm, the final norm), so RMSNorm(c x) = RMSNorm(x) for c > 0 (exactly when eps=0;
-relative deviation ~ eps (1/c^2 - 1) / (2 mean x^2) otherwise). A patch s at a cut multiplies the
-stream there by s. Dividing every *writer* after the cut (each later layer's `o_proj` and `down_proj`,
-weight and bias) by s instead leaves the stream after the cut equal to (patched stream) / s everywhere,
-and every reader sees the same normalised input: the same logits. Writers *before* the cut
-(embeddings included) are untouched, so tied embeddings, Gemma-style embedding scaling and a cut at
-the very start need no special case; a cut at the end (the patch feeds the final norm) folds into
-nothing. Several cuts compose: a layer after cuts with scales s1, s2 divides by s1*s2.
-The argument fails, and `fold_refusal` says so, when: s <= 0 (RMSNorm(-x) = -RMSNorm(x)) or s is not
-finite; the patch is not exactly s*I; a layer writes to the stream through anything other than
-`self_attn.o_proj` / `mlp.down_proj` (sandwich/post norms as in Gemma2/3 or OLMo2, parallel blocks,
-MoE experts); a norm is not an RMSNorm or has a bias. Unknown forward code the check cannot see
-(e.g. a constant added to the stream) is caught by the verification.
+Why each fold is exact, and where it is refused: `lp.fold`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 from pathlib import Path
@@ -49,9 +36,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from lp.fold import fold_refusal, folded_state_dict, mlp_fold_refusal, pruned_index, scalar_of  # noqa: F401
 from lp.models import Decoder, resolve_dtype
-from lp.patch import LinearPatch, folded_linear, insert_patches, removed_runs, strip_patches
-from lp.patches._mlp import site_name
+from lp.patch import LinearPatch, insert_patches, removed_runs, strip_patches
 
 log = logging.getLogger(__name__)
 
@@ -61,150 +48,6 @@ LEGACY_PATCH_FILE = "patches.safetensors"  # format 1 (plain config + separate p
 FORMAT = 2
 # max |logit difference| / max |logit| allowed between the reloaded folder and the in-memory model
 VERIFY_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
-
-
-# --------------------------------------------------------------------------- folding
-def scalar_of(patch: LinearPatch) -> float | None:
-    """s if `patch.weight` is exactly s * I, else None."""
-    w = patch.weight.detach()
-    s = w[0, 0].item()
-    return s if torch.equal(w, s * torch.eye(w.shape[0], dtype=w.dtype, device=w.device)) else None
-
-
-def is_diagonal(w: torch.Tensor) -> bool:
-    return bool(torch.equal(w, torch.diag(torch.diagonal(w))))
-
-
-def scalar_fold_refusal(model: nn.Module) -> str | None:
-    """Why a positive scalar patch cannot be folded into `model`'s architecture (the module docstring's
-    argument: every reader is a scale-invariant RMSNorm, every writer o_proj / down_proj); None if it can."""
-    dec = Decoder(model)
-    norms = [("model.norm", dec.norm)]
-    for i, layer in enumerate(dec.layers):
-        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if not (isinstance(getattr(attn, "o_proj", None), nn.Linear) and isinstance(getattr(mlp, "down_proj", None), nn.Linear)):
-            return f"layer {i} ({type(layer).__name__}) does not write to the stream through self_attn.o_proj and mlp.down_proj"
-        names = {n for n, m in layer.named_children() if "norm" in type(m).__name__.lower()}
-        if names != {"input_layernorm", "post_attention_layernorm"}:
-            return (f"layer {i} ({type(layer).__name__}) has norms {sorted(names)}; folding needs exactly the "
-                    "pre-norms input_layernorm and post_attention_layernorm (no sandwich/post norms)")
-        norms += [(f"layer {i}.{n}", getattr(layer, n)) for n in sorted(names)]
-    for name, norm in norms:
-        if "rmsnorm" not in type(norm).__name__.lower() or getattr(norm, "bias", None) is not None:
-            return f"{name} is a {type(norm).__name__}; folding needs a scale-invariant RMSNorm without bias"
-    return None
-
-
-def mlp_fold_refusal(model: nn.Module, patch: LinearPatch, patches: dict[int, LinearPatch]) -> str | None:
-    """Why the mlp-site `patch` (T on the MLP output of the last kept layer before its cut) cannot be
-    folded into that layer of the stripped pruned `model`; None if it can. Folding targets: `down_proj`
-    (W <- T^T W, b <- b T: exact for any T), or, when the layer normalises the MLP output before the
-    residual add (Gemma2/3 `post_feedforward_layernorm`), that norm's weight for a diagonal T only."""
-    layer = Decoder(model).layers[mlp_layer_index(patch, patches)]
-    if not isinstance(getattr(getattr(layer, "mlp", None), "down_proj", None), nn.Linear):
-        return f"the layer before cut [{patch.start}, {patch.end}) has no mlp.down_proj nn.Linear"
-    site = site_name(layer)
-    if site != "mlp" and not (is_diagonal(patch.weight.detach()) and getattr(getattr(layer, site), "weight", None) is not None):
-        return (f"the layer before cut [{patch.start}, {patch.end}) normalises its MLP output ({site}); the "
-                f"{patch.kind} patch is not diagonal, so it does not fold into that norm's weight")
-    return None
-
-
-def fold_refusal(model: nn.Module, patches: dict[int, LinearPatch]) -> str | None:
-    """Why the patches of `model` (a stripped pruned model) cannot all be folded exactly; None if they can."""
-    for p in patches.values():
-        if p.site == "mlp":
-            why = mlp_fold_refusal(model, p, patches)
-            if why is not None:
-                return why
-            continue
-        s = scalar_of(p)
-        if s is None:
-            return f"the {p.kind} patch at cut [{p.start}, {p.end}) is not a uniform scalar s*I"
-        if not (math.isfinite(s) and s > 0):
-            return f"the scalar patch at cut [{p.start}, {p.end}) has s={s}; folding needs a finite s > 0"
-    if any(p.site != "mlp" for p in patches.values()):
-        return scalar_fold_refusal(model)
-    return None
-
-
-def norm_offset(norm: nn.Module) -> float:
-    """c in norm(x) = x_hat * (c + weight): 1 for Gemma's RMSNorm (weight stored as a delta from 1), else 0."""
-    return 1.0 if "gemma" in type(norm).__name__.lower() else 0.0
-
-
-def folded_state_dict(model: nn.Module, patches: dict[int, LinearPatch],
-                      all_patches: dict[int, LinearPatch] | None = None) -> tuple[dict, list[dict]]:
-    """State dict of the stripped pruned `model` with `patches` folded into its weights (each must pass
-    `fold_refusal`); returns (state dict, one record per cut for `lp_patch.json`, by cut start).
-    `all_patches` (default `patches`): every cut of the model, for the pruned layer numbering.
-
-    * mlp-site T at cut [a, b) (the last kept layer k before it): `down_proj` weight [out, in] <- T^T W
-      and bias <- b T (y = x W^T + b, so y T = x (T^T W)^T + b T); with a post-feedforward norm (T
-      diagonal), the norm's weight <- (c + w) diag(T) - c, `norm_offset` c.
-    * scalar s (input site): every o_proj / down_proj after the cut divided by s (module docstring).
-    Both compose (an mlp fold and scalar factors on the same down_proj multiply). Arithmetic in float32,
-    cast back to each tensor's dtype; the model is not modified."""
-    all_patches = all_patches or patches
-    dec = Decoder(model)
-    names = {id(m): n for n, m in model.named_modules()}
-    new: dict[str, torch.Tensor] = {}  # key -> folded float32 value
-
-    def value(mod, pname):
-        key = f"{names[id(mod)]}.{pname}"
-        return key, new.get(key, getattr(mod, pname).detach().float())
-
-    records = []
-    factor = [1.0] * dec.num_layers
-    for p in sorted(patches.values(), key=lambda p: p.start):
-        if p.site == "mlp":
-            k = mlp_layer_index(p, all_patches)
-            layer = dec.layers[k]
-            site = site_name(layer)
-            if site == "mlp":  # the same arithmetic as the in-memory patch: lp.patch.folded_linear
-                down = layer.mlp.down_proj
-                w, b = folded_linear(down.weight.detach(), None if down.bias is None else down.bias.detach(),
-                                     p.weight.detach())
-                new[f"{names[id(down)]}.weight"] = w.float()
-                if b is not None:
-                    new[f"{names[id(down)]}.bias"] = b.float()
-                where = f"{names[id(down)]} (W <- T^T W, b <- b T)"
-            else:
-                norm = getattr(layer, site)
-                c = norm_offset(norm)
-                key, v = value(norm, "weight")
-                new[key] = (c + v) * torch.diagonal(p.weight.detach().float()).to(v.device) - c
-                where = f"{names[id(norm)]}.weight (diagonal T)"
-            records.append({"start": p.start, "end": p.end, "kind": p.kind, "folded_into": where})
-            continue
-        s, first = scalar_of(p), pruned_index(p, all_patches)
-        for k in range(first, dec.num_layers):
-            factor[k] /= s
-        records.append({"start": p.start, "end": p.end, "kind": p.kind, "scale": s,
-                        "folded_into": f"o_proj/down_proj of pruned layers {first}..{dec.num_layers - 1}"
-                        if first < dec.num_layers else "nothing (the final norm is scale-invariant)"})
-    for k, f in enumerate(factor):
-        if f == 1.0:
-            continue
-        layer = dec.layers[k]
-        for mod in (layer.self_attn.o_proj, layer.mlp.down_proj):
-            for pname, _t in mod.named_parameters(recurse=False):
-                key, v = value(mod, pname)
-                new[key] = v * f
-    sd = dict(model.state_dict())
-    for key, v in new.items():
-        sd[key] = v.to(sd[key].dtype)
-    return sd, records
-
-
-def pruned_index(patch: LinearPatch, patches: dict[int, LinearPatch]) -> int:
-    """Pruned index of the kept layer the patch feeds (= the pruned layer count for a cut at the end)."""
-    return patch.end - sum(b - a for a, b in removed_runs(patches) if b <= patch.end)
-
-
-def mlp_layer_index(patch: LinearPatch, patches: dict[int, LinearPatch]) -> int:
-    """Pruned index of the last kept layer before the cut (dense start - 1): an mlp-site patch's layer."""
-    return patch.start - 1 - sum(b - a for a, b in removed_runs(patches) if b <= patch.start - 1)
 
 
 # --------------------------------------------------------------------------- save

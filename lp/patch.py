@@ -35,9 +35,11 @@ from torch import nn
 from lp import hadamard as hd
 from lp import patches
 from lp.models import Decoder
+from lp.patches._mlp import OutputPatched, folded_linear  # noqa: F401  (re-exported)
 from lp.patches._mlp import site as mlp_site
 from lp.patches.base import FitSource
 from lp.patches.rotate import rotated
+from lp.patches.scalar import arch_refusal as scalar_arch_refusal
 
 log = logging.getLogger(__name__)
 
@@ -142,43 +144,6 @@ class Patched(nn.Module):
             return getattr(self.inner, name)
 
 
-class OutputPatched(nn.Module):
-    """`inner` with `patch` P applied to its output. For an `nn.Linear` inner (a layer's `down_proj`,
-    y = x W^T + b) the output y P is computed as the folded layer: weight (P^T W) and bias (b P) in
-    float32, cast to the layer's dtype, then `F.linear` -- bit for bit what the saved checkpoint
-    (`lp.export.folded_state_dict`) computes, in any dtype; P trains through it. For another inner
-    (a post-feedforward norm): x -> patch(inner(x)). Attribute lookups that fail go to `inner`."""
-
-    def __init__(self, inner: nn.Module, patch: LinearPatch):
-        super().__init__()
-        self.patch = patch
-        self.inner = inner
-
-    def forward(self, *args, **kwargs):
-        if isinstance(self.inner, nn.Linear):
-            w, b = folded_linear(self.inner.weight, self.inner.bias, self.patch.weight)
-            return torch.nn.functional.linear(args[0] if args else kwargs["input"], w, b)
-        out = self.inner(*args, **kwargs)
-        return (self.patch(out[0]), *out[1:]) if isinstance(out, tuple) else self.patch(out)
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("inner", "patch"):
-                raise
-            return getattr(self.inner, name)
-
-
-def folded_linear(weight: torch.Tensor, bias: torch.Tensor | None, P: torch.Tensor):
-    """(P^T W, b P) for a linear layer y = x W^T + b (W [out, in]) followed by y -> y P: float32
-    arithmetic, cast back to W's dtype (the one definition both the in-memory patch and the export use)."""
-    P = P.to(device=weight.device, dtype=torch.float32)
-    with torch.autocast(weight.device.type, enabled=False):  # float32 also under distillation's autocast
-        w = (P.T @ weight.float()).to(weight.dtype)
-        return w, None if bias is None else (bias.float() @ P).to(bias.dtype)
-
-
 # --------------------------------------------------------------------------- construction
 def check_patch(patch_cfg, hidden_size: int) -> None:
     """Validate `patch.*` (kind, auto candidates, verify list, each kind's settings) against the
@@ -233,9 +198,7 @@ def cut_refusal(kind: str, model: nn.Module, runs, foldable: bool = False) -> st
     except ValueError as e:
         return str(e)
     if foldable and kind == "scalar":
-        from lp.export import scalar_fold_refusal  # noqa: PLC0415  (lp.export imports this module)
-
-        why = scalar_fold_refusal(model)
+        why = scalar_arch_refusal(model)
         return None if why is None else f"patch=scalar cannot fold into this architecture: {why}"
     return None
 

@@ -93,3 +93,40 @@ class MlpGram:
         self.mty += (m.T @ y).cpu()
         self.tokens += m.shape[0]
         self._m = None
+
+
+class OutputPatched(nn.Module):
+    """`inner` with `patch` P applied to its output. For an `nn.Linear` inner (a layer's `down_proj`,
+    y = x W^T + b) the output y P is computed as the folded layer: weight (P^T W) and bias (b P) in
+    float32, cast to the layer's dtype, then `F.linear` -- bit for bit what the saved checkpoint
+    (`lp.fold.folded_state_dict`) computes, in any dtype; P trains through it. For another inner
+    (a post-feedforward norm): x -> patch(inner(x)). Attribute lookups that fail go to `inner`."""
+
+    def __init__(self, inner: nn.Module, patch: nn.Module):  # patch: an lp.patch.LinearPatch
+        super().__init__()
+        self.patch = patch
+        self.inner = inner
+
+    def forward(self, *args, **kwargs):
+        if isinstance(self.inner, nn.Linear):
+            w, b = folded_linear(self.inner.weight, self.inner.bias, self.patch.weight)
+            return torch.nn.functional.linear(args[0] if args else kwargs["input"], w, b)
+        out = self.inner(*args, **kwargs)
+        return (self.patch(out[0]), *out[1:]) if isinstance(out, tuple) else self.patch(out)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("inner", "patch"):
+                raise
+            return getattr(self.inner, name)
+
+
+def folded_linear(weight: torch.Tensor, bias: torch.Tensor | None, P: torch.Tensor):
+    """(P^T W, b P) for a linear layer y = x W^T + b (W [out, in]) followed by y -> y P: float32
+    arithmetic, cast back to W's dtype (the one definition both the in-memory patch and the export use)."""
+    P = P.to(device=weight.device, dtype=torch.float32)
+    with torch.autocast(weight.device.type, enabled=False):  # float32 also under distillation's autocast
+        w = (P.T @ weight.float()).to(weight.dtype)
+        return w, None if bias is None else (bias.float() @ P).to(bias.dtype)

@@ -12,7 +12,9 @@ import logging
 import os
 from pathlib import Path
 
-from lp.export import META_FILE, save_pruned
+import torch
+
+from lp.export import META_FILE, VERIFY_TOL, save_pruned
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +73,18 @@ def save_with_card(model, tokenizer, path, result: dict, width=None) -> tuple[st
         msg = f"scalar patch not folded ({info['fold_refused']}): the saved model needs trust_remote_code=True"
         log.warning(msg)
         result.setdefault("warnings", []).append(msg)
+    export = {"mode": info["mode"], "fold_refused": info["fold_refused"]}
+    if "fold_deviation" in info:  # patch.foldable=true: the folded model is now the in-memory one
+        export["fold_deviation"] = info["fold_deviation"]
+        msg = (f"patch.foldable=true: the patches are folded into the weights in memory too (the model evaluated is "
+               f"the saved checkpoint); logits moved by {info['fold_deviation']:.3g} of max |logit|")
+        if info["fold_deviation"] > VERIFY_TOL.get(getattr(torch, info["dtype"]), 2e-2):
+            log.warning("!!! %s", msg)
+            result.setdefault("warnings", []).append(msg)
+        else:
+            log.info(msg)
     write_card(folder, result)
-    return str(folder), {"mode": info["mode"], "fold_refused": info["fold_refused"]}
+    return str(folder), export
 
 
 def write_card(folder, result: dict) -> Path:

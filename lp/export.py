@@ -56,7 +56,10 @@ def save_pruned(model: nn.Module, tokenizer, path, meta: dict | None = None, ver
     """Save the pruned (+ patched) `model` to folder `path` (layouts: module docstring) and return `path`.
     Written into a temporary sibling folder, verified (`verify_saved`), then swapped in; an existing
     `path` must be an earlier `save_pruned` folder (or empty), anything else is refused. `plain_only`
-    (`patch.foldable=true`): a model that would need the custom layout is an error, nothing written."""
+    (`patch.foldable=true`): a model that would need the custom layout is an error, nothing written;
+    a folded save is adopted in memory (`adopt_fold`: the model becomes the folded checkpoint, so what
+    is evaluated afterwards is what was shipped; `lp_patch.json` "fold_deviation" = how far that moved
+    the logits: 0 for lstsq_mlp / rotate_mlp, the RMSNorm eps effect for a scalar)."""
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not (path / META_FILE).is_file():
         raise FileExistsError(f"{path} exists and is not a save_pruned folder ({META_FILE} missing); not overwriting it")
@@ -68,12 +71,12 @@ def save_pruned(model: nn.Module, tokenizer, path, meta: dict | None = None, ver
         if plain_only and info["mode"] == "custom":
             raise RuntimeError(f"save_pruned: patch.foldable=true but the patches do not fold ({info['fold_refused']}); "
                                f"nothing written to {path}")
+        if plain_only and info["mode"] == "folded":
+            info["fold_deviation"] = adopt_fold(model)
+            (tmp / META_FILE).write_text(json.dumps(info, indent=2, default=str))
         if verify:
             err = verify_saved(tmp, model, info["mode"])
-            if err is not None and info["mode"] == "folded":
-                if plain_only:
-                    raise RuntimeError(f"save_pruned: patch.foldable=true but the folded checkpoint does not "
-                                       f"reproduce the model ({err}); nothing written to {path}")
+            if err is not None and info["mode"] == "folded" and not plain_only:
                 log.warning("export: the folded checkpoint does not reproduce the model (%s); saving the "
                             "custom-class layout instead", err)
                 shutil.rmtree(tmp)
@@ -160,16 +163,33 @@ def _write_custom_config(path: Path, model: nn.Module, records: list[dict]) -> N
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+def adopt_fold(model: nn.Module) -> float:
+    """Fold the patches of `model` into its own weights in place (`folded_state_dict`; they must fold)
+    and remove them; returns max |logit change| / max |logit| on `probe_ids` (0 when exact)."""
+    ids = probe_ids(model)
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits.float()
+        patches = strip_patches(model)
+        model.load_state_dict(folded_state_dict(model, patches)[0])
+        got = model(input_ids=ids, use_cache=False).logits.float()
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+
+
 # --------------------------------------------------------------------------- verify / load
-def verify_saved(path: Path, model: nn.Module, mode: str, tokens: int = 16) -> str | None:
+def probe_ids(model: nn.Module, tokens: int = 16) -> torch.Tensor:
+    """Fixed token ids [2, tokens] on the model's device: the input save checks compare logits on."""
+    ids = torch.arange(2 * tokens).reshape(2, tokens) * 7919 % model.config.vocab_size
+    return ids.to(next(model.parameters()).device)
+
+
+def verify_saved(path: Path, model: nn.Module, mode: str) -> str | None:
     """Reload `path` as a user would (stock `from_pretrained`; `trust_remote_code=True` for `custom`)
     and compare logits on a fixed input with the in-memory `model`. None if they agree within
     `VERIFY_TOL` (relative to max |logit|), else a description of the mismatch."""
     from transformers import AutoModelForCausalLM
 
     param = next(model.parameters())
-    vocab = model.config.vocab_size
-    ids = (torch.arange(2 * tokens).reshape(2, tokens) * 7919 % vocab).to(param.device)
+    ids = probe_ids(model)
     back = AutoModelForCausalLM.from_pretrained(path, dtype=param.dtype, trust_remote_code=mode == "custom")
     back = back.to(param.device).eval()
     with torch.no_grad():

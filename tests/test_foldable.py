@@ -269,7 +269,9 @@ def test_run_auto_foldable_always_saves_a_plain_checkpoint(cfg_factory, tmp_path
     windows = verify.heldout_windows(c, load_model(c.model)[1])
     assert len(windows) == ver["windows"]
     nll = window_nll(back, windows, c.calib.batch_size, progress=False).mean().item()
-    assert nll == pytest.approx(ver["chosen_nll"], abs=1e-4)  # float32 fold rounding is ~1e-6 of the logits
+    # exact for mlp-site folds; a scalar fold moves logits by the RMSNorm eps effect (recorded, small here)
+    assert res["export"].get("fold_deviation", 0.0) <= 1e-3
+    assert nll == pytest.approx(ver["chosen_nll"], abs=1e-3)
 
 
 def test_card_says_which_kind_folds_where_and_why(tmp_path):

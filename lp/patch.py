@@ -50,7 +50,7 @@ class CutRecord(TypedDict):
     a field a kind does not produce is None. `before`: the dense index of the module the patch
     feeds (`end`), or "norm" when the cut reaches the last layer. The rest is the kind's `Fit.info`:
     `scale` (scalar), `scale_min/median/max` (diag, rotate; rotate_outlier over its non-massive
-    channels), `massive_channels` (rotate_outlier), `ridge` and `tokens` (lstsq)."""
+    channels), `massive_channels` (rotate_outlier), `ridge` and `tokens` (lstsq, lstsq_mlp, rotate_mlp)."""
 
     start: int
     end: int

@@ -38,8 +38,8 @@ class Suffix:
     `modules`: decoder layers from the first one holding a patch (`Patched`, or an mlp-site patch
     on its MLP output, `lp.patch.OutputPatched`), then the final norm (only the norm when the first
     patch wraps it). `patches`: every `LinearPatch` of the model, the trainable matrices (for an
-    mlp-site kind: the correction T after down_proj, folded into it when saved). `prefix(ids)` -> hidden state entering `modules[0]` `[B,T,D]` (no
-    grad, no autocast); `hidden(h)` -> final-normed hidden `[B,T,D]`; `logits_at(hn, idx)` -> logits
+    mlp-site kind: the correction T after down_proj, folded into it when saved).
+    `prefix(ids)` -> hidden state entering `modules[0]` `[B,T,D]` (no grad, no autocast); `hidden(h)` -> final-normed hidden `[B,T,D]`; `logits_at(hn, idx)` -> logits
     `[B,T,k]` at vocabulary indices `idx`; `logits(hn)` -> full logits `[B,T,V]` (`lp.replay.Head`).
     """
 

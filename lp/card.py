@@ -12,7 +12,9 @@ import logging
 import os
 from pathlib import Path
 
-from lp.export import META_FILE, save_pruned
+import torch
+
+from lp.export import META_FILE, VERIFY_TOL, save_pruned
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +30,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("{path}")
 tokenizer = AutoTokenizer.from_pretrained("{path}")
 ```
-The uniform scalar patch is folded into the weights (each `o_proj` / `down_proj` after a cut divided by
-its scale; exact by RMSNorm scale invariance up to the norm's eps), so this is a plain checkpoint of
-the base architecture: no lp and no remote code needed.""",
+Every patch is folded into existing weights (see "Folded patches" above), so this is a plain checkpoint
+of the base architecture with fewer layers: no lp and no remote code needed.""",
     "custom": """```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("{path}", trust_remote_code=True)
@@ -44,6 +45,20 @@ the base architecture without the patch. With lp installed, `lp.load_pruned("{pa
 }
 
 
+def fold_why(cut: dict) -> str:
+    """Why the folded patch of one `lp_patch.json` cut reproduces the model (the card's column)."""
+    if cut["kind"] == "scalar":
+        return ("P = s I with s > 0, and every reader of the residual stream is a scale-invariant RMSNorm: "
+                "dividing every later writer (o_proj, down_proj) by s gives the same normalised inputs "
+                "(exact up to the norms' eps)")
+    if cut["folded_into"].endswith("(diagonal T)"):
+        return ("T is diagonal and multiplies the output x_hat (c + w) of the layer's post-feedforward norm: "
+                "its weight becomes (c + w) T - c (exact up to float rounding)")
+    return (f"{cut['kind']} multiplies the MLP output y = x W^T (+ b) of the last kept layer before the cut by "
+            "T, and y T = x (T^T W)^T (+ b T): one linear map, stored as that down_proj's weight (the "
+            "in-memory model computed it the same way: identical logits)")
+
+
 def save_with_card(model, tokenizer, path, result: dict, width=None) -> tuple[str, dict | None]:
     """`save_pruned` + card, for a run; returns (folder, `result["export"]`: layout, why not folded).
     A scalar patch that had to be saved as custom code is a loud warning in `result["warnings"]`.
@@ -51,14 +66,25 @@ def save_with_card(model, tokenizer, path, result: dict, width=None) -> tuple[st
     meta = {"name": result["name"], "removed_layers": result["pruning"]["removed_layers"], "patch": result["patch"]}
     if width is not None:
         return str(width.save(model, tokenizer, path, meta)), None
-    folder = save_pruned(model, tokenizer, path, meta)
+    plain_only = bool(((result.get("config") or {}).get("patch") or {}).get("foldable", False))
+    folder = save_pruned(model, tokenizer, path, meta, plain_only=plain_only)
     info = json.loads((folder / META_FILE).read_text())
     if info["mode"] == "custom" and all(c.get("kind") == "scalar" for c in info["cuts"]):
         msg = f"scalar patch not folded ({info['fold_refused']}): the saved model needs trust_remote_code=True"
         log.warning(msg)
         result.setdefault("warnings", []).append(msg)
+    export = {"mode": info["mode"], "fold_refused": info["fold_refused"]}
+    if "fold_deviation" in info:  # patch.foldable=true: the folded model is now the in-memory one
+        export["fold_deviation"] = info["fold_deviation"]
+        msg = (f"patch.foldable=true: the patches are folded into the weights in memory too (the model evaluated is "
+               f"the saved checkpoint); logits moved by {info['fold_deviation']:.3g} of max |logit|")
+        if info["fold_deviation"] > VERIFY_TOL.get(getattr(torch, info["dtype"]), 2e-2):
+            log.warning("!!! %s", msg)
+            result.setdefault("warnings", []).append(msg)
+        else:
+            log.info(msg)
     write_card(folder, result)
-    return str(folder), {"mode": info["mode"], "fold_refused": info["fold_refused"]}
+    return str(folder), export
 
 
 def write_card(folder, result: dict) -> Path:
@@ -114,7 +140,13 @@ def body(folder: Path, result: dict, info: dict) -> str:
     ]
     out = [f"# {result.get('name') or folder.name}", "",
            "Layer-pruned with lp (layer pruning of LLMs with LinearPatch).", "",
-           "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "", "## Metrics", "", _metrics(result), ""]
+           "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
+    folded = [c for c in info.get("cuts", []) if c.get("folded_into")]
+    if folded:
+        out += ["## Folded patches", "", "| cut | kind | folded into | why it is exact |", "|---|---|---|---|",
+                *[f"| [{c['start']}, {c['end']}) | {c['kind']} | {c['folded_into']} | {fold_why(c)} |"
+                  for c in folded], ""]
+    out += ["## Metrics", "", _metrics(result), ""]
     gen = result.get("generation")
     if gen:
         out += ["## Greedy sample", "", f"Prompt: `{gen['prompt']}`", "", "```", gen["prompt"] + gen["completion"], "```", ""]
@@ -144,7 +176,7 @@ def _patch_text(patch: dict, info: dict) -> str:
         return "none"
     basis = f", basis {patch['hadamard']}" if patch.get("hadamard") else ""
     seed = f" (seed {patch['hadamard_seed']})" if patch.get("hadamard_seed") is not None else ""
-    cuts = ", ".join(f"[{c['start']}, {c['end']})" for c in info.get("cuts", []))
+    cuts = ", ".join(f"[{c['start']}, {c['end']}) {c['kind']}" for c in info.get("cuts", []))
     return f"{kind}{basis}{seed}; one D x D patch per cut: {cuts}"
 
 

@@ -3,10 +3,12 @@
 `save_pruned(model, tokenizer, path)` picks one of three layouts (`lp_patch.json` "mode"):
 
 * `plain`  - no patch: the pruned model's `save_pretrained` files; stock `from_pretrained` loads it.
-* `folded` - every patch is a positive uniform scalar s (weight exactly s*I) and the architecture passes
-  `fold_refusal`: the patch is folded into existing weights and the folder is a plain checkpoint of the
-  base architecture (stock `from_pretrained`, no lp, no remote code). See `folded_state_dict`.
-* `custom` - any other patch (diag, rotate, lstsq, distilled, ...): the folder's config gets
+* `folded` - every patch folds into existing weights (`lp.fold`: a positive uniform scalar s*I on an
+  architecture that passes `fold_refusal`; lstsq_mlp / rotate_mlp, T on a layer's MLP output, into its
+  down_proj): the folder is a plain checkpoint of the base architecture (stock `from_pretrained`, no lp,
+  no remote code). See `folded_state_dict`.
+* `custom` - any other patch (diag, rotate, lstsq, distilled, ...): mlp-site patches are folded as above
+  (they have no other form) and the folder's config gets
   `model_type = "lp_patched_<base>"`, `architectures = ["LpPatchedForCausalLM"]` and an `auto_map` to
   `modeling_lp.py` (copied from `lp/modeling_lp.py`), a subclass of the base architecture that applies
   each patch before the module it feeds. `from_pretrained(folder, trust_remote_code=True)` gives the lp
@@ -19,28 +21,13 @@ the model falls back to `custom`; any other mismatch is an error and nothing is 
 `load_pruned(path)` returns `(model, tokenizer)`: lp's own in-memory form (patches as `Patched`
 wrappers, as after a run) for every layout.
 
-Why folding a scalar is exact (up to the norms' eps): every module that *reads* the residual stream
-of a Llama-style decoder reads it through a scale-invariant RMSNorm (input_layernorm,
-post_attention_layernorm, the final norm), so RMSNorm(c x) = RMSNorm(x) for c > 0 (exactly when eps=0;
-relative deviation ~ eps (1/c^2 - 1) / (2 mean x^2) otherwise). A patch s at a cut multiplies the
-stream there by s. Dividing every *writer* after the cut (each later layer's `o_proj` and `down_proj`,
-weight and bias) by s instead leaves the stream after the cut equal to (patched stream) / s everywhere,
-and every reader sees the same normalised input: the same logits. Writers *before* the cut
-(embeddings included) are untouched, so tied embeddings, Gemma-style embedding scaling and a cut at
-the very start need no special case; a cut at the end (the patch feeds the final norm) folds into
-nothing. Several cuts compose: a layer after cuts with scales s1, s2 divides by s1*s2.
-The argument fails, and `fold_refusal` says so, when: s <= 0 (RMSNorm(-x) = -RMSNorm(x)) or s is not
-finite; the patch is not exactly s*I; a layer writes to the stream through anything other than
-`self_attn.o_proj` / `mlp.down_proj` (sandwich/post norms as in Gemma2/3 or OLMo2, parallel blocks,
-MoE experts); a norm is not an RMSNorm or has a bias. Unknown forward code the check cannot see
-(e.g. a constant added to the stream) is caught by the verification.
+Why each fold is exact, and where it is refused: `lp.fold`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 from pathlib import Path
@@ -50,8 +37,9 @@ from safetensors import safe_open
 from torch import nn
 
 from lp.devices import input_device, is_offloaded, model_dtype, state_dict
+from lp.fold import fold_refusal, folded_state_dict, mlp_fold_refusal, pruned_index, scalar_of  # noqa: F401
 from lp.models import Decoder, resolve_dtype
-from lp.patch import LinearPatch, insert_patches, strip_patches
+from lp.patch import LinearPatch, insert_patches, removed_runs, strip_patches
 
 log = logging.getLogger(__name__)
 
@@ -63,76 +51,16 @@ FORMAT = 2
 VERIFY_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
 
 
-# --------------------------------------------------------------------------- folding
-def scalar_of(patch: LinearPatch) -> float | None:
-    """s if `patch.weight` is exactly s * I, else None."""
-    w = patch.weight.detach()
-    s = w[0, 0].item()
-    return s if torch.equal(w, s * torch.eye(w.shape[0], dtype=w.dtype, device=w.device)) else None
-
-
-def fold_refusal(model: nn.Module, patches: dict[int, LinearPatch]) -> str | None:
-    """Why the patches of `model` (a stripped pruned model) cannot be folded exactly; None if they can."""
-    for p in patches.values():
-        s = scalar_of(p)
-        if s is None:
-            return f"the {p.kind} patch at cut [{p.start}, {p.end}) is not a uniform scalar s*I"
-        if not (math.isfinite(s) and s > 0):
-            return f"the scalar patch at cut [{p.start}, {p.end}) has s={s}; folding needs a finite s > 0"
-    dec = Decoder(model)
-    norms = [("model.norm", dec.norm)]
-    for i, layer in enumerate(dec.layers):
-        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if not (isinstance(getattr(attn, "o_proj", None), nn.Linear) and isinstance(getattr(mlp, "down_proj", None), nn.Linear)):
-            return f"layer {i} ({type(layer).__name__}) does not write to the stream through self_attn.o_proj and mlp.down_proj"
-        names = {n for n, m in layer.named_children() if "norm" in type(m).__name__.lower()}
-        if names != {"input_layernorm", "post_attention_layernorm"}:
-            return (f"layer {i} ({type(layer).__name__}) has norms {sorted(names)}; folding needs exactly the "
-                    "pre-norms input_layernorm and post_attention_layernorm (no sandwich/post norms)")
-        norms += [(f"layer {i}.{n}", getattr(layer, n)) for n in sorted(names)]
-    for name, norm in norms:
-        if "rmsnorm" not in type(norm).__name__.lower() or getattr(norm, "bias", None) is not None:
-            return f"{name} is a {type(norm).__name__}; folding needs a scale-invariant RMSNorm without bias"
-    return None
-
-
-def folded_state_dict(model: nn.Module, patches: dict[int, LinearPatch]) -> tuple[dict, list[dict]]:
-    """State dict of the stripped pruned `model` with each scalar patch folded into the writers after
-    its cut (see the module docstring); returns (state dict, one record per cut for `lp_patch.json`).
-    Factors are applied in float32 and cast back to each tensor's dtype; the model is not modified."""
-    dec = Decoder(model)
-    names = {id(m): n for n, m in model.named_modules()}
-    factor = [1.0] * dec.num_layers
-    records = []
-    for p in sorted(patches.values(), key=lambda p: p.start):
-        s, first = scalar_of(p), pruned_index(p, patches)
-        for k in range(first, dec.num_layers):
-            factor[k] /= s
-        records.append({"start": p.start, "end": p.end, "kind": p.kind, "scale": s,
-                        "folded_into": f"o_proj/down_proj of pruned layers {first}..{dec.num_layers - 1}"
-                        if first < dec.num_layers else "nothing (the final norm is scale-invariant)"})
-    sd = dict(state_dict(model))
-    for k, f in enumerate(factor):
-        if f == 1.0:
-            continue
-        layer = dec.layers[k]
-        for mod in (layer.self_attn.o_proj, layer.mlp.down_proj):
-            for pname, t in mod.named_parameters(recurse=False):
-                key = f"{names[id(mod)]}.{pname}"
-                sd[key] = (sd[key].float() * f).to(t.dtype)  # sd: onloaded (lp.devices.state_dict)
-    return sd, records
-
-
-def pruned_index(patch: LinearPatch, patches: dict[int, LinearPatch]) -> int:
-    """Pruned index of the kept layer the patch feeds (= the pruned layer count for a cut at the end)."""
-    return patch.end - sum(p.end - p.start for p in patches.values() if p.end <= patch.end)
-
-
 # --------------------------------------------------------------------------- save
-def save_pruned(model: nn.Module, tokenizer, path, meta: dict | None = None, verify: bool = True) -> Path:
+def save_pruned(model: nn.Module, tokenizer, path, meta: dict | None = None, verify: bool = True,
+                plain_only: bool = False) -> Path:
     """Save the pruned (+ patched) `model` to folder `path` (layouts: module docstring) and return `path`.
     Written into a temporary sibling folder, verified (`verify_saved`), then swapped in; an existing
-    `path` must be an earlier `save_pruned` folder (or empty), anything else is refused."""
+    `path` must be an earlier `save_pruned` folder (or empty), anything else is refused. `plain_only`
+    (`patch.foldable=true`): a model that would need the custom layout is an error, nothing written;
+    a folded save is adopted in memory (`adopt_fold`: the model becomes the folded checkpoint, so what
+    is evaluated afterwards is what was shipped; `lp_patch.json` "fold_deviation" = how far that moved
+    the logits: 0 for lstsq_mlp / rotate_mlp, the RMSNorm eps effect for a scalar)."""
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not (path / META_FILE).is_file():
         raise FileExistsError(f"{path} exists and is not a save_pruned folder ({META_FILE} missing); not overwriting it")
@@ -141,9 +69,15 @@ def save_pruned(model: nn.Module, tokenizer, path, meta: dict | None = None, ver
     tmp.mkdir(parents=True)
     try:
         info = _write_pruned(model, tokenizer, tmp, meta, fold=True)
+        if plain_only and info["mode"] == "custom":
+            raise RuntimeError(f"save_pruned: patch.foldable=true but the patches do not fold ({info['fold_refused']}); "
+                               f"nothing written to {path}")
+        if plain_only and info["mode"] == "folded":
+            info["fold_deviation"] = adopt_fold(model)
+            (tmp / META_FILE).write_text(json.dumps(info, indent=2, default=str))
         if verify:
             err = verify_saved(tmp, model, info["mode"])
-            if err is not None and info["mode"] == "folded":
+            if err is not None and info["mode"] == "folded" and not plain_only:
                 log.warning("export: the folded checkpoint does not reproduce the model (%s); saving the "
                             "custom-class layout instead", err)
                 shutil.rmtree(tmp)
@@ -164,19 +98,25 @@ def save_pruned(model: nn.Module, tokenizer, path, meta: dict | None = None, ver
 def _write_pruned(model: nn.Module, tokenizer, path: Path, meta: dict | None, fold: bool, why: str | None = None) -> dict:
     patches = strip_patches(model)
     try:
+        mlp = {a: p for a, p in patches.items() if p.site == "mlp"}
+        for p in mlp.values():  # mlp-site patches exist only in folded form: no custom-class fallback
+            if (err := mlp_fold_refusal(model, p, patches)) is not None:
+                raise ValueError(f"save_pruned: cannot save the {p.kind} patch: {err}")
+        refusal = (fold_refusal(model, patches) if fold else why) if patches else None
         if not patches:
             mode, state, records = "plain", None, []
+        elif refusal is None:
+            mode, (state, records) = "folded", folded_state_dict(model, patches)
         else:
-            refusal = fold_refusal(model, patches) if fold else why
-            if refusal is None:
-                mode, (state, records) = "folded", folded_state_dict(model, patches)
-            else:
-                mode, state, records = "custom", *_custom_state_dict(model, patches)
+            rest = {a: p for a, p in patches.items() if a not in mlp}
+            state, records = folded_state_dict(model, mlp, patches) if mlp else (None, [])
+            state, custom = _custom_state_dict(model, rest, patches, state)
+            mode, records = "custom", sorted([*records, *custom], key=lambda r: r["start"])
         model.save_pretrained(path, state_dict=state if state is not None or not is_offloaded(model) else state_dict(model))
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
         if mode == "custom":
-            _write_custom_config(path, model, records)
+            _write_custom_config(path, model, [r for r in records if "module" in r])
     finally:
         insert_patches(model, patches)
     ps = sorted(patches.values(), key=lambda p: p.start)
@@ -185,7 +125,7 @@ def _write_pruned(model: nn.Module, tokenizer, path: Path, meta: dict | None, fo
         "dtype": str(model_dtype(model)).removeprefix("torch."),
         "base_model_type": model.config.model_type, "base_architecture": type(model).__name__,
         "num_layers_dense": ps[0].num_layers if ps else None,
-        "removed_layers": sorted(i for p in ps for i in range(p.start, p.end)),
+        "removed_layers": sorted(i for a, b in removed_runs(patches) for i in range(a, b)),
         "cuts": [{**r, "scales": None if p.scales is None else p.scales.cpu().tolist()} for p, r in zip(ps, records, strict=True)],
         "meta": meta or {},
     }
@@ -193,13 +133,15 @@ def _write_pruned(model: nn.Module, tokenizer, path: Path, meta: dict | None, fo
     return info
 
 
-def _custom_state_dict(model: nn.Module, patches: dict[int, LinearPatch]) -> tuple[dict, list[dict]]:
-    """Base weights under their own names + `<module>.lp_patch.weight` (float32) per cut."""
+def _custom_state_dict(model: nn.Module, patches: dict[int, LinearPatch], all_patches: dict[int, LinearPatch],
+                       state: dict | None = None) -> tuple[dict, list[dict]]:
+    """Base weights under their own names (from `state` when given, e.g. with mlp-site patches folded)
+    + `<module>.lp_patch.weight` (float32) per cut of `patches`; `all_patches` number the pruned layers."""
     dec = Decoder(model)
     names = {id(m): n for n, m in model.named_modules()}
-    sd, records = dict(state_dict(model)), []
+    sd, records = dict(state if state is not None else state_dict(model)), []
     for p in sorted(patches.values(), key=lambda p: p.start):
-        k = pruned_index(p, patches)
+        k = pruned_index(p, all_patches)
         module = names[id(dec.norm if k == dec.num_layers else dec.layers[k])]
         sd[f"{module}.lp_patch.weight"] = p.weight.detach().float().cpu().contiguous()
         records.append({"start": p.start, "end": p.end, "kind": p.kind, "module": module})
@@ -222,16 +164,33 @@ def _write_custom_config(path: Path, model: nn.Module, records: list[dict]) -> N
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+def adopt_fold(model: nn.Module) -> float:
+    """Fold the patches of `model` into its own weights in place (`folded_state_dict`; they must fold)
+    and remove them; returns max |logit change| / max |logit| on `probe_ids` (0 when exact)."""
+    ids = probe_ids(model)
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits.float()
+        patches = strip_patches(model)
+        model.load_state_dict(folded_state_dict(model, patches)[0])
+        got = model(input_ids=ids, use_cache=False).logits.float()
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+
+
 # --------------------------------------------------------------------------- verify / load
-def verify_saved(path: Path, model: nn.Module, mode: str, tokens: int = 16) -> str | None:
+def probe_ids(model: nn.Module, tokens: int = 16) -> torch.Tensor:
+    """Fixed token ids [2, tokens] on the model's device: the input save checks compare logits on."""
+    ids = torch.arange(2 * tokens).reshape(2, tokens) * 7919 % model.config.vocab_size
+    return ids.to(next(model.parameters()).device)
+
+
+def verify_saved(path: Path, model: nn.Module, mode: str) -> str | None:
     """Reload `path` as a user would (stock `from_pretrained`; `trust_remote_code=True` for `custom`)
     and compare logits on a fixed input with the in-memory `model`. None if they agree within
     `VERIFY_TOL` (relative to max |logit|), else a description of the mismatch."""
     from transformers import AutoModelForCausalLM
 
     device, dtype = input_device(model), model_dtype(model)
-    vocab = model.config.vocab_size
-    ids = (torch.arange(2 * tokens).reshape(2, tokens) * 7919 % vocab).to(device)
+    ids = probe_ids(model)
     back = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=mode == "custom")
     back = back.to(device).eval()
     with torch.no_grad():
@@ -283,7 +242,7 @@ def base_config(path: Path):
 
 def _patch(weight: torch.Tensor, cut: dict, info: dict) -> LinearPatch:
     s = None if cut.get("scales") is None else torch.tensor(cut["scales"])
-    return LinearPatch(weight, cut["start"], cut["end"], info["num_layers_dense"], cut["kind"], s)
+    return LinearPatch(weight, cut["start"], cut["end"], info["num_layers_dense"], cut["kind"], s, info["removed_layers"])
 
 
 def _load_custom(path: Path, info: dict, config, dtype) -> nn.Module:
@@ -298,12 +257,13 @@ def _load_custom(path: Path, info: dict, config, dtype) -> nn.Module:
         model, loading = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, output_loading_info=True)
     finally:
         hf_logging.set_verbosity(level)
-    weights = _read_tensors(path, {f"{c['module']}.lp_patch.weight" for c in info["cuts"]})
+    weights = _read_tensors(path, {f"{c['module']}.lp_patch.weight" for c in info["cuts"] if "module" in c})
     missing = set(loading["missing_keys"]) - _tied_keys(model)
     if set(loading["unexpected_keys"]) != set(weights) or missing or loading.get("mismatched_keys"):
         raise RuntimeError(f"{path}: unexpected checkpoint contents (missing {sorted(missing)}, unexpected "
                            f"{sorted(loading['unexpected_keys'])}, mismatched {loading.get('mismatched_keys')})")
-    insert_patches(model, {c["start"]: _patch(weights[f"{c['module']}.lp_patch.weight"], c, info) for c in info["cuts"]})
+    insert_patches(model, {c["start"]: _patch(weights[f"{c['module']}.lp_patch.weight"], c, info)
+                           for c in info["cuts"] if "module" in c}, removed=info["removed_layers"])
     return model.eval()
 
 

@@ -285,52 +285,66 @@ class StreamCache:
 
     Positions 0..m-1 are stored as they are first computed, where m = max(1, budget // bytes of
     one position) (H_0 is always stored). A position beyond the budget is recomputed by walking
-    forward from the highest stored one into a single reusable buffer, so walking positions in
-    increasing order costs one layer call per step either way; the tensor `get` returns stays
-    valid until the next `get`. `remove(p)` drops `kept[p]`: H_0..H_p stay valid (H_p now enters
-    the next layer), every stored position after p is discarded and recomputed on demand.
-    Memory: min(m, len(kept)) + 1 positions of N*T*D elements at most.
+    forward from the highest known one (stored or buffered) into one of `buffers` reusable buffers
+    (the least recently used; a buffer a walk starts from is kept, so with 2 buffers h_{a-1} and h_a
+    stay side by side), so walking positions in increasing order costs one layer call per step either
+    way; the tensor `get` returns stays valid until a later `get` reuses its buffer. `remove(p)` drops
+    `kept[p]`: H_0..H_p stay valid (H_p now enters the next layer), every stored or buffered position
+    after p is discarded and recomputed on demand. Memory: min(m, len(kept)) + `buffers` positions of
+    N*T*D elements at most.
     """
 
-    def __init__(self, runner: Replay, kept: list[int], budget_bytes: float):
+    def __init__(self, runner: Replay, kept: list[int], budget_bytes: float, buffers: int = 1):
         self.runner = runner
         self.kept = list(kept)
         h0 = runner.embed()
         self.bytes_per_position = h0.numel() * h0.element_size()
         self.max_stored = max(1, int(budget_bytes // self.bytes_per_position))
         self.stored: dict[int, Tensor] = {0: h0}
-        self._buf: Tensor | None = None
-        self._buf_pos: int | None = None
+        self.buffers = max(1, buffers)
+        self._bufs: dict[int, Tensor] = {}  # position -> buffer, least recently used first
+        self._spare: list[Tensor] = []  # buffers whose position was invalidated
 
     def get(self, p: int) -> Tensor:
         if not 0 <= p < len(self.kept):
             raise IndexError(f"position {p} out of range 0..{len(self.kept) - 1}")
         if p in self.stored:
             return self.stored[p]
-        if self._buf_pos == p:
-            return self._buf
-        q = max(k for k in self.stored if k < p)
-        h = self.stored[q]
-        if self._buf_pos is not None and q < self._buf_pos < p:
-            q, h = self._buf_pos, self._buf
+        if p in self._bufs:
+            self._bufs[p] = self._bufs.pop(p)  # most recently used
+            return self._bufs[p]
+        q = max(k for k in (*self.stored, *self._bufs) if k < p)
+        h = self.stored[q] if q in self.stored else self._bufs[q]
+        walking = None  # the buffer this walk writes into (in place after its first step)
         while q < p:
             if q + 1 < self.max_stored:
                 out = self.stored[q + 1] = torch.empty_like(h)
             else:
-                if self._buf is None:
-                    self._buf = torch.empty_like(h)
-                out = self._buf
+                out = walking if walking is not None else self._buffer(keep=q, like=h)
+                walking = out
             self.runner.advance(h, self.kept[q], out)
-            h, q = out, q + 1
-        self._buf_pos = p if h is self._buf else self._buf_pos
+            q += 1
+            if out is walking:  # record the buffer's new position, most recently used
+                for k in [k for k, b in self._bufs.items() if b is out]:
+                    del self._bufs[k]
+                self._bufs[q] = out
+            h = out
         return h
+
+    def _buffer(self, keep: int, like: Tensor) -> Tensor:
+        """A buffer to write into: a spare or new one while fewer than `buffers` exist, else the least
+        recently used one that does not hold position `keep` (with a single buffer: that one, in place)."""
+        if len(self._bufs) < self.buffers:
+            return self._spare.pop() if self._spare else torch.empty_like(like)
+        victims = [k for k in self._bufs if k != keep]
+        return self._bufs.pop(victims[0] if victims else keep)
 
     def remove(self, p: int) -> None:
         """Drop the layer at position p from `kept`, invalidating the positions after it."""
         del self.kept[p]
         self.stored = {k: v for k, v in self.stored.items() if k <= p}
-        if self._buf_pos is not None and self._buf_pos > p:
-            self._buf_pos = None
+        for k in [k for k in self._bufs if k > p]:
+            self._spare.append(self._bufs.pop(k))
 
     def info(self, budget_gb: float) -> dict:
         """Cache settings for result.json."""

@@ -22,12 +22,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import contextmanager
 
 import torch
 
 from lp import data
 from lp.models import Decoder
-from lp.patch import LinearPatch, fit_patches, kinds_to_fit, patch_info, runs_of
+from lp.patch import LinearPatch, OutputPatched, fit_patches, kinds_to_fit, own_kinds, patch_info, runs_of
+from lp.patches._mlp import site
 from lp.pruners.base import Selection
 from lp.replay import Replay, StreamCache
 
@@ -60,38 +62,56 @@ class Heldout:
     `windows` [N, T] token ids. `nll(removed, patches)`: `removed` dense indices, `patches`
     {run start a: LinearPatch or None}; the patch of run [a, b) multiplies the stream entering
     dense layer b (the final norm when b = L). The dense prefix before the first removed layer
-    is cached per start (the latest one only)."""
+    is cached per start (the latest two)."""
 
     def __init__(self, model, windows: torch.Tensor, batch_size: int = 1):
         self.replay = Replay(model, windows, batch_size)
         self.num_layers = self.replay.num_layers
         self.num_windows = len(windows)
-        self._streams: StreamCache | None = None  # h_0 and the latest stream walked to (budget 0)
+        self._streams: StreamCache | None = None  # h_0 and the latest stream walked to (budget 0, two buffers: h_{a-1} for mlp-site patches beside h_a)
         self.calls = 0
 
     def _stream(self, start: int) -> torch.Tensor:
         """The dense stream entering layer `start` [N, T, D] (a cached tensor: do not modify)."""
         if self._streams is None:
             # positions 0..L are the streams entering layers 0..L-1 and h_L (the last entry never runs)
-            self._streams = StreamCache(self.replay, list(range(self.num_layers + 1)), 0)
+            self._streams = StreamCache(self.replay, list(range(self.num_layers + 1)), 0, buffers=2)
         return self._streams.get(start)
 
     @torch.inference_mode()
     def nll(self, removed, patches: dict[int, LinearPatch | None] | None = None) -> float:
         removed = sorted(set(int(i) for i in removed))
-        ends = {b: (patches or {}).get(a) for a, b in runs_of(removed)}
-        start = removed[0] if removed else self.num_layers
+        runs = [(a, b, (patches or {}).get(a)) for a, b in runs_of(removed)]
+        ends = {b: p for a, b, p in runs if p is not None and p.site == "input"}
+        mlps = {a - 1: p for a, b, p in runs if p is not None and p.site == "mlp"}  # patch on layer a-1's MLP output
+        start = min([removed[0] if removed else self.num_layers, *mlps])
         x = self._stream(start).clone()
         for layer in range(start, self.num_layers):
             if layer in removed:
                 continue
             if ends.get(layer) is not None:
                 x = ends[layer](x)
-            self.replay.advance(x, layer, x)
+            with mlp_patched(self.replay.layers[layer], mlps.get(layer)):
+                self.replay.advance(x, layer, x)
         if ends.get(self.num_layers) is not None:
             x = ends[self.num_layers](x)
         self.calls += 1
         return self.replay.nll(x, []).mean().item()
+
+
+@contextmanager
+def mlp_patched(layer, patch: LinearPatch | None):
+    """`layer` with `patch` on its MLP output (`lp.patch.OutputPatched`) inside the block (no-op for None)."""
+    if patch is None:
+        yield
+        return
+    parent, name = site(layer)
+    inner = getattr(parent, name)
+    setattr(parent, name, OutputPatched(inner, patch))
+    try:
+        yield
+    finally:
+        setattr(parent, name, inner)
 
 
 # --------------------------------------------------------------------------- patches
@@ -100,7 +120,7 @@ def fit_and_verify(ctx, removed, patch_cfg, heldout: Heldout | None) -> tuple[di
     `patch=auto`, choose per cut. Returns `(patches to insert {a: LinearPatch}, result["patch"], warnings)`."""
     kind = patch_cfg.kind
     t0 = time.perf_counter()
-    kinds = kinds_to_fit(patch_cfg, Decoder(ctx.model).hidden_size)
+    kinds = kinds_to_fit(patch_cfg, Decoder(ctx.model).hidden_size, ctx.model, runs_of(removed))
     fitted, fit_info = fit_patches(ctx, removed, patch_cfg, kinds) if kinds else ({}, None)
     fit_seconds = time.perf_counter() - t0
     runs = runs_of(removed)
@@ -108,7 +128,7 @@ def fit_and_verify(ctx, removed, patch_cfg, heldout: Heldout | None) -> tuple[di
     record, warnings = None, []
     if heldout is not None:
         t1 = time.perf_counter()
-        own = list(patch_cfg.candidates) if kind == "auto" else [kind]
+        own = [k for k in own_kinds(patch_cfg) if k in fitted]  # foldable / bridgeable candidates only
         record, warnings = verify_patches(heldout, removed, fitted, kind, own)
         record["seconds"] = {"fit": round(fit_seconds, 3), "verify": round(time.perf_counter() - t1, 3)}
     if kind == "auto":

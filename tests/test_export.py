@@ -255,8 +255,8 @@ def test_a_save_that_does_not_reproduce_the_model_is_an_error(tmp_path, monkeypa
     model = pruned("llama", [3, 4], "rotate")
     real = export_mod._custom_state_dict
 
-    def drops_the_patch(m, ps):
-        sd, rec = real(m, ps)
+    def drops_the_patch(m, ps, *rest):
+        sd, rec = real(m, ps, *rest)
         sd["model.layers.3.lp_patch.weight"] = torch.eye(D)
         return sd, rec
 

@@ -105,7 +105,8 @@ def test_every_kind_writes_complete_cut_records(dense):
     kinds = [k for k in patches.KINDS if k != "none"]
     _, info = fit_patches(make_ctx(model, windows, {}), [1, 2, 5], cfg(), kinds)
     filled = {"scalar": ["scale"], "diag": ["scale_median"], "rotate": ["scale_median"],
-              "rotate_outlier": ["massive_channels", "scale_median"], "lstsq": ["ridge", "tokens"]}
+              "rotate_outlier": ["massive_channels", "scale_median"], "lstsq": ["ridge", "tokens"],
+              "lstsq_mlp": ["ridge", "tokens"], "rotate_mlp": ["ridge", "tokens", "scale_median"]}
     for kind in kinds:
         for rec, (a, b) in zip(info["cuts"][kind], [(1, 3), (5, 6)], strict=True):
             assert tuple(rec) == CUT_FIELDS

@@ -18,7 +18,7 @@ from torch import nn
 
 from lp import models
 from lp.devices import model_dtype
-from lp.patch import Patched
+from lp.patch import Patched, find_patches
 from lp.replay import Head, LayerCalls, Replay
 
 
@@ -35,23 +35,25 @@ def topk_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 class Suffix:
     """The student from its first patched module onwards, replayed with `lp.replay.LayerCalls`.
 
-    `modules`: decoder layers from the first `Patched` one, then the final norm (only the norm when
-    the first patch wraps it). `prefix(ids)` -> hidden state entering `modules[0]` `[B,T,D]` (no
-    grad, no autocast); `hidden(h)` -> final-normed hidden `[B,T,D]`; `logits_at(hn, idx)` -> logits
+    `modules`: decoder layers from the first one holding a patch (`Patched`, or an mlp-site patch
+    on its MLP output, `lp.patch.OutputPatched`), then the final norm (only the norm when the first
+    patch wraps it). `patches`: every `LinearPatch` of the model, the trainable matrices (for an
+    mlp-site kind: the correction T after down_proj, folded into it when saved).
+    `prefix(ids)` -> hidden state entering `modules[0]` `[B,T,D]` (no grad, no autocast); `hidden(h)` -> final-normed hidden `[B,T,D]`; `logits_at(hn, idx)` -> logits
     `[B,T,k]` at vocabulary indices `idx`; `logits(hn)` -> full logits `[B,T,V]` (`lp.replay.Head`).
     """
 
     def __init__(self, model: nn.Module):
         dec = models.Decoder(model)
         layers, norm = list(dec.layers), dec.norm
-        starts = [i for i, m in enumerate(layers) if isinstance(m, Patched)]
+        starts = [i for i, m in enumerate(layers) if find_patches(m)]  # Patched, or an mlp-site patch inside
         if starts:
             self.modules, self.start = [*layers[starts[0]:], norm], f"model.layers.{starts[0]}"
         elif isinstance(norm, Patched):
             self.modules, self.start = [norm], "model.norm"
         else:
             raise ValueError("distill: the model has no patched module to train (patch=none?)")
-        self.patches = [m.patch for m in [*layers, norm] if isinstance(m, Patched)]
+        self.patches = find_patches(model)
         self.calls = LayerCalls(model, self.modules)
         self._head = Head(model)
         self.head = self._head.lm_head

@@ -31,18 +31,32 @@ class Fit:
 
 class PatchKind:
     """One way of bridging a cut. Subclasses set `name`, `paper` (citation + formula, shown in
-    docs) and override `fit`; `uses_rotation` kinds need the Hadamard basis of the hidden size."""
+    docs) and override `fit`; `uses_rotation` kinds need the Hadamard basis of the hidden size.
+
+    `site`: where the patch's x -> x W acts. "input" (default): on the stream entering the first
+    kept module after the cut (`lp.patch.Patched`). "mlp": on the MLP output of the last kept layer
+    *before* the cut (`lp.patch.OutputPatched`), which folds exactly into that layer's `down_proj`.
+    `foldable`: a saved model with this kind is always a plain checkpoint of the base architecture
+    (`patch.foldable=true` allows only such kinds)."""
 
     name = ""
     paper = ""
     uses_rotation = False
+    site = "input"
+    foldable = False
 
     def check(self, patch_cfg, hidden_size: int) -> None:
         """Validate this kind's settings before any weights load (raise ValueError naming the key)."""
 
+    def check_cuts(self, model, runs: list[tuple[int, int]]) -> None:
+        """Raise ValueError when this kind cannot bridge one of the cuts `runs` of the dense `model`
+        (e.g. an "mlp"-site kind at a cut with no kept layer before it); called before any fitting."""
+
     def accumulator(self, source: FitSource, a: int, b: int):
         """None, or an object with `update(xa, xb)` (float32 [B, T, D] each: h_a, h_b of one
-        calibration batch of the dense model) that `fit` then reads as `source.accumulated(self, a, b)`."""
+        calibration batch of the dense model) that `fit` then reads as `source.accumulated(self, a, b)`.
+        It may also have `attach(model) -> list of hook handles` to see other activations of the
+        same forward (hooks removed after the pass)."""
         return None
 
     def fit(self, source: FitSource, a: int, b: int) -> Fit:
@@ -137,4 +151,11 @@ def collect_cuts(model, windows: torch.Tensor, batch_size: int, jobs: dict) -> N
                 acc.update(got[a].to(got[b].device), got[b])
             got.clear()
 
-    Replay(model, windows, batch_size).walk(need[-1], visit)
+    handles = []  # accumulators that read more than the stream (the MLP output: lp.patches._mlp) hook in
+    for _cut, acc in jobs.values():
+        handles += acc.attach(model) if hasattr(acc, "attach") else []
+    try:
+        Replay(model, windows, batch_size).walk(need[-1], visit)
+    finally:
+        for h in handles:
+            h.remove()

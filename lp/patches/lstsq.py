@@ -41,15 +41,20 @@ def ridge_solve(xtx: torch.Tensor, xty: torch.Tensor, ridge: float) -> torch.Ten
     return torch.linalg.lstsq(A, xty).solution  # singular (ridge=0, fewer tokens than dims)
 
 
+def check_ridge(patch_cfg) -> None:
+    """`patch.ridge` (default 1e-4) is a number >= 0."""
+    ridge = patch_cfg.get("ridge", 1e-4)
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or ridge < 0:
+        raise ValueError(f"patch.ridge={ridge!r} must be a number >= 0 (relative to tr(X^T X)/D)")
+
+
 @register
 class LstsqPatch(PatchKind):
     name = "lstsq"
     paper = "ReplaceMe-style ridge least squares (Shopkhoev et al., 2025): W = (X^T X + lam I)^-1 X^T Y"
 
     def check(self, patch_cfg, hidden_size):
-        ridge = patch_cfg.get("ridge", 1e-4)
-        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or ridge < 0:
-            raise ValueError(f"patch.ridge={ridge!r} must be a number >= 0 (relative to tr(X^T X)/D)")
+        check_ridge(patch_cfg)
 
     def accumulator(self, source, a, b):
         return GramSums(source.hidden_size)

@@ -8,6 +8,7 @@ from lp.patches.base import Fit, PatchKind
 class NoPatch(PatchKind):
     name = "none"
     paper = "plain layer removal (no compensation)"
+    foldable = True
 
     def fit(self, source, a, b) -> Fit:
         return Fit(None)

@@ -6,7 +6,9 @@ i.e. the mean of the `diag` scales, as the official code (`magcomp.get_scale_par
 """
 
 import torch
+from torch import nn
 
+from lp.models import Decoder
 from lp.patches import register
 from lp.patches.base import Fit, PatchKind
 
@@ -15,8 +17,29 @@ from lp.patches.base import Fit, PatchKind
 class ScalarPatch(PatchKind):
     name = "scalar"
     paper = "Prune&Comp (Chen et al., AAAI 2026): P = s I, s = mean_c of the per-channel magnitude ratios"
+    foldable = True
 
     def fit(self, source, a, b) -> Fit:
         s = source.stats.scales(a, b, "diag").double().mean()
         D = source.hidden_size
         return Fit(torch.eye(D, dtype=torch.float64) * s, torch.full((D,), s.item()), {"scale": s.item()})
+
+
+def arch_refusal(model: nn.Module) -> str | None:
+    """Why a positive scalar patch cannot be folded into `model`'s architecture (`lp.fold`: every reader
+    of the stream must be a scale-invariant RMSNorm, every writer o_proj / down_proj); None if it can."""
+    dec = Decoder(model)
+    norms = [("model.norm", dec.norm)]
+    for i, layer in enumerate(dec.layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if not (isinstance(getattr(attn, "o_proj", None), nn.Linear) and isinstance(getattr(mlp, "down_proj", None), nn.Linear)):
+            return f"layer {i} ({type(layer).__name__}) does not write to the stream through self_attn.o_proj and mlp.down_proj"
+        names = {n for n, m in layer.named_children() if "norm" in type(m).__name__.lower()}
+        if names != {"input_layernorm", "post_attention_layernorm"}:
+            return (f"layer {i} ({type(layer).__name__}) has norms {sorted(names)}; folding needs exactly the "
+                    "pre-norms input_layernorm and post_attention_layernorm (no sandwich/post norms)")
+        norms += [(f"layer {i}.{n}", getattr(layer, n)) for n in sorted(names)]
+    for name, norm in norms:
+        if "rmsnorm" not in type(norm).__name__.lower() or getattr(norm, "bias", None) is not None:
+            return f"{name} is a {type(norm).__name__}; folding needs a scale-invariant RMSNorm without bias"
+    return None

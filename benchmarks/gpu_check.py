@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-KINDS = ["none", "scalar", "diag", "rotate", "lstsq", "rotate_outlier"]
+KINDS = ["none", "scalar", "diag", "rotate", "lstsq", "rotate_outlier", "lstsq_mlp", "rotate_mlp"]
 
 
 def compose(out: Path, overrides: list[str]):

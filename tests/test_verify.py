@@ -120,7 +120,7 @@ def test_run_records_verification_and_auto(cfg_factory, tmp_path, monkeypatch):
     assert "alternatives" not in rot["pruning"]
     auto = run(cfg_factory(*base, "patch=auto"))
     (choice,) = auto["patch"]["verification"]["choice"]
-    assert auto["patch"]["kind"] == "auto" and set(choice["candidates"]) == {"none", "scalar", "diag", "rotate", "lstsq", "lstsq_mlp", "rotate_mlp"}
+    assert auto["patch"]["kind"] == "auto" and set(choice["candidates"]) == {"none", "scalar", "diag", "rotate", "lstsq", "lstsq_mlp"}
     assert auto["patch"]["num_patches"] == (choice["kind"] != "none")
     saved = json.loads((tmp_path / "result.json").read_text())
     assert saved["patch"]["verification"]["choice"][0]["kind"] == choice["kind"]

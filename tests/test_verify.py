@@ -134,7 +134,8 @@ def test_run_records_verification_and_auto(cfg_factory, tmp_path, monkeypatch):
     (["pruner.rerank=1"], "pruner.rerank=1 must be 0"),
     (["patch=rotate", "patch.kind=rotat"], "did you mean 'rotate'"),
     (["patch=auto", "patch.candidates=[none,rotat]"], "patch.candidates entry='rotat'"),
-    (["calib.nval=-1"], "calib.nval=-1 must be an integer >= 0"),
+    (["calib.nval=-1"], "calib.nval=-1 must be 0 .held-out checks off. or an integer >= 2"),
+    (["calib.nval=1"], "calib.nval=1 must be 0"),
 ])
 def test_run_bad_verification_settings_fail_before_loading(cfg_factory, tmp_path, overrides, msg):
     with pytest.raises(ValueError, match=msg):

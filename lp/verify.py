@@ -126,8 +126,8 @@ def heldout_windows(cfg, tokenizer) -> tuple[torch.Tensor, dict]:
     else:
         win, prov = data.eval_windows(tokenizer, name, split, seqlen, cfg.data.root, cfg.data.source)
         if len(win) > c.nval:
-            pick = torch.randperm(len(win), generator=torch.Generator().manual_seed(c.seed))[:c.nval]
-            win = win[pick.sort().values]
+            # a prefix of one seeded permutation, in its order: the draw for nval=k is the first k of any larger draw
+            win = win[torch.randperm(len(win), generator=torch.Generator().manual_seed(c.seed))[:c.nval]]
         elif len(win) < c.nval:
             log.warning("patch.verify_on=%s:%s has only %d windows of %d tokens (calib.nval=%d): verifying on all of them",
                         name, split, len(win), seqlen, c.nval)

@@ -263,3 +263,22 @@ def test_run_verifying_on_reported_or_unknown_data_fails_before_loading(cfg_fact
     with pytest.raises(ValueError, match=msg):
         run(cfg_factory(*SMALL, "pruner=linearpatch", "pruner.n=2", "patch=rotate", *overrides))
     assert "load" not in json.loads((tmp_path / "result.json").read_text())["timing"]
+
+
+def test_rerank_keeps_the_scores_choice_unless_a_candidate_is_significantly_better(pool):
+    dense, windows, _, _ = pool
+    held = verify.Heldout(dense, windows, 8)
+    d = held.window_nll([5, 6]) - held.window_nll([2, 3])  # the runner-up [5, 6] against the choice [2, 3]
+    noisy, consistent = window_sets(d, -1)
+    outcome = {}
+    for name, idx in (("noisy", noisy), ("consistent", consistent)):
+        sel = Selection([2, 3], {"alternatives": [[5, 6]]})
+        outcome[name] = verify.check_selection(verify.Heldout(dense, windows[idx], 4), sel, rerank=2)[0]
+    kept, moved = outcome["noisy"], outcome["consistent"]
+    (_, runner) = kept.info["heldout_check"]["candidates"]
+    assert runner["nll"] < kept.info["heldout_check"]["candidates"][0]["nll"]  # better on average ...
+    assert not runner["vs_chosen"]["significant"] and runner["vs_chosen"]["n"] == 7  # ... but not significantly
+    assert kept.removed == [2, 3] and kept.info["heldout_check"]["rerank_significant"] is False
+    assert moved.removed == [5, 6] and moved.info["heldout_check"]["rerank_significant"] is True
+    (first, _) = moved.info["heldout_check"]["candidates"]  # after the switch, compared with the new choice
+    assert first["removed"] == [2, 3] and first["vs_chosen"]["diff"] > 0 and first["vs_chosen"]["significant"]

@@ -73,7 +73,7 @@ def measure() -> dict:
     t0 = time.perf_counter()
     get_stats(ctx)  # the calibration pass (disk cache when present)
     stats_s = time.perf_counter() - t0
-    sets = {"calib": verify.heldout_windows(cfg0, tok), "val": verify.heldout_windows(val_cfg, tok)}
+    sets = {"calib": verify.heldout_set(cfg0, tok), "val": verify.heldout_set(val_cfg, tok)}
     test, prov = data.eval_windows(tok, "wikitext2", "test", args.seqlen, root, "auto", args.test_windows)
     sets["test"] = (test, {"on": "wikitext2:test (reported)", "seqlen": args.seqlen, "windows": len(test), **prov})
     out = {"settings": vars(args), "model": cfg0.model.name, "calib_stats_seconds": round(stats_s, 2),

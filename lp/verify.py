@@ -90,7 +90,7 @@ def heldout(cfg, model, tokenizer) -> Heldout | None:
     """The run's `Heldout` on `calib.nval` windows of `patch.verify_on` (None when `calib.nval` is 0)."""
     if not cfg.calib.get("nval"):
         return None
-    windows, source = heldout_windows(cfg, tokenizer)
+    windows, source = heldout_set(cfg, tokenizer)
     return Heldout(model, windows, cfg.calib.batch_size, source=source)
 
 
@@ -106,7 +106,12 @@ def verify_on(value) -> tuple[str, str] | None:
     return name, split
 
 
-def heldout_windows(cfg, tokenizer) -> tuple[torch.Tensor, dict]:
+def heldout_windows(cfg, tokenizer) -> torch.Tensor:
+    """The run's held-out windows `[calib.nval, T]` (`heldout_set` without the description)."""
+    return heldout_set(cfg, tokenizer)[0]
+
+
+def heldout_set(cfg, tokenizer) -> tuple[torch.Tensor, dict]:
     """`([calib.nval, T] windows, what they are)`. `calib`: the calibration sampler's held-out tail
     (`lp.data.sample_windows`, T = `calib.seqlen`); `<corpus>:<split>`: a seeded draw (`calib.seed`)
     of `calib.nval` of the split's non-overlapping windows of T = `eval.ppl.seqlen` (`calib.seqlen`

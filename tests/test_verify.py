@@ -282,3 +282,11 @@ def test_rerank_keeps_the_scores_choice_unless_a_candidate_is_significantly_bett
     assert moved.removed == [5, 6] and moved.info["heldout_check"]["rerank_significant"] is True
     (first, _) = moved.info["heldout_check"]["candidates"]  # after the switch, compared with the new choice
     assert first["removed"] == [2, 3] and first["vs_chosen"]["diff"] > 0 and first["vs_chosen"]["significant"]
+
+
+def test_tables_flag_a_verification_warning_recorded_without_uncertainty(tmp_path):
+    old = ("patch=rotate is WORSE than no patch on held-out windows: NLL 7.1550 vs 7.0690 without (PPL x1.09); "
+           "best here: none (7.0690); patch=auto would choose per cut")
+    md = agg.write_all(_sweep(tmp_path, [_rec("none", 0, ppl=9.0), _rec("shortgpt", 3, "rotate", warnings=[old])]))[
+        "table_md"].read_text()
+    assert f"- ⚠ job 1: {old} [recorded without its uncertainty, before lp issue 26: may not be significant]" in md

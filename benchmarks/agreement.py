@@ -136,13 +136,13 @@ def analyze(out: dict) -> str:
              f"val = `patch.verify_on=wikitext2:validation` ({out['sets']['val']['seqlen']} tokens). "
              f"Margin {MARGIN} nats; significant = |diff| >= {verify.SIGNIFICANCE:g} SE (paired over windows).", "",
              "## Is X worse than no patch? (warning vs the test PPL's verdict)", "",
-             "| held-out | k | rule | agree | warned | false warnings | missed | cost s/config |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| held-out | k | rule | agree | warned | false warnings | missed | agree where the test is sure "
+             "| cost s/config |", "|---|---|---|---|---|---|---|---|---|"]
     summary = {}
     for name in ("calib", "val"):
         for k in ks:
             for rule in ("old", "new"):
-                agree = warned = false = missed = total = 0
+                agree = warned = false = missed = total = sure = sure_agree = 0
                 for r in rows:
                     d, t = decisions(r["nll"][name], k), decisions(r["nll"]["test"], None)
                     for kd in d["worse_old"]:
@@ -152,12 +152,15 @@ def analyze(out: dict) -> str:
                         warned += w
                         false += w and not truth
                         missed += truth and not w
+                        if t["cmp"][kd]["significant"]:  # the test difference itself is >= 2 SE over its windows
+                            sure += 1
+                            sure_agree += w == truth
                 cost = sum(r["seconds"][name] for r in rows) / len(rows) * k / out["settings"]["nval"]
                 summary[(name, k, rule, "warn")] = agree / total
                 lines.append(f"| {name} | {k} | {rule} | {agree}/{total} ({100 * agree / total:.0f}%) | {warned} | "
-                             f"{false} | {missed} | {cost:.0f} |")
+                             f"{false} | {missed} | {sure_agree}/{sure} | {cost:.0f} |")
     lines += ["", "Old rule: difference > margin; new rule: difference > margin and >= 2 SE. Test verdict: test "
-              "NLL difference > margin. Cost: seconds to score all kinds on k windows (scaled from the "
+              "NLL difference > margin; \"the test is sure\": the test difference is itself >= 2 SE over its windows. Cost: seconds to score all kinds on k windows (scaled from the "
               f"{out['settings']['nval']}-window measurement), one thread.", "",
               "## Which kind? (patch=auto vs the lowest test PPL)", "",
               "| held-out | k | rule | same as test best | mean test-PPL regret | max regret |", "|---|---|---|---|---|---|"]
@@ -176,18 +179,19 @@ def analyze(out: dict) -> str:
     lines += ["", "Regret: test PPL of the chosen kind / the lowest test PPL among the kinds (x1.000 = the best).",
               "", "## Per configuration (test PPL; held-out differences vs none as mean ± SE, k = max)", "",
               "| pruner | n | removed | test PPL " + " / ".join(kinds) + " | calib: " + " / ".join(kinds[1:])
-              + " | val: " + " / ".join(kinds[1:]) + " |", "|---|---|---|---|---|---|"]
+              + " | val: " + " / ".join(kinds[1:]) + " | test: " + " / ".join(kinds[1:]) + " |",
+              "|---|---|---|---|---|---|---|"]
     for r in out["configs"]:
         if "nll" not in r:
-            lines.append(f"| {r['pruner']} | {r['n']} | {r['removed']} | same block as {r['same_as']} | | |")
+            lines.append(f"| {r['pruner']} | {r['n']} | {r['removed']} | same block as {r['same_as']} | | | |")
             continue
         t = decisions(r["nll"]["test"], None)
         cells = []
-        for name in ("calib", "val"):
+        for name in ("calib", "val", "test"):
             d = decisions(r["nll"][name], None)
             cells.append(" / ".join(f"{d['cmp'][kd]['diff']:+.3f}±{d['cmp'][kd]['se']:.3f}" for kd in kinds[1:]))
         lines.append(f"| {r['pruner']} | {r['n']} | {r['removed']} | "
-                     + " / ".join(f"{math.exp(t['mean'][kd]):.1f}" for kd in kinds) + f" | {cells[0]} | {cells[1]} |")
+                     + " / ".join(f"{math.exp(t['mean'][kd]):.1f}" for kd in kinds) + f" | {cells[0]} | {cells[1]} | {cells[2]} |")
     return "\n".join(lines) + "\n"
 
 

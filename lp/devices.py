@@ -60,8 +60,10 @@ def execution_device(module: nn.Module) -> torch.device:
 
 
 def input_device(model: nn.Module) -> torch.device:
-    """Where input ids (and hence the first hidden state) go: the input embedding's execution device."""
-    return execution_device(model.get_input_embeddings())
+    """Where input ids (and hence the first hidden state) go: the input embedding's execution device (the
+    model's own for a module without `get_input_embeddings`)."""
+    get = getattr(model, "get_input_embeddings", None)
+    return execution_device(get() if get is not None else model)
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

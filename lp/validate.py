@@ -252,7 +252,9 @@ def against_model(cfg: DictConfig, pruner, num_layers: int, max_positions: int |
     pruner.check(num_layers)
     kind = cfg.patch.kind
     patch_kinds.check_name(kind)
-    verify.check_settings(cfg.calib, kind, getattr(pruner, "rerank", 0))
+    reported = data.ppl_sets(cfg.eval.ppl.datasets, cfg.eval.ppl.split) if cfg.eval.get("ppl") else []
+    verify_on = cfg.patch.get("verify_on", "calib")
+    verify.check_settings(cfg.calib, kind, getattr(pruner, "rerank", 0), verify_on, reported)
     if kind != "none" and pruner.name == "none":
         raise ValueError(f"patch={kind} needs layers to remove, but pruner=none removes nothing")
     if kind != "none" and getattr(pruner, "width", False):
@@ -281,6 +283,8 @@ def against_model(cfg: DictConfig, pruner, num_layers: int, max_positions: int |
     if getattr(pruner, "needs_calibration", False) or kind != "none" or (cfg.calib.get("nval") and pruner.name != "none"):
         # patch scales and the held-out windows need the calibration corpus too
         data.resolve(cfg.calib.corpus, cfg.calib.split, cfg.data.root, cfg.data.source)
+    if (target := verify.verify_on(verify_on)) and cfg.calib.get("nval") and pruner.name != "none":
+        data.resolve(*target, cfg.data.root, cfg.data.source)  # the held-out windows' split (patch.verify_on)
     if cfg.distill.name != "none":
         from lp import distill as distill_mod
 

@@ -1,20 +1,32 @@
 """Held-out verification: never ship a patch (or a selection) worse than the alternative unsaid.
 
-Held-out windows = `calib.nval` windows of `calib.seqlen` tokens from the tail of the calibration
-corpus that `calib.holdout` reserves (`lp.data.sample_windows`): never used to fit a patch
-or score a layer. NLL = mean over held-out windows of the mean next-token NLL (nats).
+Held-out windows (`patch.verify_on`, `calib.nval` of them):
+  * `calib` (default): windows of `calib.seqlen` tokens from the tail of the calibration corpus that
+    `calib.holdout` reserves (`lp.data.sample_windows`): never used to fit a patch or score a layer;
+  * `<corpus>:<split>` (e.g. `wikitext2:validation`): `calib.nval` of the non-overlapping
+    `eval.ppl.seqlen` windows of an evaluation corpus split (GPTQ protocol, a seeded draw with
+    `calib.seed`), which must not be a split the run reports (`check_settings`).
+Per-window NLL = the window's mean next-token NLL (nats); the NLL of a candidate = their mean.
+
+Every decision is a *paired* comparison over the same windows (`paired`): the difference of two
+candidates' per-window NLL, its mean, its standard error SE = sd / sqrt(n) (n = windows, the
+units: windows are drawn independently, the tokens inside one are not) and whether it is
+significant: |mean| >= `SIGNIFICANCE` (2) SE. A warning needs the difference to exceed its margin
+AND be significant, and prints it with its SE and n; `patch=auto` and `pruner.rerank` keep the
+default (no patch; the score's choice) unless an alternative is significantly better.
 
 `Heldout` replays the *dense* model on those windows with the one replay engine (`lp.replay`):
 the stream entering the first layer a candidate removes is computed once (the latest prefix is
 kept); each candidate (a set of removed layers, a patch or None per cut) then costs only the
 layers after that point, the final norm and the LM head.
 
-  * `verify_patches`: held-out NLL with no patch and with every fitted kind at every cut; for
-    `patch=auto` the choice per cut (the best uniform kind, then one pass over the cuts trying
-    each kind at that cut, the others fixed); a warning when the configured kind is worse than none.
+  * `verify_patches`: held-out NLL with no patch and with every fitted kind at every cut, each kind
+    against none (`vs_none`); for `patch=auto` the choice per cut (the best uniform kind, then one
+    pass over the cuts trying each kind at that cut, the others fixed; none unless significantly
+    beaten); a warning when the configured kind is significantly worse than none by > `PATCH_MARGIN`.
   * `check_selection`: held-out NLL (unpatched) of the chosen layers and of the pruner's next
-    candidates by its own score; `pruner.rerank=k` picks the best of the top k; a warning when a
-    runner-up is much better.
+    candidates by its own score, each against the choice; `pruner.rerank=k` picks the best of the
+    top k when significantly better; a warning when a runner-up is significantly better by > `RUNNER_UP_MARGIN`.
 """
 
 from __future__ import annotations
@@ -35,40 +47,116 @@ from lp.replay import Replay, StreamCache
 
 log = logging.getLogger(__name__)
 
-PATCH_MARGIN = 0.01  # nats (~1% PPL): a patch worse than none by more than this is reported
-RUNNER_UP_MARGIN = 0.05  # nats (~5% PPL): a runner-up selection better by more than this is reported
+PATCH_MARGIN = 0.01  # nats (~1% PPL): a patch worse than none by more than this (and significantly) is reported
+RUNNER_UP_MARGIN = 0.05  # nats (~5% PPL): a runner-up selection better by more than this (and significantly) is reported
+SIGNIFICANCE = 2.0  # a paired mean difference is significant when |mean| >= 2 standard errors
 CHECK_ALTERNATIVES = 3  # next candidates by the pruner's own score whose held-out NLL is recorded
+RULE = f"paired over held-out windows; significant: |diff| >= {SIGNIFICANCE:g} SE (SE = sd/sqrt(n))"
 
 
+# --------------------------------------------------------------------------- statistics
+def paired(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """The paired difference `a - b` of two per-window NLL vectors `[n]` (same windows):
+    `{"diff": mean, "se": sd/sqrt(n) (None for n < 2), "n", "z": diff/se (None when se is 0 or
+    undefined), "significant": |diff| >= SIGNIFICANCE * se}`. With n < 2 nothing is significant."""
+    if a.shape != b.shape or a.dim() != 1:
+        raise ValueError(f"paired() needs two per-window vectors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    d = a.double() - b.double()
+    n = d.numel()
+    diff = d.mean().item()
+    se = (d.std(unbiased=True) / math.sqrt(n)).item() if n >= 2 else None
+    z = diff / se if se else None
+    significant = se is not None and diff != 0 and abs(diff) >= SIGNIFICANCE * se
+    return {"diff": diff, "se": se, "n": n, "z": z, "significant": significant}
+
+
+def beyond(cmp: dict, margin: float) -> bool:
+    """`a` is worse than `b` (`cmp = paired(a, b)`) by more than `margin` nats, significantly."""
+    return cmp["significant"] and cmp["diff"] > margin
+
+
+def better(cmp: dict) -> bool:
+    """`a` is significantly better (lower NLL) than `b` (`cmp = paired(a, b)`)."""
+    return cmp["significant"] and cmp["diff"] < 0
+
+
+def describe(cmp: dict) -> str:
+    """`+0.0860 ± 0.0120 nats (SE, n=8 windows, 7.2 SE)`: a difference as printed in warnings."""
+    se = "n/a" if cmp["se"] is None else f"{cmp['se']:.4f}"
+    z = "" if cmp["z"] is None else f", {abs(cmp['z']):.1f} SE"
+    return f"{cmp['diff']:+.4f} ± {se} nats (SE, n={cmp['n']} windows{z})"
+
+
+# --------------------------------------------------------------------------- held-out windows
 def heldout(cfg, model, tokenizer) -> Heldout | None:
-    """The run's `Heldout` on `calib.nval` held-out windows (None when `calib.nval` is 0 or absent)."""
+    """The run's `Heldout` on `calib.nval` windows of `patch.verify_on` (None when `calib.nval` is 0)."""
     if not cfg.calib.get("nval"):
         return None
-    return Heldout(model, heldout_windows(cfg, tokenizer), cfg.calib.batch_size)
+    windows, source = heldout_set(cfg, tokenizer)
+    return Heldout(model, windows, cfg.calib.batch_size, source=source)
+
+
+def verify_on(value) -> tuple[str, str] | None:
+    """`patch.verify_on` as `(corpus, split)`, or None for `calib` (the calibration corpus's held-out tail)."""
+    value = str(value or "calib")
+    if value == "calib":
+        return None
+    name, sep, split = value.partition(":")
+    if not sep or not name or not split:
+        raise ValueError(f"patch.verify_on={value!r}: must be 'calib' or '<corpus>:<split>' of an evaluation "
+                         f"corpus the run does not report, e.g. 'wikitext2:validation' (corpora: {sorted(data.CORPORA)})")
+    return name, split
 
 
 def heldout_windows(cfg, tokenizer) -> torch.Tensor:
-    """`[calib.nval, calib.seqlen]` windows from the calibration corpus's held-out tail (the calibration
-    sampler `lp.data.sample_windows`: the token stream's last `holdout`, or a document corpus's last rows)."""
+    """The run's held-out windows `[calib.nval, T]` (`heldout_set` without the description)."""
+    return heldout_set(cfg, tokenizer)[0]
+
+
+def heldout_set(cfg, tokenizer) -> tuple[torch.Tensor, dict]:
+    """`([calib.nval, T] windows, what they are)`. `calib`: the calibration sampler's held-out tail
+    (`lp.data.sample_windows`, T = `calib.seqlen`); `<corpus>:<split>`: a seeded draw (`calib.seed`)
+    of `calib.nval` of the split's non-overlapping windows of T = `eval.ppl.seqlen` (`calib.seqlen`
+    without PPL evaluation); all of them when the split has fewer (logged, recorded)."""
     c = cfg.calib
-    _, val, _ = data.sample_windows(tokenizer, c.corpus, c.split, c.nsamples, c.seqlen, c.seed, c.holdout,
-                                    cfg.data.root, cfg.data.source, nval=c.nval)
-    return val
+    target = verify_on(cfg.patch.get("verify_on", "calib"))
+    if target is None:
+        _, val, prov = data.sample_windows(tokenizer, c.corpus, c.split, c.nsamples, c.seqlen, c.seed, c.holdout,
+                                           cfg.data.root, cfg.data.source, nval=c.nval)
+        return val, {"on": "calib", "seqlen": c.seqlen, "windows": len(val), "corpus": prov.get("corpus"),
+                     "split": prov.get("split"), "source": prov.get("source"), "holdout": c.holdout}
+    name, split = target
+    seqlen = cfg.eval.ppl.seqlen if cfg.eval.get("ppl") else c.seqlen
+    if data.corpus(name).documents:
+        rows, prov = data.load_rows(name, split, cfg.data.root, cfg.data.source)
+        win = data.document_windows(tokenizer, rows, c.nval, seqlen, c.seed, holdout=0.0)[0]
+    else:
+        win, prov = data.eval_windows(tokenizer, name, split, seqlen, cfg.data.root, cfg.data.source)
+        if len(win) > c.nval:
+            # a prefix of one seeded permutation, in its order: the draw for nval=k is the first k of any larger draw
+            win = win[torch.randperm(len(win), generator=torch.Generator().manual_seed(c.seed))[:c.nval]]
+        elif len(win) < c.nval:
+            log.warning("patch.verify_on=%s:%s has only %d windows of %d tokens (calib.nval=%d): verifying on all of them",
+                        name, split, len(win), seqlen, c.nval)
+    return win, {"on": f"{name}:{split}", "seqlen": seqlen, "windows": len(win), "corpus": name, "split": split,
+                 "source": prov.get("source"), "seed": c.seed}
 
 
 class Heldout:
     """Held-out NLL of the dense `model` with layers removed and patches at the cuts.
 
-    `windows` [N, T] token ids. `nll(removed, patches)`: `removed` dense indices, `patches`
-    {run start a: LinearPatch or None}; the patch of run [a, b) multiplies the stream entering
-    dense layer b (the final norm when b = L). The dense prefix before the first removed layer
-    is cached per start (the latest two)."""
+    `windows` [N, T] token ids; `source`: what they are (recorded with every verification).
+    `window_nll(removed, patches)` -> per-window NLL `[N]` (float64); `nll(...)` its mean.
+    `removed` dense indices, `patches` {run start a: LinearPatch or None}; the patch of run [a, b)
+    multiplies the stream entering dense layer b (the final norm when b = L). The dense prefix before
+    the first removed layer is cached (`lp.replay.StreamCache`: h_0 and the latest two starts)."""
 
-    def __init__(self, model, windows: torch.Tensor, batch_size: int = 1):
+    def __init__(self, model, windows: torch.Tensor, batch_size: int = 1, source: dict | None = None):
         self.replay = Replay(model, windows, batch_size)
         self.num_layers = self.replay.num_layers
         self.num_windows = len(windows)
-        self._streams: StreamCache | None = None  # h_0 and the latest stream walked to (budget 0, two buffers: h_{a-1} for mlp-site patches beside h_a)
+        self.source = source or {"on": "given", "seqlen": windows.shape[1], "windows": len(windows)}
+        self._streams: StreamCache | None = None  # h_0 and two buffers (h_{a-1} for mlp-site patches beside h_a)
         self.calls = 0
 
     def _stream(self, start: int) -> torch.Tensor:
@@ -79,7 +167,7 @@ class Heldout:
         return self._streams.get(start)
 
     @torch.inference_mode()
-    def nll(self, removed, patches: dict[int, LinearPatch | None] | None = None) -> float:
+    def window_nll(self, removed, patches: dict[int, LinearPatch | None] | None = None) -> torch.Tensor:
         removed = sorted(set(int(i) for i in removed))
         runs = [(a, b, (patches or {}).get(a)) for a, b in runs_of(removed)]
         ends = {b: p for a, b, p in runs if p is not None and p.site == "input"}
@@ -96,7 +184,10 @@ class Heldout:
         if ends.get(self.num_layers) is not None:
             x = ends[self.num_layers](x)
         self.calls += 1
-        return self.replay.nll(x, []).mean().item()
+        return self.replay.nll(x, [])
+
+    def nll(self, removed, patches: dict[int, LinearPatch | None] | None = None) -> float:
+        return self.window_nll(removed, patches).mean().item()
 
 
 @contextmanager
@@ -148,50 +239,84 @@ def _cut_info(fit_info: dict, kind: str, a: int) -> dict:
     return next(c for c in fit_info["cuts"][kind] if c["start"] == a)
 
 
+def _where(heldout: Heldout) -> str:
+    s = heldout.source
+    return "the calibration holdout" if s.get("on") == "calib" else s.get("on", "given windows")
+
+
 def verify_patches(heldout: Heldout, removed, fitted: dict, kind: str, own: list[str]) -> tuple[dict, list[str]]:
-    """Held-out NLL with each fitted kind at every cut (`uniform`), the per-cut choice among `own`
-    (the configured kind, or auto's candidates) and the warnings."""
-    runs = runs_of(removed)
-    uniform = {k: heldout.nll(removed, fitted[k]) for k in ["none", *[k for k in fitted if k != "none"]]}
-    record = {"windows": heldout.num_windows, "nll": uniform, "configured": kind}
+    """Held-out NLL with each fitted kind at every cut (`nll`, and `vs_none`: each kind's paired
+    difference to no patch), the per-cut choice among `own` (the configured kind, or auto's
+    candidates) and the warnings."""
+    vectors = {k: heldout.window_nll(removed, fitted[k]) for k in ["none", *[k for k in fitted if k != "none"]]}
+    uniform = {k: v.mean().item() for k, v in vectors.items()}
+    vs_none = {k: paired(v, vectors["none"]) for k, v in vectors.items() if k != "none"}
+    record = {"windows": heldout.num_windows, "data": heldout.source, "rule": RULE, "margin": PATCH_MARGIN,
+              "nll": uniform, "vs_none": vs_none, "configured": kind}
     warnings = []
     if kind == "auto":
-        choice = choose_per_cut(heldout, removed, fitted, own, uniform)
+        choice = choose_per_cut(heldout, removed, fitted, own, vectors)
         record["choice"] = choice
         record["chosen_nll"] = choice[-1]["nll"] if choice else uniform["none"]
+        record["significant"] = any(c["significant"] for c in choice)
         kinds = "/".join(c["kind"] for c in choice)
-        log.info("patch=auto chose %s at cuts %s (held-out NLL %.4f; none %.4f)", kinds, runs,
-                 record["chosen_nll"], uniform["none"])
-    elif kind != "none" and uniform[kind] > uniform["none"] + PATCH_MARGIN:
+        log.info("patch=auto chose %s at cuts %s (held-out NLL %.4f; none %.4f; %s)", kinds, runs_of(removed),
+                 record["chosen_nll"], uniform["none"],
+                 "; ".join(f"cut {c['start']}: {c['best']} vs none {describe(c['best_vs_none'])}" for c in choice))
+    elif kind != "none" and beyond(vs_none[kind], PATCH_MARGIN):
         best = min(uniform, key=uniform.get)
         warnings.append(
-            f"patch={kind} is WORSE than no patch on held-out windows: NLL {uniform[kind]:.4f} vs "
-            f"{uniform['none']:.4f} without (PPL x{math.exp(uniform[kind] - uniform['none']):.2f}); "
-            f"best here: {best} ({uniform[best]:.4f}); patch=auto would choose per cut")
+            f"patch={kind} is WORSE than no patch on held-out windows ({_where(heldout)}): NLL {uniform[kind]:.4f} vs "
+            f"{uniform['none']:.4f} without, difference {describe(vs_none[kind])} "
+            f"(PPL x{math.exp(vs_none[kind]['diff']):.2f}); best here: {best} ({uniform[best]:.4f}); "
+            f"patch=auto would choose per cut")
+    elif kind != "none" and vs_none[kind]["diff"] > PATCH_MARGIN:
+        log.info("patch=%s vs no patch on held-out windows: %s, not significant (no warning)", kind,
+                 describe(vs_none[kind]))
     for w in warnings:
         log.warning("!!! %s", w)
     return record, warnings
 
 
-def choose_per_cut(heldout: Heldout, removed, fitted: dict, own: list[str], uniform: dict) -> list[dict]:
-    """Start from the best kind in `own` used at every cut, then for each cut in order try every
-    kind there with the other cuts fixed, keeping the best. One record per cut:
-    `{start, end, kind, nll, candidates: {kind: held-out NLL}}`."""
+def choose_per_cut(heldout: Heldout, removed, fitted: dict, own: list[str], vectors: dict) -> list[dict]:
+    """Start from the best kind in `own` at every cut (kept only when significantly better than no
+    patch anywhere), then for each cut in order try every kind there with the other cuts fixed. A
+    cut keeps no patch unless the best kind there is significantly better than none there (when
+    `none` is not among `own`: simply the best). `vectors`: per-window NLL of each fitted kind used
+    at every cut. One record per cut: `{start, end, kind, nll, candidates: {kind: held-out NLL},
+    best (lowest NLL), best_vs_none, vs_runner_up (chosen vs the next best kind), significant}`
+    (`significant`: the chosen kind is significantly better than no patch at that cut)."""
     runs = runs_of(removed)
-    current = {a: min(own, key=uniform.get) for a, _ in runs}
-    best_nll = uniform[current[runs[0][0]]]
+    memo = {tuple(k for _ in runs): v for k, v in vectors.items()}
+
+    def vec(assign: dict) -> torch.Tensor:
+        key = tuple(assign[a] for a, _ in runs)
+        if key not in memo:
+            memo[key] = heldout.window_nll(removed, {a: fitted[assign[a]][a] for a, _ in runs})
+        return memo[key]
+
+    def mean(v: torch.Tensor) -> float:
+        return v.mean().item()
+
+    def decide(vecs: dict, base: torch.Tensor) -> tuple[str, str, dict]:
+        best = min(vecs, key=lambda k: mean(vecs[k]))
+        cmp = paired(vecs[best], base)
+        return ("none" if "none" in vecs and best != "none" and not better(cmp) else best), best, cmp
+
+    start = decide({k: vectors[k] for k in own}, vectors["none"])[0]
+    current = {a: start for a, _ in runs}
     out = []
     for a, b in runs:
-        cands = {}
-        for k in own:
-            trial = {**current, a: k}
-            if len(runs) == 1 or trial == current:
-                cands[k] = uniform[k] if len(runs) == 1 else best_nll
-            else:
-                cands[k] = heldout.nll(removed, {c: fitted[trial[c]][c] for c, _ in runs})
-        current[a] = min(cands, key=cands.get)
-        best_nll = cands[current[a]]
-        out.append({"start": a, "end": b, "kind": current[a], "nll": best_nll, "candidates": cands})
+        vecs = {k: vec({**current, a: k}) for k in own}
+        base = vec({**current, a: "none"})
+        chosen, best, best_vs_none = decide(vecs, base)
+        others = [k for k in vecs if k != chosen]
+        runner = min(others, key=lambda k: mean(vecs[k])) if others else None
+        current[a] = chosen
+        out.append({"start": a, "end": b, "kind": chosen, "nll": mean(vecs[chosen]),
+                    "candidates": {k: mean(v) for k, v in vecs.items()}, "best": best, "best_vs_none": best_vs_none,
+                    "vs_runner_up": None if runner is None else {"kind": runner, **paired(vecs[chosen], vecs[runner])},
+                    "significant": chosen != "none" and better(paired(vecs[chosen], base))})
     return out
 
 
@@ -199,47 +324,87 @@ def choose_per_cut(heldout: Heldout, removed, fitted: dict, own: list[str], unif
 def check_selection(heldout: Heldout | None, sel: Selection, rerank: int = 0) -> tuple[Selection, list[str]]:
     """Held-out NLL (no patch) of the chosen layers and of the pruner's next candidates by its own
     score (`sel.info["alternatives"]`, best first, removed from the info), recorded as
-    `sel.info["heldout_check"]`. `rerank` > 0 picks the best of the chosen and the next
-    `rerank - 1` candidates. Returns `(selection, warnings)`; a no-op without `heldout` or alternatives."""
+    `sel.info["heldout_check"]` with each candidate's paired difference to the final choice
+    (`vs_chosen`). `rerank` > 0 picks the best of the chosen and the next `rerank - 1` candidates
+    when it is significantly better than the score's choice. Returns `(selection, warnings)`; a
+    no-op without `heldout` or alternatives."""
     alternatives = sel.info.pop("alternatives", None)
     if heldout is None or not alternatives or not sel.removed:
         return sel, []
     ranked = [sel.removed, *[sorted(c) for c in alternatives]]
     k = max(rerank, 1 + CHECK_ALTERNATIVES)
     order = sorted(range(min(k, len(ranked))), key=lambda i: min(ranked[i]))  # reuse the dense prefix
-    nll = {i: heldout.nll(ranked[i]) for i in order}
-    scored = [{"rank": i, "removed": ranked[i], "nll": nll[i]} for i in sorted(nll)]
-    record = {"windows": heldout.num_windows, "patch": "none", "candidates": scored, "rerank": rerank}
+    vec = {i: heldout.window_nll(ranked[i]) for i in order}
+    scored = [{"rank": i, "removed": ranked[i], "nll": vec[i].mean().item()} for i in sorted(vec)]
+    record = {"windows": heldout.num_windows, "data": heldout.source, "rule": RULE, "margin": RUNNER_UP_MARGIN,
+              "patch": "none", "candidates": scored, "rerank": rerank}
     warnings = []
+    chosen_rank = 0
     if rerank:
         best = min(scored[:rerank], key=lambda c: c["nll"])
+        cmp = paired(vec[best["rank"]], vec[0])
         record["reranked_from"] = sel.removed
-        if best["rank"]:
-            log.info("pruner.rerank=%d: candidate #%d %s has held-out NLL %.4f < %.4f of the score's choice %s",
-                     rerank, best["rank"], best["removed"], best["nll"], scored[0]["nll"], sel.removed)
+        record["rerank_significant"] = bool(best["rank"]) and better(cmp)
+        if best["rank"] and better(cmp):
+            log.info("pruner.rerank=%d: candidate #%d %s has held-out NLL %.4f < %.4f of the score's choice %s (%s)",
+                     rerank, best["rank"], best["removed"], best["nll"], scored[0]["nll"], sel.removed, describe(cmp))
             sel = Selection(best["removed"], {**sel.info, "reranked": True})
-    chosen_nll = next(c["nll"] for c in scored if c["removed"] == sel.removed)
-    better = [c for c in scored if c["nll"] < chosen_nll - RUNNER_UP_MARGIN]
-    if better:
-        b = min(better, key=lambda c: c["nll"])
+            chosen_rank = best["rank"]
+        elif best["rank"]:
+            log.info("pruner.rerank=%d: candidate #%d is better by %s, not significant: the score's choice stays",
+                     rerank, best["rank"], describe(cmp))
+    for c in scored:
+        c["vs_chosen"] = None if c["rank"] == chosen_rank else paired(vec[c["rank"]], vec[chosen_rank])
+    chosen_nll = scored[chosen_rank]["nll"]
+    better_ones = [c for c in scored if c["vs_chosen"] is not None and beyond(_flip(c["vs_chosen"]), RUNNER_UP_MARGIN)]
+    if better_ones:
+        b = min(better_ones, key=lambda c: c["nll"])
         other = sel.info.get("other_variant")
         what = (f"the block of pruner.variant={other['variant']}" if other and b["removed"] == list(range(*other["block"]))
                 else f"candidate #{b['rank']} by the pruner's score")
         warnings.append(
-            f"selection check: {what} (layers {b['removed']}) has held-out "
-            f"NLL {b['nll']:.4f}, much better than the chosen {sel.removed} ({chosen_nll:.4f}) unpatched; "
-            f"pruner.rerank={b['rank'] + 1} would pick it")
+            f"selection check: {what} (layers {b['removed']}) has held-out NLL {b['nll']:.4f}, much better than "
+            f"the chosen {sel.removed} ({chosen_nll:.4f}) unpatched ({_where(heldout)}): difference "
+            f"{describe(b['vs_chosen'])}; pruner.rerank={b['rank'] + 1} would pick it")
         log.warning("!!! %s", warnings[-1])
     record["chosen"] = sel.removed
     sel.info["heldout_check"] = record
     return sel, warnings
 
 
-def check_settings(calib_cfg, kind: str, rerank: int) -> None:
-    """`calib.nval` is a count; `patch=auto` and `pruner.rerank` need held-out windows."""
+def _flip(cmp: dict) -> dict:
+    """`paired(b, a)` from `paired(a, b)`."""
+    return {**cmp, "diff": -cmp["diff"], "z": None if cmp["z"] is None else -cmp["z"]}
+
+
+# --------------------------------------------------------------------------- settings
+# Corpora that hold the same text under two names (raw and tokenized WikiText-2): one split of either is the other's.
+SAME_TEXT = {"wikitext2_tok": "wikitext2"}
+
+
+def check_settings(calib_cfg, kind: str, rerank: int, verify_on_value: str | None = "calib",
+                   reported: list[tuple[str, str]] = ()) -> None:
+    """`calib.nval` is 0 (off) or a count >= 2 (a standard error needs two windows); `patch=auto` and
+    `pruner.rerank` need held-out windows; `patch.verify_on` is `calib` or `<corpus>:<split>` of a
+    known corpus and split that is not one of the `reported` `(corpus, split)` PPL sets."""
     nval = calib_cfg.get("nval", 0)
-    if isinstance(nval, bool) or not isinstance(nval, int) or nval < 0:
-        raise ValueError(f"calib.nval={nval!r} must be an integer >= 0 (held-out windows; 0 = off)")
+    if isinstance(nval, bool) or not isinstance(nval, int) or nval < 0 or nval == 1:
+        raise ValueError(f"calib.nval={nval!r} must be 0 (held-out checks off) or an integer >= 2 "
+                         "(held-out windows; the standard error of a difference needs two)")
     if not nval and (kind == "auto" or rerank):
         raise ValueError(f"{'patch=auto' if kind == 'auto' else 'pruner.rerank'} chooses by held-out NLL: "
                          "needs calib.nval > 0 held-out windows")
+    target = verify_on(verify_on_value)
+    if target is None:
+        return
+    name, split = target
+    c = data.corpus(name)  # unknown corpus: the error listing them
+    if split not in c.splits:
+        raise ValueError(f"patch.verify_on={verify_on_value!r}: corpus {name!r} has no split {split!r}; "
+                         f"choose one of {list(c.splits)}")
+    same = SAME_TEXT.get(name, name)
+    for rname, rsplit in reported:
+        if SAME_TEXT.get(rname, rname) == same and rsplit == split:
+            raise ValueError(f"patch.verify_on={verify_on_value!r} is the split this run reports (eval.ppl: "
+                             f"{rname}:{rsplit}): verification must not see the reported data; use another split, "
+                             f"e.g. {name}:validation when reporting test, or 'calib'")

@@ -321,8 +321,8 @@ def test_run_auto_choosing_no_patch_skips_distill_with_a_warning(cfg_factory, tm
     from lp import verify
     from lp.run import run
 
-    nll = verify.Heldout.nll
-    monkeypatch.setattr(verify.Heldout, "nll", lambda self, removed, patches=None: nll(self, removed, patches) + (
+    nll = verify.Heldout.window_nll
+    monkeypatch.setattr(verify.Heldout, "window_nll", lambda self, removed, patches=None: nll(self, removed, patches) + (
         1.0 if any(p is not None for p in (patches or {}).values()) else 0.0))
     cfg = cfg_factory(*SMALL, "pruner=manual", "pruner.layers=[2,3]", "patch=auto", "calib.nval=2",
                       "distill=quick", "distill.nsamples=4", "distill.nval=2", "distill.seqlen=64",

@@ -142,7 +142,8 @@ def test_linearpatch_offers_the_other_rules_block_to_the_selection_check(monkeyp
     sel = LinearPatchPruner(2, variant="reference").select(None)
     assert sel.removed == [3, 4] and sel.info["other_variant"] == {"variant": "paper", "block": [1, 3]}
     assert sel.info["alternatives"][0] == [1, 2] and [1, 2] not in sel.info["alternatives"][1:]
-    heldout = SimpleNamespace(num_windows=2, nll=lambda removed, patches=None: 3.0 if removed == [1, 2] else 3.5)
+    heldout = SimpleNamespace(num_windows=2, source={"on": "calib"},  # per-window NLL: 3.0 on [1, 2], else 3.5
+                              window_nll=lambda removed, patches=None: torch.full((2,), 3.0 if removed == [1, 2] else 3.5))
     checked, warnings = check_selection(heldout, sel)
     assert checked.removed == [3, 4] and len(warnings) == 1
     assert "the block of pruner.variant=paper (layers [1, 2]) has held-out NLL 3.0000" in warnings[0]

@@ -10,7 +10,9 @@ from omegaconf import OmegaConf
 from planted import planted_model, ramp_windows
 from test_calib import make_ctx
 from test_patch import SMALL
+from test_report import _rec, _sweep
 
+from lp import aggregate as agg
 from lp import verify
 from lp.evaluate.ppl import window_nll
 from lp.models import drop_layers, tiny_model
@@ -134,9 +136,157 @@ def test_run_records_verification_and_auto(cfg_factory, tmp_path, monkeypatch):
     (["pruner.rerank=1"], "pruner.rerank=1 must be 0"),
     (["patch=rotate", "patch.kind=rotat"], "did you mean 'rotate'"),
     (["patch=auto", "patch.candidates=[none,rotat]"], "patch.candidates entry='rotat'"),
-    (["calib.nval=-1"], "calib.nval=-1 must be an integer >= 0"),
+    (["calib.nval=-1"], "calib.nval=-1 must be 0 .held-out checks off. or an integer >= 2"),
+    (["calib.nval=1"], "calib.nval=1 must be 0"),
 ])
 def test_run_bad_verification_settings_fail_before_loading(cfg_factory, tmp_path, overrides, msg):
     with pytest.raises(ValueError, match=msg):
         run(cfg_factory(*SMALL, "pruner=linearpatch", "pruner.n=2", *overrides))
     assert "load" not in json.loads((tmp_path / "result.json").read_text())["timing"]
+
+
+# --------------------------------------------------------------------------- uncertainty (lp issue 26)
+def test_paired_difference_mean_se_and_the_significance_rule():
+    a, b = torch.tensor([3.0, 4.0, 5.0, 6.0]), torch.tensor([2.0, 2.0, 2.0, 2.0])
+    cmp = verify.paired(a, b)  # differences 1, 2, 3, 4: mean 2.5, sd sqrt(5/3), SE sd/2
+    assert cmp["n"] == 4 and cmp["diff"] == pytest.approx(2.5, abs=1e-12)
+    assert cmp["se"] == pytest.approx((5 / 3) ** 0.5 / 2, abs=1e-12)
+    assert cmp["z"] == pytest.approx(2.5 / cmp["se"]) and cmp["significant"]
+    noisy = verify.paired(torch.tensor([5.0, -4.0, 4.0, -3.0]), torch.zeros(4))  # mean 0.5, SE ~2.3
+    assert noisy["diff"] == pytest.approx(0.5) and not noisy["significant"]
+    assert verify.beyond(cmp, 0.01) and not verify.beyond(noisy, 0.01) and not verify.better(cmp)
+    one = verify.paired(torch.tensor([9.0]), torch.tensor([1.0]))  # one window: no SE, never significant
+    assert one["se"] is None and one["z"] is None and not one["significant"]
+    assert "+2.5000 ± 0.6455 nats (SE, n=4 windows, 3.9 SE)" == verify.describe(cmp)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """Real forwards of a tiny Llama: the per-window NLL difference (patch - no patch) at the cut
+    [2, 4) of a perturbing patch P = I + G/sqrt(D) over 48 random windows of 16 tokens. P is worse
+    than no patch on some windows and better on others (sd ~0.08 nats)."""
+    dense = tiny_model("llama", num_layers=8, hidden_size=D, seed=3)
+    windows = torch.randint(0, 256, (48, 16), generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(0)
+    patch = LinearPatch(torch.eye(D) + torch.randn(D, D, generator=g) / D ** 0.5, 2, 4, 8)
+    held = verify.Heldout(dense, windows, 8)
+    return dense, windows, patch, held.window_nll([2, 3], {2: patch}) - held.window_nll([2, 3])
+
+
+def window_sets(d: torch.Tensor, sign: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window indices where the patch is worse (sign=+1; better: -1) than none: `noisy` = the 5
+    windows where it is most worse plus the 2 where it is most better (a large mean, a larger
+    spread); `consistent` = every window where it is worse by 0.01..0.06 nats (small, steady)."""
+    order = (sign * d).argsort(descending=True)
+    noisy = torch.cat([order[:5], order[-2:]])
+    consistent = torch.nonzero(((sign * d) > 0.01) & ((sign * d) < 0.06)).flatten()
+    return noisy, consistent
+
+
+def verify_on_windows(pool, idx, kind, own):
+    dense, windows, patch, _ = pool
+    held = verify.Heldout(dense, windows[idx], 4)
+    fitted = {"none": {2: None}, "rotate": {2: patch}}  # P stands in for a fitted kind
+    return verify.verify_patches(held, [2, 3], fitted, kind, own)
+
+
+def test_warning_needs_a_significant_difference_beyond_the_margin(pool):
+    noisy, consistent = window_sets(pool[3], +1)
+    loud, warn_loud = verify_on_windows(pool, noisy, "rotate", ["rotate"])
+    steady, warn_steady = verify_on_windows(pool, consistent, "rotate", ["rotate"])
+    big, small = loud["vs_none"]["rotate"], steady["vs_none"]["rotate"]
+    # the construction: the noisy difference is the larger one, both exceed the margin, only one is >= 2 SE
+    assert big["diff"] > small["diff"] > verify.PATCH_MARGIN and big["n"] == 7 and small["n"] >= 4
+    assert big["se"] > 3 * small["se"] and abs(big["diff"]) < 2 * big["se"] and small["diff"] >= 2 * small["se"]
+    assert warn_loud == []  # large but noisy: no warning
+    (w,) = warn_steady  # small but consistent: warned, with the difference, its SE and n
+    assert "patch=rotate is WORSE than no patch" in w
+    assert f"{small['diff']:+.4f} ± {small['se']:.4f} nats (SE, n={small['n']} windows" in w
+    for rec, cmp in ((loud, big), (steady, small)):  # result.json carries mean, SE and n of each comparison
+        assert rec["nll"]["rotate"] - rec["nll"]["none"] == pytest.approx(cmp["diff"], abs=1e-9)
+        assert rec["windows"] == cmp["n"] and "2 SE" in rec["rule"]
+    assert json.loads(json.dumps(steady))["vs_none"]["rotate"]["significant"] is True
+
+
+def test_auto_keeps_no_patch_unless_a_kind_is_significantly_better(pool):
+    noisy, consistent = window_sets(pool[3], -1)
+    loud, _ = verify_on_windows(pool, noisy, "auto", ["none", "rotate"])
+    steady, _ = verify_on_windows(pool, consistent, "auto", ["none", "rotate"])
+    (kept,), (chose,) = loud["choice"], steady["choice"]
+    assert kept["best"] == "rotate" and kept["candidates"]["rotate"] < kept["candidates"]["none"] - 0.02
+    assert not kept["best_vs_none"]["significant"]  # better on average, but not significantly
+    assert kept["kind"] == "none" and kept["significant"] is False and loud["significant"] is False
+    assert chose["kind"] == "rotate" and chose["significant"] is True and steady["significant"] is True
+    assert chose["vs_runner_up"]["kind"] == "none" and chose["vs_runner_up"]["diff"] < 0
+    assert steady["chosen_nll"] == pytest.approx(steady["nll"]["rotate"], abs=1e-12)
+
+
+def test_tables_show_a_warning_with_its_uncertainty_and_no_mark_when_not_significant(pool, tmp_path):
+    noisy, consistent = window_sets(pool[3], +1)
+    records = [_rec("none", 0, ppl=9.0)]
+    for pruner, idx in (("shortgpt", noisy), ("angular", consistent)):
+        rec, warns = verify_on_windows(pool, idx, "rotate", ["rotate"])
+        records.append(_rec(pruner, 2, "rotate", ppl=12.0, warnings=warns))
+        records[-1]["patch"]["verification"] = rec
+    paths = agg.write_all(_sweep(tmp_path, records))
+    md, html = paths["table_md"].read_text(), paths["dashboard"].read_text()
+    rows = [line for line in md.splitlines() if "+LinearPatch" in line]
+    assert rows == ["| ShortGPT +LinearPatch | 12.00 |", "| Angular (Gromov) +LinearPatch ⚠ | 12.00 |"]
+    (note,) = [line for line in md.splitlines() if line.startswith("- ⚠")]  # the significant one, with its SE
+    assert "job 2: patch=rotate is WORSE than no patch" in note and " ± " in note and "SE, n=" in note
+    assert "ShortGPT +LinearPatch ⚠" not in html and "Angular (Gromov) +LinearPatch ⚠" in html
+    assert "is WORSE than no patch" in html and " ± " in html  # notes and job list carry the SE
+
+
+# --------------------------------------------------------------------------- patch.verify_on
+def test_run_verifies_on_a_validation_split_and_records_it(cfg_factory, tmp_path, monkeypatch):
+    monkeypatch.setenv("LP_CACHE_DIR", str(tmp_path / "cache"))
+    base = [*SMALL, "pruner=linearpatch", "pruner.n=2", "calib.nval=3", "eval.ppl.seqlen=48"]
+    r = run(cfg_factory(*base, "patch=rotate", "patch.verify_on=wikitext2:validation"))
+    v, check = r["patch"]["verification"], r["pruning"]["heldout_check"]
+    assert v["data"]["on"] == "wikitext2:validation" and v["data"]["source"] == "local"
+    assert v["data"]["seqlen"] == 48 and v["windows"] == v["data"]["windows"] == 3  # at eval.ppl.seqlen
+    assert check["data"] == v["data"] and all(c["n"] == 3 for c in v["vs_none"].values())
+    calib = run(cfg_factory(*base, "patch=rotate"))["patch"]["verification"]
+    assert calib["data"]["on"] == "calib" and calib["data"]["seqlen"] == 64 and calib["data"]["corpus"] == "ptb"
+    assert calib["nll"]["none"] != v["nll"]["none"]  # other windows decided
+
+
+@pytest.mark.parametrize("overrides, msg", [
+    (["patch.verify_on=ptb:test"], "patch.verify_on='ptb:test' is the split this run reports"),
+    (["patch.verify_on=wikitext2_tok:test", "eval.ppl.datasets=[wikitext2]"], "is the split this run reports"),
+    (["patch.verify_on=wikitext2"], "must be 'calib' or '<corpus>:<split>'"),
+    (["patch.verify_on=ptb:dev"], "corpus 'ptb' has no split 'dev'"),
+    (["patch.verify_on=wiki:validation"], "unknown corpus 'wiki'"),
+])
+def test_run_verifying_on_reported_or_unknown_data_fails_before_loading(cfg_factory, tmp_path, overrides, msg):
+    with pytest.raises(ValueError, match=msg):
+        run(cfg_factory(*SMALL, "pruner=linearpatch", "pruner.n=2", "patch=rotate", *overrides))
+    assert "load" not in json.loads((tmp_path / "result.json").read_text())["timing"]
+
+
+def test_rerank_keeps_the_scores_choice_unless_a_candidate_is_significantly_better(pool):
+    dense, windows, _, _ = pool
+    held = verify.Heldout(dense, windows, 8)
+    d = held.window_nll([5, 6]) - held.window_nll([2, 3])  # the runner-up [5, 6] against the choice [2, 3]
+    noisy, consistent = window_sets(d, -1)
+    outcome = {}
+    for name, idx in (("noisy", noisy), ("consistent", consistent)):
+        sel = Selection([2, 3], {"alternatives": [[5, 6]]})
+        outcome[name] = verify.check_selection(verify.Heldout(dense, windows[idx], 4), sel, rerank=2)[0]
+    kept, moved = outcome["noisy"], outcome["consistent"]
+    (_, runner) = kept.info["heldout_check"]["candidates"]
+    assert runner["nll"] < kept.info["heldout_check"]["candidates"][0]["nll"]  # better on average ...
+    assert not runner["vs_chosen"]["significant"] and runner["vs_chosen"]["n"] == 7  # ... but not significantly
+    assert kept.removed == [2, 3] and kept.info["heldout_check"]["rerank_significant"] is False
+    assert moved.removed == [5, 6] and moved.info["heldout_check"]["rerank_significant"] is True
+    (first, _) = moved.info["heldout_check"]["candidates"]  # after the switch, compared with the new choice
+    assert first["removed"] == [2, 3] and first["vs_chosen"]["diff"] > 0 and first["vs_chosen"]["significant"]
+
+
+def test_tables_flag_a_verification_warning_recorded_without_uncertainty(tmp_path):
+    old = ("patch=rotate is WORSE than no patch on held-out windows: NLL 7.1550 vs 7.0690 without (PPL x1.09); "
+           "best here: none (7.0690); patch=auto would choose per cut")
+    md = agg.write_all(_sweep(tmp_path, [_rec("none", 0, ppl=9.0), _rec("shortgpt", 3, "rotate", warnings=[old])]))[
+        "table_md"].read_text()
+    assert f"- ⚠ job 1: {old} [recorded without its uncertainty, before lp issue 26: may not be significant]" in md

@@ -189,6 +189,16 @@ def _flat(prefix: str, d: dict) -> dict:
     return out
 
 
+LEGACY = " [recorded without its uncertainty, before lp issue 26: may not be significant]"
+
+
+def legacy_note(warning: str) -> str:
+    """A held-out verification warning from before paired standard errors (no `±` in it) says so."""
+    verification = (warning.startswith("patch=") and "WORSE than no patch" in warning) \
+        or warning.startswith("selection check:")
+    return warning + LEGACY if verification and " ± " not in warning and LEGACY not in warning else warning
+
+
 def summarize(results: list[dict]) -> pd.DataFrame:
     """One row per job, flat columns only: status, error, every group choice, ``model`` (= model.name),
     n, removed layers, pruned ratio in percent, the :data:`SETTINGS` and every non-group override key
@@ -215,7 +225,7 @@ def summarize(results: list[dict]) -> pd.DataFrame:
         row["ppl_windows"] = min((w for w in windows if isinstance(w, int)), default=None)
         row.update(_flat("", r.get("metrics") or {}))
         row.update(_flat("time/", r.get("timing") or {}))
-        row.update(warnings=WARN_SEP.join(map(str, r.get("warnings") or [])) or None,
+        row.update(warnings=WARN_SEP.join(legacy_note(str(w)) for w in r.get("warnings") or []) or None,
                    eval_settings=eval_signature(r), overrides=" ".join(r.get("overrides") or []),
                    dir=r["job"], resumed_from=r.get("resumed_from"))
         rows.append(row)

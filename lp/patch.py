@@ -36,7 +36,7 @@ from lp import hadamard as hd
 from lp import patches
 from lp.devices import execution_device
 from lp.models import Decoder
-from lp.patches._mlp import OutputPatched, folded_linear  # noqa: F401  (re-exported)
+from lp.patches._mlp import OutputPatched, Wrapper, folded_linear  # noqa: F401  (re-exported)
 from lp.patches._mlp import site as mlp_site
 from lp.patches.base import FitSource
 from lp.patches.rotate import rotated
@@ -119,15 +119,10 @@ class LinearPatch(nn.Module):
         return f"cut=[{self.start}, {self.end}), dim={self.weight.shape[0]}, kind={self.kind}"
 
 
-class Patched(nn.Module):
+class Patched(Wrapper):
     """`inner` (a decoder layer, or the final norm for a cut at the end) with `patch` applied to its
     first argument (hidden_states). Other args/kwargs pass through unchanged; attribute lookups
     that fail on the wrapper (e.g. `attention_type`, `layer_idx`) are forwarded to `inner`."""
-
-    def __init__(self, inner: nn.Module, patch: LinearPatch):
-        super().__init__()
-        self.patch = patch
-        self.inner = inner
 
     def forward(self, *args, **kwargs):
         if args:
@@ -135,14 +130,6 @@ class Patched(nn.Module):
         else:
             kwargs["hidden_states"] = self.patch(kwargs["hidden_states"])
         return self.inner(*args, **kwargs)
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("inner", "patch"):
-                raise
-            return getattr(self.inner, name)
 
 
 # --------------------------------------------------------------------------- construction

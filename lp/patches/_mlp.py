@@ -96,17 +96,45 @@ class MlpGram:
         self._m = None
 
 
-class OutputPatched(nn.Module):
+class Wrapper(nn.Module):
+    """A module wrapping `inner` with a `patch`: attribute lookups that fail on the wrapper (e.g.
+    `attention_type`, `layer_idx`, `weight`) are forwarded to `inner` (base of `lp.patch.Patched` and
+    `OutputPatched`)."""
+
+    def __init__(self, inner: nn.Module, patch: nn.Module):
+        super().__init__()
+        self.patch = patch
+        self.inner = inner
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("inner", "patch"):
+                raise
+            return getattr(self.inner, name)
+
+
+class MlpSite:
+    """What the MLP-site kinds (lstsq_mlp, rotate_mlp) share: where they sit, that they fold, the early
+    refusal of cuts they cannot bridge, and their accumulator (the float64 sums of `MlpGram`)."""
+
+    site = "mlp"
+    foldable = True
+
+    def check_cuts(self, model, runs):
+        check_cuts(self.name, model, runs)
+
+    def accumulator(self, source, a, b):
+        return MlpGram(source.hidden_size, a)
+
+
+class OutputPatched(Wrapper):
     """`inner` with `patch` P applied to its output. For an `nn.Linear` inner (a layer's `down_proj`,
     y = x W^T + b) the output y P is computed as the folded layer: weight (P^T W) and bias (b P) in
     float32, cast to the layer's dtype, then `F.linear` -- bit for bit what the saved checkpoint
     (`lp.fold.folded_state_dict`) computes, in any dtype; P trains through it. For another inner
     (a post-feedforward norm): x -> patch(inner(x)). Attribute lookups that fail go to `inner`."""
-
-    def __init__(self, inner: nn.Module, patch: nn.Module):  # patch: an lp.patch.LinearPatch
-        super().__init__()
-        self.patch = patch
-        self.inner = inner
 
     def forward(self, *args, **kwargs):
         if isinstance(self.inner, nn.Linear):
@@ -116,14 +144,6 @@ class OutputPatched(nn.Module):
             return torch.nn.functional.linear(x.to(w.device), w, b)
         out = self.inner(*args, **kwargs)
         return (self.patch(out[0]), *out[1:]) if isinstance(out, tuple) else self.patch(out)
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("inner", "patch"):
-                raise
-            return getattr(self.inner, name)
 
 
 def folded_linear(weight: torch.Tensor, bias: torch.Tensor | None, P: torch.Tensor):

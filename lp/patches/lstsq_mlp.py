@@ -10,27 +10,19 @@ the MLP output ("mlp" site, `lp.patches._mlp`) and folds exactly into that layer
 """
 
 from lp.patches import register
-from lp.patches._mlp import MlpGram, check_cuts
+from lp.patches._mlp import MlpSite
 from lp.patches.base import Fit, PatchKind
 from lp.patches.lstsq import check_ridge, ridge_solve
 
 
 @register
-class LstsqMlpPatch(PatchKind):
+class LstsqMlpPatch(MlpSite, PatchKind):
     name = "lstsq_mlp"
     paper = ("ReplaceMe (Shopkhoev et al., 2025): T = (M^T M + lam I)^-1 M^T (h_b - h_a + M) on the last kept "
              "layer's MLP output M, folded into its down_proj")
-    site = "mlp"
-    foldable = True
 
     def check(self, patch_cfg, hidden_size):
         check_ridge(patch_cfg)  # patch.ridge
-
-    def check_cuts(self, model, runs):
-        check_cuts(self.name, model, runs)
-
-    def accumulator(self, source, a, b):
-        return MlpGram(source.hidden_size, a)
 
     def fit(self, source, a, b) -> Fit:
         acc = source.accumulated(self, a, b)

@@ -13,7 +13,7 @@ from the same float64 sums as `lstsq_mlp` (one pass up to layer b). Folds into `
 import torch
 
 from lp.patches import register
-from lp.patches._mlp import MlpGram, check_cuts
+from lp.patches._mlp import MlpSite
 from lp.patches.base import Fit
 from lp.patches.lstsq import check_ridge
 from lp.patches.rotate import RotatePatch, rotation_fit
@@ -29,22 +29,14 @@ def direction_scales(mtm: torch.Tensor, mty: torch.Tensor, H: torch.Tensor, ridg
 
 
 @register
-class RotateMlpPatch(RotatePatch):
+class RotateMlpPatch(MlpSite, RotatePatch):
     name = "rotate_mlp"
     paper = ("lp: LinearPatch's T = H diag(s) H^T on the last kept layer's MLP output M, s by least squares "
              "per Hadamard direction, folded into its down_proj")
-    site = "mlp"
-    foldable = True
 
     def check(self, patch_cfg, hidden_size):
         super().check(patch_cfg, hidden_size)  # the basis
         check_ridge(patch_cfg)  # patch.ridge
-
-    def check_cuts(self, model, runs):
-        check_cuts(self.name, model, runs)
-
-    def accumulator(self, source, a, b):
-        return MlpGram(source.hidden_size, a)
 
     def fit(self, source, a, b) -> Fit:
         acc = source.accumulated(self, a, b)

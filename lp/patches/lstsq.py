@@ -15,19 +15,30 @@ from lp.patches.base import Fit, PatchKind
 
 
 class GramSums:
-    """Running X^T X, X^T Y (float64 [D, D]) and the token count over calibration batches."""
+    """Running X^T X, X^T Y (float64 [D, D]) and the token count over calibration batches. The sums
+    accumulate on the device of the activations (no host copy per batch); `xtx` / `xty` read them
+    back to host memory."""
 
     def __init__(self, dim: int):
-        self.xtx = torch.zeros(dim, dim, dtype=torch.float64)
-        self.xty = torch.zeros(dim, dim, dtype=torch.float64)
+        self._xtx = torch.zeros(dim, dim, dtype=torch.float64)
+        self._xty = torch.zeros(dim, dim, dtype=torch.float64)
         self.tokens = 0
 
     def update(self, xa: torch.Tensor, xb: torch.Tensor) -> None:
         x = xa.reshape(-1, xa.shape[-1]).double()
-        y = xb.reshape(-1, xb.shape[-1]).double()
-        self.xtx += (x.T @ x).cpu()
-        self.xty += (x.T @ y).cpu()
+        y = xb.reshape(-1, xb.shape[-1]).to(x.device).double()
+        self._xtx, self._xty = self._xtx.to(x.device), self._xty.to(x.device)  # no-op after the first batch
+        self._xtx += x.T @ x
+        self._xty += x.T @ y
         self.tokens += x.shape[0]
+
+    @property
+    def xtx(self) -> torch.Tensor:
+        return self._xtx.cpu()
+
+    @property
+    def xty(self) -> torch.Tensor:
+        return self._xty.cpu()
 
 
 def ridge_solve(xtx: torch.Tensor, xty: torch.Tensor, ridge: float) -> torch.Tensor:

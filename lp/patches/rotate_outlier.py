@@ -39,8 +39,8 @@ class RotatedRest:
 
     def update(self, xa, xb):
         keep, H = self.keep.to(xa.device), self.H.to(xa.device)
-        self.ra.append(((xa * keep) @ H).abs().mean(1).double().cpu())
-        self.rb.append(((xb * keep) @ H).abs().mean(1).double().cpu())
+        self.ra.append(((xa * keep) @ H).abs().mean(1).double())  # on the device: one host copy in fit
+        self.rb.append(((xb.to(xa.device) * keep) @ H).abs().mean(1).double())
 
 
 @register
@@ -63,7 +63,7 @@ class RotateOutlierPatch(RotatePatch):
 
     def fit(self, source, a, b) -> Fit:
         acc = source.accumulated(self, a, b)
-        ra, rb = torch.cat(acc.ra), torch.cat(acc.rb)  # [W, D]
+        ra, rb = torch.cat(acc.ra).cpu(), torch.cat(acc.rb).cpu()  # [W, D]
         s_rest = torch.where(ra > 0, rb / ra.clamp_min(1e-300), torch.ones_like(ra)).mean(0)
         s_diag = source.stats.scales(a, b, "diag").double()
         return rotation_fit(source.rotation(), s_rest, self.outliers(source, a, b), s_diag)

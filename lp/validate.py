@@ -262,8 +262,8 @@ def against_model(cfg: DictConfig, pruner, num_layers: int, max_positions: int |
                          "heads and MLP channels) and removes no layer; use patch=none")
     if hidden_size:
         check_patch(cfg.patch, hidden_size)  # e.g. no Hadamard matrix for this hidden size
-    layers = getattr(pruner, "layers", None)  # known before loading (pruner=manual)
-    if layers is not None and 0 in layers and kind in patch_kinds.KINDS and patch_kinds.KINDS[kind].site == "mlp":
+    layers = getattr(pruner, "layers", None)  # known before loading (pruner=manual; not a method of another pruner)
+    if layers is not None and not callable(layers) and 0 in layers and kind in patch_kinds.KINDS and patch_kinds.KINDS[kind].site == "mlp":
         raise ValueError(f"patch={kind} acts on the MLP output of the last kept layer before each cut, but "
                          f"pruner.layers={list(layers)} removes layer 0 (no kept layer before that cut); "
                          "keep layer 0 or use an input-site kind such as lstsq/rotate")

@@ -40,6 +40,7 @@ import torch
 
 from lp import data
 from lp.models import Decoder
+from lp.paired import RULE, SIGNIFICANCE, better, beyond, describe, flip, paired  # noqa: F401 (SIGNIFICANCE: API)
 from lp.patch import LinearPatch, OutputPatched, fit_patches, kinds_to_fit, own_kinds, patch_info, runs_of
 from lp.patches._mlp import site
 from lp.pruners.base import Selection
@@ -49,42 +50,7 @@ log = logging.getLogger(__name__)
 
 PATCH_MARGIN = 0.01  # nats (~1% PPL): a patch worse than none by more than this (and significantly) is reported
 RUNNER_UP_MARGIN = 0.05  # nats (~5% PPL): a runner-up selection better by more than this (and significantly) is reported
-SIGNIFICANCE = 2.0  # a paired mean difference is significant when |mean| >= 2 standard errors
 CHECK_ALTERNATIVES = 3  # next candidates by the pruner's own score whose held-out NLL is recorded
-RULE = f"paired over held-out windows; significant: |diff| >= {SIGNIFICANCE:g} SE (SE = sd/sqrt(n))"
-
-
-# --------------------------------------------------------------------------- statistics
-def paired(a: torch.Tensor, b: torch.Tensor) -> dict:
-    """The paired difference `a - b` of two per-window NLL vectors `[n]` (same windows):
-    `{"diff": mean, "se": sd/sqrt(n) (None for n < 2), "n", "z": diff/se (None when se is 0 or
-    undefined), "significant": |diff| >= SIGNIFICANCE * se}`. With n < 2 nothing is significant."""
-    if a.shape != b.shape or a.dim() != 1:
-        raise ValueError(f"paired() needs two per-window vectors of one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    d = a.double() - b.double()
-    n = d.numel()
-    diff = d.mean().item()
-    se = (d.std(unbiased=True) / math.sqrt(n)).item() if n >= 2 else None
-    z = diff / se if se else None
-    significant = se is not None and diff != 0 and abs(diff) >= SIGNIFICANCE * se
-    return {"diff": diff, "se": se, "n": n, "z": z, "significant": significant}
-
-
-def beyond(cmp: dict, margin: float) -> bool:
-    """`a` is worse than `b` (`cmp = paired(a, b)`) by more than `margin` nats, significantly."""
-    return cmp["significant"] and cmp["diff"] > margin
-
-
-def better(cmp: dict) -> bool:
-    """`a` is significantly better (lower NLL) than `b` (`cmp = paired(a, b)`)."""
-    return cmp["significant"] and cmp["diff"] < 0
-
-
-def describe(cmp: dict) -> str:
-    """`+0.0860 ± 0.0120 nats (SE, n=8 windows, 7.2 SE)`: a difference as printed in warnings."""
-    se = "n/a" if cmp["se"] is None else f"{cmp['se']:.4f}"
-    z = "" if cmp["z"] is None else f", {abs(cmp['z']):.1f} SE"
-    return f"{cmp['diff']:+.4f} ± {se} nats (SE, n={cmp['n']} windows{z})"
 
 
 # --------------------------------------------------------------------------- held-out windows
@@ -356,7 +322,7 @@ def check_selection(heldout: Heldout | None, sel: Selection, rerank: int = 0) ->
     for c in scored:
         c["vs_chosen"] = None if c["rank"] == chosen_rank else paired(vec[c["rank"]], vec[chosen_rank])
     chosen_nll = scored[chosen_rank]["nll"]
-    better_ones = [c for c in scored if c["vs_chosen"] is not None and beyond(_flip(c["vs_chosen"]), RUNNER_UP_MARGIN)]
+    better_ones = [c for c in scored if c["vs_chosen"] is not None and beyond(flip(c["vs_chosen"]), RUNNER_UP_MARGIN)]
     if better_ones:
         b = min(better_ones, key=lambda c: c["nll"])
         other = sel.info.get("other_variant")
@@ -370,11 +336,6 @@ def check_selection(heldout: Heldout | None, sel: Selection, rerank: int = 0) ->
     record["chosen"] = sel.removed
     sel.info["heldout_check"] = record
     return sel, warnings
-
-
-def _flip(cmp: dict) -> dict:
-    """`paired(b, a)` from `paired(a, b)`."""
-    return {**cmp, "diff": -cmp["diff"], "z": None if cmp["z"] is None else -cmp["z"]}
 
 
 # --------------------------------------------------------------------------- settings

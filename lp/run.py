@@ -26,6 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lp import (
+    batching,
     cache,
     calib,
     card,
@@ -42,7 +43,7 @@ from lp import (
 )
 from lp.evaluate import generate, lm_eval_tasks
 from lp.evaluate.lm_eval_tasks import paper_scores, retained_performance
-from lp.evaluate.ppl import perplexity
+from lp.evaluate.ppl import perplexity, window_nll
 from lp.patch import insert_patches
 from lp.pruners import PruneContext
 from lp.report.messages import summary_line
@@ -144,12 +145,13 @@ def recipe(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: l
     ctx = prune_context(cfg, model, tokenizer)
     with stages("select"):
         sel = pruner.select(ctx)
-    heldout = verify.heldout(cfg, model, tokenizer) if sel.removed else None  # held-out checks (lp.verify)
+    heldout = verify.heldout(cfg, model, tokenizer, ctx.batch_size) if sel.removed else None  # lp.verify
     with stages("check_selection"):
         sel, sel_warnings = verify.check_selection(heldout, sel, getattr(pruner, "rerank", 0))
     patches, patches_info, patch_warnings = make_patches(cfg, ctx, sel.removed, heldout, stages)
     result["warnings"].extend(sel_warnings + patch_warnings)
-    result["data"] = {"calibration": ctx.provenance}  # None only if nothing needed calibration
+    result["data"] = {"calibration": ctx.provenance,  # None only if nothing needed calibration
+                      "calibration_batch_size": ctx.batch_size}  # resolved (calib.batch_size=auto: lp.batching)
     teacher, skipped = None, distill.skipped(cfg.distill, cfg.patch.kind, patches)  # auto chose no patch anywhere
     if skipped:
         result["distill"], warning = skipped
@@ -270,12 +272,16 @@ def dense_qa_scores(cfg: DictConfig, pruner, model, tokenizer, stages: Stages) -
 
 
 def prune_context(cfg: DictConfig, model, tokenizer) -> PruneContext:
-    """What the pruner (and the patch statistics) may read; calibration windows are built lazily."""
-    return PruneContext(model, tokenizer, calib_fn=lambda: calibration(cfg, tokenizer),
-                        cache_key=stats_key(cfg), batch_size=cfg.calib.batch_size,
-                        hadamard=cfg.patch.get("hadamard", "constructed"), hadamard_seed=cfg.patch.get("hadamard_seed"),
-                        hadamard_fallback_seed=cfg.patch.get("hadamard_fallback_seed"),
-                        progress=bool(cfg.get("progress", True)))
+    """What the pruner (and the patch statistics) may read; calibration windows are built lazily (at once
+    for `calib.batch_size=auto` on a GPU, whose probe is one calibration pass over the first windows)."""
+    ctx = PruneContext(model, tokenizer, calib_fn=lambda: calibration(cfg, tokenizer), cache_key=stats_key(cfg),
+                       hadamard=cfg.patch.get("hadamard", "constructed"), hadamard_seed=cfg.patch.get("hadamard_seed"),
+                       hadamard_fallback_seed=cfg.patch.get("hadamard_fallback_seed"),
+                       progress=bool(cfg.get("progress", True)))
+    ctx.batch_size = batching.resolve(cfg.calib.batch_size, devices.input_device(model),
+                                      lambda bs: calib.collect(model, ctx.windows[:bs], bs), cfg.calib.nsamples,
+                                      "calibration")
+    return ctx
 
 
 def make_patches(cfg: DictConfig, ctx: PruneContext, removed: list[int], heldout, stages: Stages) -> tuple:
@@ -351,9 +357,12 @@ def eval_ppl(cfg: DictConfig, model, tokenizer) -> tuple[dict, dict]:
     for name, split in data.ppl_sets(e.datasets, e.split):
         windows, prov = data.eval_windows(tokenizer, name, split, e.seqlen, cfg.data.root, cfg.data.source,
                                           e.max_windows)
-        metrics[f"ppl/{name}"] = perplexity(model, windows, e.batch_size, desc=f"ppl {name}", progress=e.progress,
+        bs = batching.resolve(e.batch_size, devices.input_device(model),
+                              lambda b, w=windows: window_nll(model, w[:b], b, progress=False), len(windows), f"ppl {name}")
+        metrics[f"ppl/{name}"] = perplexity(model, windows, bs, desc=f"ppl {name}", progress=e.progress,
                                             loss_dtype=loss_dtype)
-        provenance[f"ppl/{name}"] = {**prov, "windows": len(windows), "seqlen": e.seqlen, "loss_dtype": loss_dtype}
+        provenance[f"ppl/{name}"] = {**prov, "windows": len(windows), "seqlen": e.seqlen, "loss_dtype": loss_dtype,
+                                     "batch_size": bs}
     return metrics, provenance
 
 

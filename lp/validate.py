@@ -59,7 +59,21 @@ def _is_global(file: Path) -> bool:
 def schema(choices: dict | None = None, conf: Path = CONF) -> dict[str, set]:
     """Dotted key -> set of default types ("bool", "int", "float", "str", "list", "dict", ANY; a list's
     element type as "list[int]"), from `conf/config.yaml` and each group's chosen option (every option
-    of a group whose choice is unknown)."""
+    of a group whose choice is unknown). Parsed once per process for the same choices and conf files
+    (keyed by every YAML file's modification time, so an edited conf is read again)."""
+    stamp = tuple((str(f), f.stat().st_mtime_ns) for f in sorted(conf.rglob("*.yaml")))
+    key = (str(conf), tuple(sorted((choices or {}).items(), key=lambda kv: kv[0])), stamp)
+    if key not in _SCHEMAS:
+        if len(_SCHEMAS) >= 16:  # a few (conf, choices) pairs per process; never grows without bound
+            _SCHEMAS.clear()
+        _SCHEMAS[key] = _schema(choices, conf)
+    return {k: set(v) for k, v in _SCHEMAS[key].items()}
+
+
+_SCHEMAS: dict = {}
+
+
+def _schema(choices: dict | None, conf: Path) -> dict[str, set]:
     types: dict[str, set] = {k: set(v) for k, v in ALSO.items()}
     top = OmegaConf.to_container(OmegaConf.load(conf / "config.yaml"), resolve=False)
     _add(types, "", {k: v for k, v in top.items() if k not in ("defaults", "hydra")})

@@ -158,6 +158,7 @@ def test_latex_and_dashboard(sweep, tmp_path):
     assert "<script" not in html and "http://" not in html.replace('xmlns="http://www.w3.org/2000/svg"', "")
 
 
+@pytest.mark.slow
 def test_ppl_only_sweep_and_cli(sweep, capsys):
     for i in (0, 1, 2):  # strip QA: no QA table, PPL table still there
         res = json.loads((sweep / str(i) / "result.json").read_text())
@@ -222,6 +223,7 @@ def test_method_labels_name_the_selection_and_the_patch(tmp_path):
     assert list(table["method"]) == ["LinearPatch block", "+LinearPatch", "Angular (Gromov)", "+LinearPatch"]
 
 
+@pytest.mark.slow
 def test_report_vocabulary_is_defined_once():
     """Every pruner config has a display label and no label names a pruner that does not exist;
     the report modules import the vocabulary, not each other (no import circle)."""

@@ -16,13 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DATA, REPO
+from conftest import CALIB, DATA, ENV, REPO, TINY
 
 from lp import cache, validate
-
-TINY = ["model=tiny_llama", "eval=quick", "eval.ppl.max_windows=2", "eval.ppl.progress=false"]
-CALIB = ["calib.corpus=ptb", "calib.split=test", "calib.nsamples=4", "calib.seqlen=64", "calib.batch_size=2"]
-ENV = {**os.environ, "LP_DATA_DIR": str(DATA), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 # ----------------------------------------------------------------------------- cache locking

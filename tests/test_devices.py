@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import conftest
 import pytest
 import torch
 from accelerate import init_empty_weights
@@ -21,10 +22,8 @@ from lp.pruners.base import block_selection
 from lp.replay import Replay
 from lp.run import run
 
-TINY = {"arch": "llama", "num_layers": 6, "hidden_size": 64, "seed": 3}
-SMALL = ["model=tiny_llama", "calib.corpus=ptb", "calib.split=test", "calib.nsamples=4", "calib.seqlen=64",
-         "calib.batch_size=2", "eval=quick", "eval.ppl.datasets=[ptb]", "eval.ppl.seqlen=64",
-         "eval.ppl.max_windows=4", "eval.ppl.progress=false", "progress=false"]
+ARCH = {"arch": "llama", "num_layers": 6, "hidden_size": 64, "seed": 3}
+SMALL = [*conftest.SMALL, "progress=false"]
 PLACEMENTS = {  # name -> model overrides; each one other than "default" keeps decoder weights off the compute device
     "default": {},
     "sequential": {"onload": "sequential"},  # on the CPU: layers on disk, one module onloaded at a time
@@ -33,13 +32,13 @@ PLACEMENTS = {  # name -> model overrides; each one other than "default" keeps d
 
 
 def model_cfg(**extra):
-    return OmegaConf.create({"name": "tiny", "tiny": TINY, "dtype": "float32", "device": "cpu", "device_map": None,
+    return OmegaConf.create({"name": "tiny", "tiny": ARCH, "dtype": "float32", "device": "cpu", "device_map": None,
                              "max_memory": None, "onload": None, "offload": "auto", "offload_folder": None,
                              "trust_remote_code": False, **extra})
 
 
 def test_execution_device_follows_hooks_parameters_and_meta():
-    plain = tiny_model(**TINY)
+    plain = tiny_model(**ARCH)
     assert devices.execution_device(plain) == torch.device("cpu") and not devices.is_offloaded(plain)
     with init_empty_weights():  # a model built on meta without hooks: its patches must follow it there
         meta = AutoModelForCausalLM.from_config(plain.config)
@@ -49,7 +48,7 @@ def test_execution_device_follows_hooks_parameters_and_meta():
     assert devices.is_offloaded(seq) and layer.mlp.down_proj.weight.device.type == "meta"
     assert devices.execution_device(layer) == torch.device("cpu") and devices.input_device(seq) == torch.device("cpu")
     assert set(seq.hf_device_map.values()) == {"cpu", "disk"}
-    assert all(seq.hf_device_map[f"model.layers.{i}"] == "disk" for i in range(TINY["num_layers"]))
+    assert all(seq.hf_device_map[f"model.layers.{i}"] == "disk" for i in range(ARCH["num_layers"]))
 
 
 @pytest.mark.parametrize("placement", [p for p in PLACEMENTS if p != "default"])
@@ -97,7 +96,7 @@ def test_bad_placement_is_an_early_error(cfg_factory, extra, message):
 
 # --------------------------------------------------------------------------- non-finite activations
 def nan_model(layer: int = 1):
-    model = tiny_model(**TINY)
+    model = tiny_model(**ARCH)
     with torch.no_grad():
         model.model.layers[layer].mlp.down_proj.weight[0, 0] = float("nan")
     return model

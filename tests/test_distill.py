@@ -302,21 +302,20 @@ def test_bad_settings_are_rejected(over, match):
     (["patch=auto", "patch.candidates=[none]"],
      r"distill=output_kl needs a patch to train, but patch=auto with patch.candidates=\['none'\] can only choose none"),
 ])
-def test_run_rejects_distill_without_patch_before_loading(cfg_factory, tmp_path, patch, msg):
-    from lp.run import run
+def test_run_rejects_distill_without_patch_before_loading(cfg_factory, patch, msg):
+    from lp.run import preflight
 
     cfg = cfg_factory("model=tiny_llama", "eval=quick", "pruner=manual", "pruner.layers=[2,3]", "distill=quick",
                       "calib.nval=2", *patch)
     with pytest.raises(ValueError, match=msg):
-        run(cfg)
-    assert "load" not in json.loads((tmp_path / "result.json").read_text())["timing"]  # no weights loaded
+        preflight(cfg)
 
 
 @pytest.mark.slow
 def test_run_auto_choosing_no_patch_skips_distill_with_a_warning(cfg_factory, tmp_path, monkeypatch, caplog, capsys):
     """patch=auto may choose no patch at every cut (here: every patch made worse on the held-out
     windows); distillation then has nothing to train: skipped with a loud warning, not an error."""
-    from test_patch import SMALL
+    from conftest import SMALL
 
     from lp import verify
     from lp.run import run
@@ -391,4 +390,9 @@ def test_real_smollm2_suffix_student_equals_full_model_student():
     (g_suf,) = torch.autograd.grad(loss, [w])
     assert full.item() > 1e-3
     torch.testing.assert_close(loss, full, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(g_suf, g_full, rtol=1e-3, atol=1e-6)
+    # fp32 summation order differs between the two paths (and between BLAS kernels and thread counts), so an
+    # element-wise rtol fails on entries near 0 (seen: one entry of 331776 off by 1.25e-6, rel 0.85%); the
+    # absolute tolerance is 1e-4 of the gradient's largest entry (a wrong suffix moves entries by O(max))
+    scale = g_full.abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(g_suf, g_full, rtol=1e-3, atol=1e-4 * scale)

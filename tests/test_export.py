@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import TINY
 from safetensors.torch import load_file
 from test_patch import IDS, D, random_patches
 
@@ -267,8 +268,8 @@ def test_a_save_that_does_not_reproduce_the_model_is_an_error(tmp_path, monkeypa
 
 
 # --------------------------------------------------------------------------- run(cfg): card + sample
-SMALL = ["model=tiny_llama", "calib=quick", "calib.split=validation", "calib.nsamples=4", "calib.seqlen=64",
-         "eval=quick", "eval.ppl.max_windows=2", "eval.ppl.progress=false", "pruner=manual", "pruner.layers=[2,3]"]
+SAVED = [*TINY, "calib=quick", "calib.split=validation", "calib.nsamples=4", "calib.seqlen=64", "pruner=manual",
+         "pruner.layers=[2,3]"]
 
 
 @pytest.mark.parametrize("patch,mode", [("none", "plain"), ("scalar", "folded"), ("rotate", "custom")])
@@ -276,7 +277,7 @@ def test_run_saves_a_carded_model_with_metrics_and_a_greedy_sample(cfg_factory, 
     from lp.run import run
 
     monkeypatch.setenv("LP_CACHE_DIR", str(tmp_path / "cache"))
-    r = run(cfg_factory(*SMALL, f"patch={patch}", "patch.save=true", "eval.generate.max_new_tokens=5"))
+    r = run(cfg_factory(*SAVED, f"patch={patch}", "patch.save=true", "eval.generate.max_new_tokens=5"))
     assert r["export"] == {"mode": mode, "fold_refused": None if mode != "custom" else
                            "the rotate patch at cut [2, 4) is not a uniform scalar s*I"}
     gen = r["generation"]

@@ -17,22 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, REPO
+from conftest import CALIB, ENV, REPO, TINY, cli
 from omegaconf import OmegaConf
 
 from lp import cache, calib, models
 from lp.callbacks import find_finished
 from lp.pruners.base import PruneContext
-from lp.run import run
-
-TINY = ["model=tiny_llama", "eval=quick", "eval.ppl.max_windows=2", "eval.ppl.progress=false"]
-CALIB = ["calib.corpus=ptb", "calib.split=test", "calib.nsamples=4", "calib.seqlen=64", "calib.batch_size=2"]
-ENV = {**os.environ, "LP_DATA_DIR": str(DATA), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def cli(*args, env=None, cwd=REPO, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env={**ENV, **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+from lp.run import preflight, run
 
 
 # ----------------------------------------------------------------------------- security
@@ -210,6 +201,7 @@ def test_concurrent_processes_build_a_missing_entry_once(tmp_path):
     assert len((tmp_path / "builds.log").read_text().split()) == 1
 
 
+@pytest.mark.slow
 def test_two_fresh_cache_runs_at_once_on_the_tiny_model(tmp_path):
     args = [*TINY, *CALIB, "eval.ppl.datasets=[ptb]", "eval.ppl.seqlen=64", "pruner=shortgpt", "pruner.n=2",
             "patch=rotate"]
@@ -283,11 +275,11 @@ def test_read_only_cache_warns_and_the_run_goes_on(cfg_factory, tmp_path, monkey
     ("+eval.ppl.max_window=3", r"unknown setting eval.ppl.max_window=3: .*did you mean eval.ppl.max_windows\?"),
     ("data.root=/nonexistent/lp-data", "data.root='/nonexistent/lp-data' .* is not a folder"),
 ])
-def test_bad_setting_fails_before_the_model_loads(cfg_factory, tmp_path, override, message):
+def test_bad_setting_fails_before_the_model_loads(cfg_factory, override, message):
+    """The checks `run` makes before loading (`lp.run.preflight`); that a run records such a failure
+    without loading: test_run.py::test_a_run_that_fails_its_checks_records_it_without_loading."""
     with pytest.raises((ValueError, FileNotFoundError), match=message):
-        run(cfg_factory(*TINY, "pruner=manual", "pruner.layers=[1]", override))
-    failed = json.loads((tmp_path / "result.json").read_text())
-    assert failed["status"] == "failed" and "load" not in failed["timing"]
+        preflight(cfg_factory(*TINY, "pruner=manual", "pruner.layers=[1]", override))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -308,6 +300,7 @@ def test_hub_model_without_hub_access_names_the_model_and_the_way_out(cfg_factor
     assert time.perf_counter() - t0 < 20  # no minute of retries
 
 
+@pytest.mark.slow
 def test_cli_bad_settings_are_one_line_exit_2(tmp_path):
     for args, line in [(["+foo=1"], "error: unknown setting foo=1"),
                        (['model.trust_remote_code="false"'], "error: model.trust_remote_code='false': must be true or false"),
@@ -319,6 +312,7 @@ def test_cli_bad_settings_are_one_line_exit_2(tmp_path):
 
 
 # ----------------------------------------------------------------------------- signals, sweeps, resume
+@pytest.mark.slow
 def test_sigterm_leaves_a_failed_result_json(tmp_path):
     args = [*TINY, "eval.ppl.datasets=[ptb]", "eval.ppl.seqlen=64", "eval.ppl.max_windows=null",
             f"hydra.run.dir={tmp_path}"]

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from conftest import TINY
 
 from lp.models import Decoder, count_params, load_model, tiny_model
 from lp.pruners.base import PruneContext
@@ -13,8 +14,7 @@ from lp.pruners.llm_pruner import LLMPruner, unit_counts, unit_importance
 from lp.run import run
 from lp.width import geometry
 
-TINY = ["model=tiny_llama", "eval=quick", "eval.ppl.max_windows=2", "eval.ppl.progress=false",
-        "calib=quick", "calib.nsamples=4", "calib.seqlen=32"]
+QUICK = [*TINY, "calib=quick", "calib.nsamples=4", "calib.seqlen=32"]
 
 
 def windows(n=4, t=24, seed=0):
@@ -126,6 +126,7 @@ print(sum(p.numel() for p in m.parameters()))
 @pytest.mark.parametrize("arch, keep, storage", [("llama", (1, 1), "dense_zero_padded"),
                                                  ("qwen2", (1, 1), "dense_zero_padded"),
                                                  ("qwen2", (0, 0), "compact")])
+@pytest.mark.slow
 def test_save_reloads_with_stock_from_pretrained(tmp_path, arch, keep, storage):
     model = tiny_model(arch, num_layers=4, hidden_size=64, intermediate_size=96)
     dense = count_params(model)
@@ -145,18 +146,18 @@ def test_save_reloads_with_stock_from_pretrained(tmp_path, arch, keep, storage):
 
 
 def test_run_llm_pruner_end_to_end(cfg_factory, tmp_path):
-    res = run(cfg_factory(*TINY, "pruner=llm_pruner", "pruner.n=2", "pruner.keep_first=1", "pruner.keep_last=1", "pruner.disk_cache=false", "patch.save=true"))
+    res = run(cfg_factory(*QUICK, "pruner=llm_pruner", "pruner.n=2", "pruner.keep_first=1", "pruner.keep_last=1", "pruner.disk_cache=false", "patch.save=true"))
     p = res["pruning"]
     assert res["status"] == "ok" and p["method"] == "llm_pruner" and p["label"] == "LLM-Pruner"
     assert p["n"] == 2 and p["removed_layers"] == [] and p["num_layers_after"] == 8
-    depth = run(cfg_factory(*TINY, "pruner=manual", "pruner.layers=[3,4]"))["pruning"]["pruned_ratio"]
+    depth = run(cfg_factory(*QUICK, "pruner=manual", "pruner.layers=[3,4]"))["pruning"]["pruned_ratio"]
     assert p["pruned_ratio"] == pytest.approx(depth, abs=0.005)
     assert p["width"]["storage"] == "dense_zero_padded" and res["saved_model"].endswith("model")
 
 
 def test_patch_with_width_pruner_is_rejected_before_loading(cfg_factory):
     with pytest.raises(ValueError, match="patch=rotate bridges removed layers, but pruner=llm_pruner prunes width"):
-        run(cfg_factory(*TINY, "pruner=llm_pruner", "pruner.n=1", "patch=rotate"))
+        run(cfg_factory(*QUICK, "pruner=llm_pruner", "pruner.n=1", "patch=rotate"))
 
 
 @pytest.mark.real

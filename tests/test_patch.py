@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import DATA
+from conftest import DATA, SMALL
 from test_calib import make_ctx, naive_scales, naive_states
 
 from lp import data, load_pruned
@@ -23,7 +23,7 @@ from lp.patch import (
     runs_of,
     strip_patches,
 )
-from lp.run import run
+from lp.run import preflight, run
 
 D = 64
 IDS = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(5))
@@ -154,9 +154,6 @@ def test_build_patches_uses_dense_scales_per_run(tmp_path):
 
 
 # --------------------------------------------------------------------------- run(cfg)
-SMALL = ["model=tiny_llama", "calib.corpus=ptb", "calib.split=test", "calib.nsamples=4", "calib.seqlen=64",
-         "calib.batch_size=2", "eval=quick", "eval.ppl.datasets=[ptb]", "eval.ppl.seqlen=64",
-         "eval.ppl.max_windows=4", "eval.ppl.progress=false"]
 
 
 def test_run_linearpatch_rotate_and_diag_end_to_end(cfg_factory, tmp_path, monkeypatch):
@@ -233,10 +230,9 @@ def test_run_records_basis_and_keeps_a_calibration_cache_entry_per_basis(cfg_fac
     (["pruner=linearpatch", "pruner.n=2", "patch=rotate", "patch.hadamard_fallback_seed=abc"],
      "hadamard_fallback_seed='abc' must be null or an integer"),
 ])
-def test_run_bad_input_fails_before_loading(cfg_factory, tmp_path, overrides, msg):
+def test_run_bad_input_fails_before_loading(cfg_factory, overrides, msg):
     with pytest.raises(ValueError, match=msg):
-        run(cfg_factory(*SMALL, *overrides))
-    assert "load" not in json.loads((tmp_path / "result.json").read_text())["timing"]
+        preflight(cfg_factory(*SMALL, *overrides))
 
 
 def test_pruned_ratio_counts_each_patch_as_d_squared_like_the_paper():

@@ -7,11 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import DATA, REPO
+from conftest import DATA, REPO, TINY
 
-from lp.run import run
-
-TINY = ["model=tiny_llama", "eval=quick", "eval.ppl.max_windows=2", "eval.ppl.progress=false"]
+from lp.run import preflight, run
 
 
 def test_dense_and_manual_on_tiny_model(cfg_factory, tmp_path):
@@ -45,12 +43,23 @@ def test_same_config_gives_same_numbers(cfg_factory):
     ("eval.ppl.datasets=[wikitext2,ptb:dev]", "corpus 'ptb' has no split 'dev'"),
     ("eval.ppl.loss_dtype=half", "eval.ppl.loss_dtype='half'; choose one of"),
 ])
-def test_bad_input_fails_before_loading_and_records_failure(cfg_factory, tmp_path, override, msg):
+def test_bad_input_fails_before_loading(cfg_factory, override, msg):
     layers = [] if override.startswith("pruner.layers") else ["pruner.layers=[1]"]
     with pytest.raises(ValueError, match=msg):
-        run(cfg_factory(*TINY, "pruner=manual", *layers, override))
+        preflight(cfg_factory(*TINY, "pruner=manual", *layers, override))
+
+
+@pytest.mark.parametrize("override, msg", [
+    ("calib.nsamples=0", "calib.nsamples=0: must be an integer >= 1"),  # lp.validate.settings
+    ("pruner.layers=[8]", r"layer indices \[8\] out of range"),  # the model's config (check_model)
+])
+def test_a_run_that_fails_its_checks_records_it_without_loading(cfg_factory, tmp_path, monkeypatch, override, msg):
+    """The run-level exit path of every `preflight` error (the CLI's: test_hardening.py, exit 2)."""
+    monkeypatch.setattr("lp.models.load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(ValueError, match=msg):
+        run(cfg_factory(*TINY, "pruner=manual", "pruner.layers=[1]", override))
     failed = json.loads((tmp_path / "result.json").read_text())
-    assert failed["status"] == "failed" and "load" not in failed["timing"]
+    assert failed["status"] == "failed" and failed["error"].startswith("ValueError: ") and "load" not in failed["timing"]
 
 
 def test_per_dataset_splits_and_official_loss_in_one_run(cfg_factory):

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DATA, REPO
+from conftest import DATA, REPO, TINY
 from omegaconf import OmegaConf
 from test_tracking import Recorder
 
@@ -19,8 +19,7 @@ from lp.callbacks import AggregateOnMultirunEnd, config_hash, find_finished, res
 from lp.run import run
 from lp.tracking import WandbTracker
 
-TINY = ["model=tiny_llama", "pruner=manual", "pruner.layers=[1,2]", "eval=quick", "eval.ppl.datasets=[ptb]",
-        "eval.ppl.seqlen=64", "eval.ppl.max_windows=2", "eval.ppl.progress=false"]
+MANUAL = [*TINY, "pruner=manual", "pruner.layers=[1,2]", "eval.ppl.datasets=[ptb]", "eval.ppl.seqlen=64"]
 
 
 def cli(cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -169,7 +168,7 @@ def test_aggregate_callback_never_raises(tmp_path, caplog):
 # ------------------------------------------------------------------------------------- tracker step
 def test_run_starts_and_finishes_the_tracker(cfg_factory, tmp_path, monkeypatch):
     Recorder.instances.clear()
-    result = run(cfg_factory(*TINY, "tracker=wandb", f"tracker._target_={Recorder.__module__}.Recorder"))
+    result = run(cfg_factory(*MANUAL, "tracker=wandb", f"tracker._target_={Recorder.__module__}.Recorder"))
     (t,) = Recorder.instances
     kw = t.kwargs
     assert kw["name"] == "tiny_llama/manual/none/n2" and kw["job_type"] == "manual" and kw["group"] is None
@@ -185,7 +184,7 @@ def test_run_starts_and_finishes_the_tracker(cfg_factory, tmp_path, monkeypatch)
 
     monkeypatch.setattr("lp.run.perplexity", bogus)
     with pytest.raises(RuntimeError, match="bogus"):
-        run(cfg_factory(*TINY, "tracker=wandb", f"tracker._target_={Recorder.__module__}.Recorder", "tracker.name=mine"))
+        run(cfg_factory(*MANUAL, "tracker=wandb", f"tracker._target_={Recorder.__module__}.Recorder", "tracker.name=mine"))
     (t,) = Recorder.instances
     assert t.kwargs["name"] == "mine" and t.status == "failed"
     assert t.summaries["status"] == "failed" and "bogus" in t.summaries["error"]
@@ -211,7 +210,7 @@ def test_run_with_wandb_offline_writes_into_the_job_dir(cfg_factory, tmp_path, m
         finish(self, status)
 
     monkeypatch.setattr(WandbTracker, "finish", spy)
-    result = run(cfg_factory(*TINY, "tracker=wandb"))
+    result = run(cfg_factory(*MANUAL, "tracker=wandb"))
     assert result["status"] == "ok"
     assert seen["mode"] == "offline" and seen["status"] == "ok" and seen["summary_status"] == "ok"
     assert seen["name"] == "tiny_llama/manual/none/n2" and seen["job_type"] == "manual" and not seen["group"]
@@ -250,7 +249,7 @@ def test_run_hands_the_tracker_to_distillation(cfg_factory, monkeypatch):
         teacher=teacher, tracker=tracker) or {"steps": 0})
     monkeypatch.setattr(lp.distill, "metrics", lambda info: {"distill/steps": info["steps"]})
     Recorder.instances.clear()
-    result = run(cfg_factory(*TINY, "patch=rotate", "distill=quick", "calib.corpus=ptb", "calib.split=test",
+    result = run(cfg_factory(*MANUAL, "patch=rotate", "distill=quick", "calib.corpus=ptb", "calib.split=test",
                              "calib.nsamples=4", "calib.seqlen=64", f"tracker._target_={Recorder.__module__}.Recorder"))
     assert result["status"] == "ok" and result["distill"] == {"steps": 0}
     (t,) = Recorder.instances

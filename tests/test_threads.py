@@ -9,14 +9,12 @@ import sys
 
 import pytest
 import torch
-from conftest import CONF, DATA, REPO
+from conftest import CONF, DATA, REPO, TINY
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
 from lp import models, threads
 from lp.run import run
-
-TINY = ["model=tiny_llama", "eval=quick", "eval.ppl.max_windows=2", "eval.ppl.progress=false"]
 
 
 @pytest.fixture(autouse=True)
@@ -166,6 +164,7 @@ def test_bad_value_fails_before_loading(cfg_factory, tmp_path, monkeypatch):
     assert failed["status"] == "failed" and "load" not in failed["timing"]
 
 
+@pytest.mark.slow
 def test_cli_bad_value_is_one_line(tmp_path):
     too_many = os.cpu_count() + 1
     proc = subprocess.run([sys.executable, "run.py", *TINY, f"runtime.threads={too_many}", f"hydra.run.dir={tmp_path}"],
@@ -175,6 +174,7 @@ def test_cli_bad_value_is_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: runtime.threads={too_many}: use 'auto'")
 
 
+@pytest.mark.slow
 def test_parallel_launcher_jobs_get_their_share(tmp_path):
     """hydra/launcher=parallel: each joblib worker reads n_jobs=2 from Hydra at job time."""
     env = {**os.environ, "LP_DATA_DIR": str(DATA), "HYDRA_FULL_ERROR": "0"}

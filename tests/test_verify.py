@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from conftest import SMALL
 from omegaconf import OmegaConf
 from planted import planted_model, ramp_windows
 from test_calib import make_ctx
-from test_patch import SMALL
 from test_report import _rec, _sweep
 
 from lp import aggregate as agg
@@ -18,7 +18,7 @@ from lp.evaluate.ppl import window_nll
 from lp.models import drop_layers, tiny_model
 from lp.patch import LinearPatch, insert_patches, runs_of
 from lp.pruners.base import Selection
-from lp.run import run
+from lp.run import preflight, run
 
 D = 64
 KINDS = ["none", "scalar", "diag", "rotate", "lstsq", "rotate_outlier"]
@@ -139,10 +139,9 @@ def test_run_records_verification_and_auto(cfg_factory, tmp_path, monkeypatch):
     (["calib.nval=-1"], "calib.nval=-1 must be 0 .held-out checks off. or an integer >= 2"),
     (["calib.nval=1"], "calib.nval=1 must be 0"),
 ])
-def test_run_bad_verification_settings_fail_before_loading(cfg_factory, tmp_path, overrides, msg):
+def test_run_bad_verification_settings_fail_before_loading(cfg_factory, overrides, msg):
     with pytest.raises(ValueError, match=msg):
-        run(cfg_factory(*SMALL, "pruner=linearpatch", "pruner.n=2", *overrides))
-    assert "load" not in json.loads((tmp_path / "result.json").read_text())["timing"]
+        preflight(cfg_factory(*SMALL, "pruner=linearpatch", "pruner.n=2", *overrides))
 
 
 # --------------------------------------------------------------------------- uncertainty (lp issue 26)
@@ -259,10 +258,9 @@ def test_run_verifies_on_a_validation_split_and_records_it(cfg_factory, tmp_path
     (["patch.verify_on=ptb:dev"], "corpus 'ptb' has no split 'dev'"),
     (["patch.verify_on=wiki:validation"], "unknown corpus 'wiki'"),
 ])
-def test_run_verifying_on_reported_or_unknown_data_fails_before_loading(cfg_factory, tmp_path, overrides, msg):
+def test_run_verifying_on_reported_or_unknown_data_fails_before_loading(cfg_factory, overrides, msg):
     with pytest.raises(ValueError, match=msg):
-        run(cfg_factory(*SMALL, "pruner=linearpatch", "pruner.n=2", "patch=rotate", *overrides))
-    assert "load" not in json.loads((tmp_path / "result.json").read_text())["timing"]
+        preflight(cfg_factory(*SMALL, "pruner=linearpatch", "pruner.n=2", "patch=rotate", *overrides))
 
 
 def test_rerank_keeps_the_scores_choice_unless_a_candidate_is_significantly_better(pool):

@@ -41,6 +41,7 @@ from lp import (
     verify,
     width,
 )
+from lp.bookkeeping import is_bookkeeping
 from lp.evaluate import generate, lm_eval_tasks
 from lp.evaluate.lm_eval_tasks import paper_scores, retained_performance
 from lp.evaluate.ppl import perplexity, window_nll
@@ -198,14 +199,18 @@ def recipe(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: l
 
 
 # ----------------------------------------------------------------------------- stages
+# Settings that are parts of a run name already (`model.name`, `n<removed>`): not repeated after them.
+IN_RUN_NAME = ("model.name", "pruner.n")
+
+
 def run_name(cfg: DictConfig, pruner, overrides: list[str] = ()) -> str:
     """`model/pruner/patch/n<removed>`, e.g. `smollm2_135m/shortgpt/rotate/n4`, then the values of
     non-group settings set on the command line or by the sweep (an ablation such as
-    `calib.nsamples=4 seed=1` gives `.../n4/nsamples=4,seed=1`); bookkeeping keys left out."""
+    `calib.nsamples=4 seed=1` gives `.../n4/nsamples=4,seed=1`); bookkeeping keys
+    (`lp.bookkeeping`) and :data:`IN_RUN_NAME` left out."""
     parts = [str(x) for x in (cfg.model.name, pruner.name, cfg.patch.kind, f"n{pruner.n}")]
-    skip = ("paths.", "hydra.", "data.", "tracker.", "runtime.", "pruner.n=", "model.name=")
-    extra = [o.lstrip("+~") for o in overrides if ("." in o.split("=")[0] or o.startswith("seed="))
-             and not o.lstrip("+~").startswith(skip) and "progress" not in o.split("=")[0]]
+    keys = [(o.lstrip("+~"), o.lstrip("+~").partition("=")[0]) for o in overrides]
+    extra = [o for o, k in keys if ("." in k or k == "seed") and not is_bookkeeping(k) and k not in IN_RUN_NAME]
     if extra:
         parts.append(",".join(f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, _, v in (o.partition("=") for o in extra)))
     return "/".join(parts)

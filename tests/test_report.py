@@ -274,6 +274,42 @@ def test_run_name_includes_non_group_settings():
     assert run_name(cfg, pruner, local) == "smol/shortgpt/rotate/n4/pretrained=llama-3-8b,dtype=bfloat16"
 
 
+def test_bookkeeping_keys_are_left_out_alike_by_hash_run_name_and_summary():
+    """One definition (lp.bookkeeping): resume's config hash ignores, run names and the summary's
+    setting columns leave out the same keys; `model.name` / `pruner.n` are left out of run names only
+    (parts of the name already)."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from lp.bookkeeping import BOOKKEEPING, PROGRESS, is_bookkeeping
+    from lp.callbacks import config_hash
+    from lp.report.results import override_keys
+    from lp.run import IN_RUN_NAME, run_name
+
+    book = [f"{k}.x=1" for k in BOOKKEEPING] + [f"{k}=1" for k in BOOKKEEPING] + [f"eval.ppl.{PROGRESS}=false",
+                                                                                 f"+{PROGRESS}=false"]
+    settings = ["calib.nsamples=4", "data.source=local", "seed=1", "eval.qa.limit=2"]
+    assert all(is_bookkeeping(o.partition("=")[0]) for o in book)
+    assert not any(is_bookkeeping(o.partition("=")[0]) for o in settings + ["pruner.n=2", "paths_x.y=1"])
+    cfg = OmegaConf.create({"model": {"name": "smol"}, "patch": {"kind": "rotate"}})
+    name = run_name(cfg, SimpleNamespace(name="shortgpt", n=4), [*book, *settings, "pruner.n=4", "model.name=smol"])
+    assert name == "smol/shortgpt/rotate/n4/nsamples=4,source=local,seed=1,limit=2"
+    assert IN_RUN_NAME == ("model.name", "pruner.n")
+    keys = override_keys([{"overrides": [*book, *settings, "pruner.n=4", "pruner=sleb"], "choices": {"pruner": "sleb"}}])
+    assert keys == ["calib.nsamples", "data.source", "seed", "eval.qa.limit", "pruner.n"]
+    base = OmegaConf.create({"seed": 0, "calib": {"nsamples": 16}, "data": {"source": "auto"}, "eval": {"ppl": {"seqlen": 64}}})
+
+    def hashed(override: str) -> str:
+        c = base.copy()
+        key, _, value = override.lstrip("+").partition("=")
+        OmegaConf.update(c, key, value, force_add=True)
+        return config_hash(c)
+
+    assert all(hashed(o) == config_hash(base) for o in book)
+    assert all(hashed(o) != config_hash(base) for o in settings)
+
+
 def test_compare_counts_a_resumed_job_once_and_merges_repeated_warnings(tmp_path, capsys):
     """Two runs of one sweep: the second resumed job 1 from the first (a copy with `resumed_from`);
     comparing both folders counts that run once. The same warning of several jobs is one bullet."""

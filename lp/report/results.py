@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from lp.bookkeeping import PROGRESS, is_bookkeeping
 from lp.report.vocab import WARN_SEP, n_of, parse_overrides
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,7 @@ def load_paths(paths: list) -> list[dict]:
 SETTINGS = ("seed", "calib.corpus", "calib.split", "calib.nsamples", "calib.seqlen", "patch.hadamard",
             "patch.hadamard_seed", "eval.ppl.split", "eval.ppl.seqlen", "eval.ppl.max_windows",
             "eval.qa.limit", "eval.qa.num_fewshot", "eval.mmlu.limit", "eval.mmlu.num_fewshot")
-_SKIP = ("hydra", "paths", "sweeps", "sweep_name", "resume", "force", "tracker", "runtime")  # bookkeeping overrides
-_NOT_EVAL = ("progress", "batch_size", "dense_reference", "eval_dense", "device", "device_map",
+_NOT_EVAL = (PROGRESS, "batch_size", "dense_reference", "eval_dense", "device", "device_map",
              "generate", "base_model")  # a greedy sample and card metadata do not change the numbers
 
 
@@ -168,12 +168,12 @@ def eval_signature(r: dict) -> str | None:
 
 def override_keys(results: list[dict]) -> list[str]:
     """Non-group keys set on the command line or by the sweep (e.g. ``calib.nsamples``, ``seed``),
-    in first-seen order; groups (``pruner=...``) and bookkeeping keys excluded."""
+    in first-seen order; groups (``pruner=...``) and bookkeeping keys (:mod:`lp.bookkeeping`) excluded."""
     keys = {}
     for r in results:
         groups = set(r.get("choices") or {})
         for k in parse_overrides(r.get("overrides")):
-            if k not in groups and k.split(".")[0] not in _SKIP:
+            if k not in groups and not is_bookkeeping(k):
                 keys.setdefault(k, None)
     return list(keys)
 

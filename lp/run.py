@@ -35,6 +35,7 @@ from lp import (
     distill,
     families,
     gpus,
+    methods,
     models,
     threads,
     validate,
@@ -227,7 +228,7 @@ def check_model(cfg: DictConfig, pruner) -> int:
     one line), the layout width surgery edits, then `validate.against_model`. Returns the dense layer count."""
     mconf = models.load_config(cfg.model)
     family = families.get(getattr(mconf, "model_type", None))
-    if getattr(pruner, "width", False):
+    if methods.prunes_width(pruner.name):
         width.check_family(family)
     validate.against_model(cfg, pruner, mconf.num_hidden_layers, getattr(mconf, "max_position_embeddings", None),
                            getattr(mconf, "hidden_size", None))
@@ -309,7 +310,7 @@ def attach_patches(model, patches: dict) -> int:
 def pruning_info(pruner, sel, num_layers: int, params_dense: int, params_pruned: int, params_patch: int) -> dict:
     """`result["pruning"]`: what was removed and the parameter accounting (the patch counted apart)."""
     return {
-        "method": pruner.name, "label": pruner.label, "n": len(sel.removed), "removed_layers": sel.removed,
+        "method": pruner.name, "label": methods.label(pruner.name), "n": len(sel.removed), "removed_layers": sel.removed,
         "num_layers_after": num_layers - len(sel.removed), "params_dense": params_dense,
         "params_pruned": params_pruned, "params_patch": params_patch,
         "pruned_ratio": 1 - params_pruned / params_dense,

@@ -14,6 +14,7 @@ from html import escape
 
 import pandas as pd
 
+from lp.methods import label as pruner_label
 from lp.report.html import grid, html_table, page
 from lp.report.plots import PALETTE, bar_chart, heatmap, line_chart
 from lp.report.results import model_name
@@ -29,7 +30,6 @@ from lp.report.vocab import (
     is_dense,
     n_of,
     num,
-    pruner_label,
     variant_label,
 )
 

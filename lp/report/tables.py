@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from lp.methods import label as pruner_label
+from lp.methods import prunes_width
 from lp.report.caption import caption
 from lp.report.vocab import (
     BLOCK_KEYS,
@@ -34,7 +36,6 @@ from lp.report.vocab import (
     is_seed_key,
     normalize,
     num,
-    pruner_label,
 )
 
 
@@ -159,14 +160,15 @@ def blocks(df: pd.DataFrame) -> tuple[list[Block], list[str]]:
 
 
 def _ratios_differ(df: pd.DataFrame) -> bool:
-    """Whether the tables show :data:`RATIO`: a width-pruned row is present (LLM-Pruner: the paper's
-    "Ratio" column), or pruned rows of one (model, n) remove different parameter shares."""
+    """Whether the tables show :data:`RATIO`: a width-pruned row (:mod:`lp.methods`; LLM-Pruner: the
+    paper's "Ratio" column) with a recorded ratio is present, or pruned rows of one (model, n) remove
+    different parameter shares."""
     if "pruned_ratio_%" not in df:
         return False
-    if "kv_groups_removed_per_layer" in df and df["kv_groups_removed_per_layer"].notna().any():
-        return True
     pr = normalize(df)
     pr = pr[~is_dense(pr) & pr["pruned_ratio_%"].notna()]
+    if pr["pruner"].map(prunes_width).any():
+        return True
     return bool((pr.groupby(["model", pr["n"].astype(str)])["pruned_ratio_%"].agg(
         lambda s: s.round(2).nunique()) > 1).any())
 

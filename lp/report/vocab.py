@@ -1,5 +1,7 @@
 """The reporting vocabulary, defined once: display labels, the dense/n helpers and table cells.
 
+Pruner labels come from :mod:`lp.methods` (the catalogue the pipeline reads too).
+
 Used by :mod:`lp.report.tables`, :mod:`lp.report.render` and :mod:`lp.report.dashboard` (and so by
 ``summary.csv``, ``table.md``/``.tex`` and ``dashboard.html`` alike). Nothing here reads files.
 """
@@ -10,12 +12,8 @@ import math
 
 import pandas as pd
 
-# Display name of each pruner, keyed by its `conf/pruner/<name>.yaml` (= `pruning.method` in result.json);
-# tests check that this matches the conf folder exactly. `linearpatch` without a patch is the paper's
-# block selection; its patched row reads "+LinearPatch".
-PRUNERS = {"none": "Dense", "manual": "Manual", "shortgpt": "ShortGPT", "streamline": "LLM-Streamline",
-           "sleb": "SLEB", "taylor": "Taylor+", "angular": "Angular (Gromov)", "ppl": "PPL",
-           "linearpatch": "LinearPatch block", "llm_pruner": "LLM-Pruner"}
+from lp.methods import label as pruner_label
+
 PPL_SETS = {"wikitext2": "WikiText2", "ptb": "PTB", "c4": "C4"}
 QA_TASKS = {"wsc273": "WSC", "wsc": "WSC", "hellaswag": "HellaSwag", "piqa": "PIQA", "arc_easy": "ARC-e",
             "arc_challenge": "ARC-c", "boolq": "BoolQ", "winogrande": "WinoGrande", "race": "RACE",
@@ -36,10 +34,6 @@ BLOCK_KEYS = ("model.", "eval.", "data.", "pruner.n")
 
 def is_seed_key(key: str) -> bool:
     return key in SEED_KEYS or key.endswith("_seed")
-
-
-def pruner_label(pruner: str) -> str:
-    return PRUNERS.get(pruner, pruner)
 
 
 def variant_label(pruner: str, patch: str, distill: str, several_patches: bool = False) -> str:

@@ -28,9 +28,9 @@ from lp.report.vocab import (
     KEYS,
     NONE,
     PPL_SETS,
-    QA_TASKS,
     RATIO,
     STD,
+    TASK_NAMES,
     WARN_SEP,
     is_dense,
     is_seed_key,
@@ -215,8 +215,8 @@ def ppl_table(df: pd.DataFrame) -> pd.DataFrame:
 def qa_table(df: pd.DataFrame) -> pd.DataFrame:
     """Rows = methods per block; columns = QA tasks (paper order, x100), ``Avg``, ``RP``, ``MMLU``."""
     tasks = [c for c in df if c.startswith("qa/") and c.endswith("/score")]
-    order = list(dict.fromkeys(QA_TASKS.values()))
-    tasks.sort(key=lambda c: (order.index(QA_TASKS[c[3:-6]]) if c[3:-6] in QA_TASKS else 99, c))
+    order = list(dict.fromkeys(TASK_NAMES.values()))
+    tasks.sort(key=lambda c: (order.index(TASK_NAMES[c[3:-6]]) if c[3:-6] in TASK_NAMES else 99, c))
     if not tasks and "mmlu/acc" not in df:
         return pd.DataFrame(columns=KEYS)
 
@@ -229,7 +229,7 @@ def qa_table(df: pd.DataFrame) -> pd.DataFrame:
             return 100 * avg(r, None) / avg(dense, None)
         return num(r.get("qa/rp"))
 
-    cols = {QA_TASKS.get(c[3:-6], c[3:-6]): (lambda r, _, c=c: 100 * num(r.get(c))) for c in tasks}
+    cols = {TASK_NAMES.get(c[3:-6], c[3:-6]): (lambda r, _, c=c: 100 * num(r.get(c))) for c in tasks}
     if len(tasks) > 1:
         cols["Avg"] = avg
     if tasks:

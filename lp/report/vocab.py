@@ -15,9 +15,10 @@ import pandas as pd
 from lp.methods import label as pruner_label
 
 PPL_SETS = {"wikitext2": "WikiText2", "ptb": "PTB", "c4": "C4"}
-QA_TASKS = {"wsc273": "WSC", "wsc": "WSC", "hellaswag": "HellaSwag", "piqa": "PIQA", "arc_easy": "ARC-e",
-            "arc_challenge": "ARC-c", "boolq": "BoolQ", "winogrande": "WinoGrande", "race": "RACE",
-            "copa": "COPA"}
+# Display name of each QA task (lm-eval name -> table column), in the paper's column order.
+TASK_NAMES = {"wsc273": "WSC", "wsc": "WSC", "hellaswag": "HellaSwag", "piqa": "PIQA", "arc_easy": "ARC-e",
+              "arc_challenge": "ARC-c", "boolq": "BoolQ", "winogrande": "WinoGrande", "race": "RACE",
+              "copa": "COPA"}
 DENSE, NONE = {"none", "dense"}, {None, "none", "null", ""}
 KEYS = ("block", "method", "status", "job", "runs", "warnings")  # non-value columns of a table frame
 RATIO = "Pruned %"  # parameters removed (x100); shown when a block mixes different ratios; never bolded

@@ -56,6 +56,40 @@ def test_non_group_ablation_rows_are_labelled_with_their_values(tmp_path):
     assert not table["method"].str.contains("#").any()
 
 
+def _auto(pruner, kinds, ppl, seed=0):
+    """A patch=auto run that chose ``kinds`` (one per cut) on held-out windows."""
+    r = _rec(pruner, 2, "auto", ppl=ppl, seed=seed, overrides=[f"seed={seed}"])
+    r["patch"]["verification"] = {"configured": "auto", "choice": [{"start": 10 + i, "kind": k}
+                                                                   for i, k in enumerate(kinds)]}
+    return r
+
+
+def test_patched_rows_are_named_after_their_kinds_method(tmp_path):
+    """rotate is the paper's LinearPatch; every other kind names its own estimator, and auto the kinds
+    it chose (distinct kinds of the row's runs joined with /): no row credits LinearPatch with the
+    numbers of another method."""
+    recs = [_rec("none", 0, ppl=9.0), _rec("shortgpt", 2, ppl=14.0)]
+    recs += [_rec("shortgpt", 2, k, ppl=v) for k, v in (("rotate", 12.0), ("lstsq", 11.0), ("diag", 13.0))]
+    recs += [_auto("shortgpt", ["lstsq", "lstsq"], 10.0), _auto("shortgpt", ["lstsq", "diag"], 11.0, seed=1),
+             _auto("sleb", ["scalar"], 12.5), _rec("angular", 2, "auto", ppl=13.5)]  # angular: recorded no choice
+    _sweep(tmp_path, recs)
+    df = agg.summarize(agg.load_results(tmp_path))
+    assert list(df["patch_chosen"].fillna("-")) == ["-"] * 5 + ["lstsq", "lstsq/diag", "scalar", "-"]
+    table = agg.ppl_table(df)
+    assert list(table["method"]) == ["Dense", "ShortGPT", "+LinearPatch", "+lstsq", "+diag", "+auto → lstsq/diag",
+                                     "SLEB +auto → scalar", "Angular (Gromov) +auto"]
+    assert not table["method"].str.contains(r"LinearPatch \(").any()
+    paths = agg.write_all(tmp_path)
+    md = paths["table_md"].read_text()
+    assert "| +lstsq | 11.00 |" in md and "| +auto → lstsq/diag | 10.50 ± 0.71 |" in md
+    assert r"+auto $\to$ lstsq/diag" in paths["table_tex"].read_text()
+    ppl_n = svg_chart(svg_charts(paths["dashboard"].read_text()), "smol: WikiText2 PPL vs. n")
+    assert {"ShortGPT +LinearPatch", "ShortGPT +lstsq", "ShortGPT +auto → lstsq/diag", "SLEB +auto → scalar"} \
+        <= set(svg_texts(ppl_n))
+    plain = agg.summarize(agg.load_results(_sweep(tmp_path / "plain", recs[:3])))
+    assert "patch_chosen" not in plain  # no run of patch=auto: no column
+
+
 def test_seeds_aggregate_to_mean_and_std_and_bases_label(tmp_path):
     recs = [_rec("none", 0, ppl=9.0)]
     for basis, vals in (("constructed", (10.0, 12.0, 14.0)), ("random", (11.0, 11.0, 11.0))):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from lp.bookkeeping import PROGRESS, is_bookkeeping
-from lp.report.vocab import WARN_SEP, n_of, parse_overrides
+from lp.report.vocab import CHOSEN, WARN_SEP, n_of, parse_overrides
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +189,13 @@ def _flat(prefix: str, d: dict) -> dict:
     return out
 
 
+def chosen_kinds(r: dict) -> str | None:
+    """The kinds ``patch=auto`` chose in a record (``patch.verification.choice``, one entry per cut),
+    distinct in cut order and ``"/"``-joined, e.g. ``"lstsq/diag"``; None where it recorded no choice."""
+    choice = (((r.get("patch") or {}).get("verification")) or {}).get("choice") or []
+    return "/".join(dict.fromkeys(str(c["kind"]) for c in choice if isinstance(c, dict) and c.get("kind"))) or None
+
+
 LEGACY = " [recorded without its uncertainty, before lp issue 26: may not be significant]"
 
 
@@ -202,7 +209,8 @@ def legacy_note(warning: str) -> str:
 def summarize(results: list[dict]) -> pd.DataFrame:
     """One row per job, flat columns only: status, error, every group choice, ``model`` (= model.name),
     n, removed layers, pruned ratio in percent, the :data:`SETTINGS` and every non-group override key
-    (dotted config paths), pruning stats, metrics, timing, warnings, ``eval_settings`` (signature)."""
+    (dotted config paths), pruning stats, metrics, timing, warnings, ``eval_settings`` (signature),
+    ``patch_chosen`` (:func:`chosen_kinds`; only when a run recorded one)."""
     keys = [*SETTINGS, *(k for k in override_keys(results) if k not in SETTINGS)]
     rows = []
     for r in results:
@@ -214,6 +222,7 @@ def summarize(results: list[dict]) -> pd.DataFrame:
                    dtype=(r.get("model") or {}).get("dtype") or setting(r, "model.dtype"))
         removed = p.get("removed_layers")
         row.update(n=n_of(r), removed_layers=" ".join(map(str, removed)) if removed else None)
+        row[CHOSEN] = chosen_kinds(r)
         for k in ("pruned_ratio", "pruned_ratio_with_patch"):
             if isinstance(p.get(k), (int, float)):
                 row[f"{k}_%"] = round(100 * p[k], 4)
@@ -231,5 +240,5 @@ def summarize(results: list[dict]) -> pd.DataFrame:
         rows.append(row)
     df = pd.DataFrame(rows)
     df["n"] = df["n"].astype("Int64")
-    unset = [k for k in (*keys, "dtype", "ppl_windows") if df[k].isna().all()]  # e.g. no patch.hadamard
+    unset = [k for k in (*keys, "dtype", "ppl_windows", CHOSEN) if df[k].isna().all()]  # e.g. no patch.hadamard
     return df.drop(columns=unset)

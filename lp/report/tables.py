@@ -2,8 +2,9 @@
 
 Each block starts with the ``Dense`` row of the same model *and* evaluation settings (a dense result
 evaluated differently is refused: listed, never shown beside the pruned rows), then every pruner in
-sweep order followed by its ``+LinearPatch`` row(s) (``patch != none``; the patch kind is appended
-when a pruner has several). Rows that differ in a non-group setting (``calib.nsamples=4,16``,
+sweep order followed by its patched rows (``patch != none``), each named after its kind's own method
+(:func:`lp.report.vocab.patch_label`): ``+LinearPatch`` (``rotate``, the paper's), ``+lstsq``,
+``+diag``, ..., ``+auto → lstsq`` (the kinds ``patch=auto`` chose in the row's runs). Rows that differ in a non-group setting (``calib.nsamples=4,16``,
 ``patch.hadamard=...``) are labelled with its values; rows that differ only in seed-like keys
 (:data:`lp.report.vocab.SEED_KEYS`) are one row, ``mean`` with a ``<col> std`` column.
 
@@ -25,6 +26,7 @@ from lp.methods import prunes_width
 from lp.report.caption import caption
 from lp.report.vocab import (
     BLOCK_KEYS,
+    CHOSEN,
     KEYS,
     NONE,
     PPL_SETS,
@@ -34,8 +36,10 @@ from lp.report.vocab import (
     WARN_SEP,
     is_dense,
     is_seed_key,
+    join_kinds,
     normalize,
     num,
+    patch_label,
 )
 
 
@@ -81,11 +85,11 @@ def _variant(r: pd.Series, keys: list[str]) -> tuple:
                  for k in keys)
 
 
-def _label(name: str, patched: bool, alone: bool, patch: str, many: bool, distill: str,
-           variant: tuple, keys: list[str]) -> str:
+def _label(name: str, patched: bool, alone: bool, patch: str, distill: str, variant: tuple, keys: list[str]) -> str:
+    """``patch``: the patch's row name (:func:`lp.report.vocab.patch_label`)."""
     label = name
     if patched:  # "+LinearPatch" reads as "the row above, patched" - else name the selection too
-        label = ("+LinearPatch" if not alone else f"{name} +LinearPatch") + (f" ({patch})" if many else "")
+        label = f"+{patch}" if not alone else f"{name} +{patch}"
     label += "" if distill in NONE else f" +{distill}"
     short = _short(keys)
     parts = [f"{short[k]}={v}" for k, v in zip(keys, variant, strict=True) if v is not None]
@@ -97,11 +101,12 @@ def _pruner_rows(g: pd.DataFrame, pruner: str, keys: list[str]) -> list[Row]:
                  _v=[_variant(r, keys) for _, r in g.iterrows()])
     order = {v: i for i, v in enumerate(dict.fromkeys(g["_v"]))}
     g = g.assign(_o=g["_v"].map(order)).sort_values(["_p", "_d", "_o"], kind="stable")
-    many, alone = g.loc[g["_p"], "patch"].nunique() > 1, not (~g["_p"]).any()
+    alone = not (~g["_p"]).any()
     rows: list[Row] = []
     for (patched, patch, distill, variant), grp in g.groupby(["_p", "patch", "distill", "_v"], sort=False):
+        chosen = join_kinds(grp[CHOSEN]) if CHOSEN in grp else None  # patch=auto: what its runs chose
         label = f"job {grp['job'].iloc[0]}" if pruner == "?" else _label(
-            pruner_label(pruner), patched, alone, patch, many, distill, variant, keys)
+            pruner_label(pruner), patched, alone, patch_label(patch, chosen), distill, variant, keys)
         ok = [r for _, r in grp.iterrows() if r["status"] == "ok"]
         if ok:
             rows.append(Row(label, "ok", ok, pruner))

@@ -33,12 +33,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from lp.bookkeeping import BOOKKEEPING, PROGRESS
+
 log = logging.getLogger(__name__)
 
-# Config keys that do not change a job's results: where it writes and reads, how it reports, how
-# many threads it uses (`runtime`: only the float summation order), the sweep bookkeeping itself.
-# Dotted paths from the top; any key named `progress` (tqdm bars) too.
-HASH_IGNORED = ("paths", "tracker", "sweep_name", "resume", "force", "data.root", "runtime")
 
 
 def _multirun(config: DictConfig) -> bool:
@@ -158,19 +156,20 @@ def _drop(d: dict, path: list[str]) -> None:
 
 def _strip(x):
     if isinstance(x, dict):
-        return {k: _strip(v) for k, v in x.items() if k != "progress"}
+        return {k: _strip(v) for k, v in x.items() if k != PROGRESS}
     if isinstance(x, list):
         return [_strip(v) for v in x]
     return x
 
 
 def config_hash(config: dict | DictConfig) -> str:
-    """SHA-256 (16 hex digits) of a resolved job config without :data:`HASH_IGNORED` and ``progress``
-    keys. Two jobs with equal hashes compute the same thing (same code version assumed)."""
+    """SHA-256 (16 hex digits) of a resolved job config without its bookkeeping keys
+    (:data:`lp.bookkeeping.BOOKKEEPING`, and :data:`~lp.bookkeeping.PROGRESS` keys at any depth).
+    Two jobs with equal hashes compute the same thing (same code version assumed)."""
     if isinstance(config, DictConfig):
         config = OmegaConf.to_container(config, resolve=True)
     config = json.loads(json.dumps(config, default=str))  # deep copy, plain JSON types (as in result.json)
-    for key in HASH_IGNORED:
+    for key in BOOKKEEPING:
         _drop(config, key.split("."))
     text = json.dumps(_strip(config), sort_keys=True, allow_nan=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -35,12 +35,14 @@ from lp import (
     distill,
     families,
     gpus,
+    methods,
     models,
     threads,
     validate,
     verify,
     width,
 )
+from lp.bookkeeping import is_bookkeeping
 from lp.evaluate import generate, lm_eval_tasks
 from lp.evaluate.lm_eval_tasks import paper_scores, retained_performance
 from lp.evaluate.ppl import perplexity, window_nll
@@ -206,14 +208,18 @@ def preflight(cfg: DictConfig) -> tuple:
     return pruner, num_layers
 
 
+# Settings that are parts of a run name already (`model.name`, `n<removed>`): not repeated after them.
+IN_RUN_NAME = ("model.name", "pruner.n")
+
+
 def run_name(cfg: DictConfig, pruner, overrides: list[str] = ()) -> str:
     """`model/pruner/patch/n<removed>`, e.g. `smollm2_135m/shortgpt/rotate/n4`, then the values of
     non-group settings set on the command line or by the sweep (an ablation such as
-    `calib.nsamples=4 seed=1` gives `.../n4/nsamples=4,seed=1`); bookkeeping keys left out."""
+    `calib.nsamples=4 seed=1` gives `.../n4/nsamples=4,seed=1`); bookkeeping keys
+    (`lp.bookkeeping`) and :data:`IN_RUN_NAME` left out."""
     parts = [str(x) for x in (cfg.model.name, pruner.name, cfg.patch.kind, f"n{pruner.n}")]
-    skip = ("paths.", "hydra.", "data.", "tracker.", "runtime.", "pruner.n=", "model.name=")
-    extra = [o.lstrip("+~") for o in overrides if ("." in o.split("=")[0] or o.startswith("seed="))
-             and not o.lstrip("+~").startswith(skip) and "progress" not in o.split("=")[0]]
+    keys = [(o.lstrip("+~"), o.lstrip("+~").partition("=")[0]) for o in overrides]
+    extra = [o for o, k in keys if ("." in k or k == "seed") and not is_bookkeeping(k) and k not in IN_RUN_NAME]
     if extra:
         parts.append(",".join(f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, _, v in (o.partition("=") for o in extra)))
     return "/".join(parts)
@@ -230,7 +236,7 @@ def check_model(cfg: DictConfig, pruner) -> int:
     one line), the layout width surgery edits, then `validate.against_model`. Returns the dense layer count."""
     mconf = models.load_config(cfg.model)
     family = families.get(getattr(mconf, "model_type", None))
-    if getattr(pruner, "width", False):
+    if methods.prunes_width(pruner.name):
         width.check_family(family)
     validate.against_model(cfg, pruner, mconf.num_hidden_layers, getattr(mconf, "max_position_embeddings", None),
                            getattr(mconf, "hidden_size", None))
@@ -312,7 +318,7 @@ def attach_patches(model, patches: dict) -> int:
 def pruning_info(pruner, sel, num_layers: int, params_dense: int, params_pruned: int, params_patch: int) -> dict:
     """`result["pruning"]`: what was removed and the parameter accounting (the patch counted apart)."""
     return {
-        "method": pruner.name, "label": pruner.label, "n": len(sel.removed), "removed_layers": sel.removed,
+        "method": pruner.name, "label": methods.label(pruner.name), "n": len(sel.removed), "removed_layers": sel.removed,
         "num_layers_after": num_layers - len(sel.removed), "params_dense": params_dense,
         "params_pruned": params_pruned, "params_patch": params_patch,
         "pruned_ratio": 1 - params_pruned / params_dense,

@@ -19,6 +19,8 @@ import logging
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
+from lp.methods import prunes_width
+
 log = logging.getLogger(__name__)
 
 # Override keys a dense job does not depend on (dropped from its twin): the pruning, the patch, its
@@ -45,22 +47,19 @@ def is_dense_job(job: list[str], default_pruner: str | None) -> bool:
     return pruner in (None, "none")
 
 
-# Pruners that remove heads/channels instead of layers: a LinearPatch has no cut to bridge there, so a
-# grid's `patch=<kind>` jobs for them are left out (logged), e.g. LLM-Pruner rows in paper_qa.
-WIDTH_PRUNERS = ("llm_pruner",)
-
-
 def without_width_patches(jobs: list[list[str]]) -> list[list[str]]:
-    """``jobs`` minus those that pair a width pruner with a patch other than none (rejected by the run)."""
-    def bad(job):
+    """``jobs`` minus those that pair a width pruner (:mod:`lp.methods`: heads/channels instead of layers,
+    so a patch has no cut to bridge) with a patch other than none (rejected by the run), e.g. the
+    LLM-Pruner rows of paper_qa; logged."""
+    def width_pruner(job):
         ov = dict(o.lstrip("+~").partition("=")[::2] for o in job)
-        return ov.get("pruner") in WIDTH_PRUNERS and ov.get("patch", "none") != "none"
+        return ov.get("pruner") if prunes_width(ov.get("pruner", "")) and ov.get("patch", "none") != "none" else None
 
-    dropped = [j for j in jobs if bad(j)]
+    dropped = [j for j in jobs if width_pruner(j)]
     if dropped:
         log.info("sweep: %d job(s) left out: %s prune width, patch must be none (%s)", len(dropped),
-                 "/".join(WIDTH_PRUNERS), "; ".join(" ".join(j) for j in dropped))
-    return [j for j in jobs if not bad(j)]
+                 "/".join(dict.fromkeys(map(width_pruner, dropped))), "; ".join(" ".join(j) for j in dropped))
+    return [j for j in jobs if not width_pruner(j)]
 
 
 def with_dense_jobs(jobs: list[list[str]], default_pruner: str | None) -> list[list[str]]:

@@ -260,7 +260,7 @@ def device(value) -> None:
 def against_model(cfg: DictConfig, pruner, num_layers: int, max_positions: int | None,
                   hidden_size: int | None = None) -> None:
     """Every check that needs the model's config but no weights."""
-    from lp import data, verify
+    from lp import data, methods, verify
     from lp import patches as patch_kinds
     from lp.evaluate import generate, lm_eval_tasks
     from lp.evaluate.ppl import check_loss_dtype
@@ -274,7 +274,7 @@ def against_model(cfg: DictConfig, pruner, num_layers: int, max_positions: int |
     verify.check_settings(cfg.calib, kind, getattr(pruner, "rerank", 0), verify_on, reported)
     if kind != "none" and pruner.name == "none":
         raise ValueError(f"patch={kind} needs layers to remove, but pruner=none removes nothing")
-    if kind != "none" and getattr(pruner, "width", False):
+    if kind != "none" and methods.prunes_width(pruner.name):
         raise ValueError(f"patch={kind} bridges removed layers, but pruner={pruner.name} prunes width (attention "
                          "heads and MLP channels) and removes no layer; use patch=none")
     if hidden_size:

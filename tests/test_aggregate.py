@@ -225,15 +225,19 @@ def test_method_labels_name_the_selection_and_the_patch(tmp_path):
 
 @pytest.mark.slow
 def test_report_vocabulary_is_defined_once():
-    """Every pruner config has a display label and no label names a pruner that does not exist;
-    the report modules import the vocabulary, not each other (no import circle)."""
-    from lp.report import vocab
+    """Every pruner config has a display label and no label names a pruner that does not exist (the
+    catalogue lp.methods); the report modules import the vocabulary, not each other (no import
+    circle), and the catalogues without torch."""
+    from lp import methods
 
-    assert set(vocab.PRUNERS) == {p.stem for p in (REPO / "conf" / "pruner").glob("*.yaml")}
+    assert set(methods.PRUNERS) == {p.stem for p in (REPO / "conf" / "pruner").glob("*.yaml")}
     code = subprocess.run([sys.executable, "-c", "import lp.report.dashboard, sys; "
                            "print(sorted(m for m in sys.modules if m.startswith('lp')))"],
                           capture_output=True, text=True, cwd=REPO, check=True).stdout
-    assert "lp.aggregate" not in code and "lp.report.vocab" in code
+    assert "lp.aggregate" not in code and "lp.report.vocab" in code and "lp.methods" in code
+    light = subprocess.run([sys.executable, "-c", "import lp.methods, lp.bookkeeping, sys; print('torch' in sys.modules)"],
+                           capture_output=True, text=True, cwd=REPO, check=True).stdout
+    assert light.strip() == "False"
 
 
 def test_qa_table_has_a_ratio_column_when_width_pruned_rows_are_in_it(tmp_path):

@@ -151,12 +151,13 @@ PRUNER_OPTIONS = sorted(f.stem for f in (CONF / "pruner").glob("*.yaml"))
 
 @pytest.mark.parametrize("option", PRUNER_OPTIONS)
 def test_every_pruner_follows_the_protocol(hydra_ctx, option):
+    from lp import methods
     from lp.pruners import Pruner
-    from lp.report.vocab import PRUNERS
 
     pruner = instantiate(make(f"pruner={option}").pruner)
     assert isinstance(pruner, Pruner) and pruner.name == option
-    assert pruner.label == PRUNERS[option]  # the class and the report vocabulary agree
+    assert methods.label(option) == methods.PRUNERS[option].label  # its label is in the one catalogue...
+    assert not hasattr(pruner, "label") and not hasattr(pruner, "width")  # ...and nowhere else
     assert type(pruner.n) is int and pruner.n >= 0 and (pruner.n == 0) == (option == "none")
     assert type(pruner.needs_calibration) is bool
     assert pruner.needs_calibration == (option not in ("none", "manual"))
@@ -205,6 +206,25 @@ def test_eval_full_composes_its_sections_and_calib_quick_inherits(hydra_ctx):
     base, small = make("calib=wikitext2_tok").calib, make("calib=quick").calib
     assert {k for k in base if small[k] != base[k]} == {"nsamples", "seqlen", "batch_size"}
     assert (small.nsamples, small.seqlen, small.batch_size) == (16, 512, 4) and set(small) == set(base)
+
+
+def test_width_pruners_are_one_fact_of_the_method_catalogue(monkeypatch):
+    """lp.methods alone says which pruners prune width: the sweeper and the tables ask it (the run and
+    the validation too: test_llm_pruner), so a method marked there is treated as one everywhere."""
+    import pandas as pd
+
+    from lp import methods
+    from lp.report.tables import _ratios_differ
+
+    assert [p for p in methods.PRUNERS if methods.prunes_width(p)] == ["llm_pruner"]
+    jobs = [[f"pruner={p}", "patch=rotate"] for p in methods.PRUNERS]
+    assert [j[0] for j in jobs if j not in without_width_patches(jobs)] == ["pruner=llm_pruner"]
+    rows = pd.DataFrame({"pruner": ["none", "sleb"], "n": [0, 2], "status": "ok", "model": "m",
+                         "pruned_ratio_%": [0.0, 2.5]})
+    assert not _ratios_differ(rows)
+    monkeypatch.setitem(methods.PRUNERS, "sleb", methods.Method("SLEB", width=True))
+    assert [j[0] for j in jobs if j not in without_width_patches(jobs)] == ["pruner=sleb", "pruner=llm_pruner"]
+    assert _ratios_differ(rows)
 
 
 def test_paper_qa_has_llm_pruner_rows_without_patch(hydra_ctx):

@@ -9,9 +9,11 @@ from conftest import DATA
 
 from lp.evaluate.lm_eval_tasks import (
     PAPER_METRIC,
+    PAPER_QA_TASKS,
     QA_TASKS,
     SUPPORTED_TASKS,
     average,
+    avg_complete,
     check_dense_reference,
     evaluate_tasks,
     load_tasks,
@@ -59,6 +61,25 @@ def test_retained_performance_and_average():
     assert math.isclose(average(pruned), 0.4)
     with pytest.raises(ValueError, match="task sets differ"):
         retained_performance(pruned, {"piqa": 0.6})
+
+
+def test_avg_complete_means_the_papers_nine_whatever_else_is_supported(monkeypatch):
+    """`avg_complete` compares with the paper's nine (PAPER_QA_TASKS), not with the supported QA tasks
+    (QA_TASKS): supporting one more task changes no run's `avg_complete`. eval=qa runs the nine, and
+    every supported QA task has a table column name."""
+    import yaml
+
+    from lp.evaluate import lm_eval_tasks
+    from lp.report.vocab import TASK_NAMES
+
+    assert len(PAPER_QA_TASKS) == 9 and set(PAPER_QA_TASKS) <= set(QA_TASKS)
+    assert avg_complete(list(PAPER_QA_TASKS)) and not avg_complete(PAPER_QA_TASKS[:8])
+    monkeypatch.setattr(lm_eval_tasks, "QA_TASKS", (*QA_TASKS, "openbookqa"))  # a task supported later
+    assert lm_eval_tasks.avg_complete(list(PAPER_QA_TASKS))
+    assert not lm_eval_tasks.avg_complete([*PAPER_QA_TASKS, "openbookqa"])  # a different average
+    conf = Path(__file__).resolve().parents[1] / "conf" / "eval" / "qa.yaml"
+    assert yaml.safe_load(conf.read_text())["qa"]["tasks"] == list(PAPER_QA_TASKS)
+    assert set(QA_TASKS) <= set(TASK_NAMES)
 
 
 def test_every_task_loads_all_rows_of_the_mirror(data_dir):

@@ -56,6 +56,40 @@ def test_non_group_ablation_rows_are_labelled_with_their_values(tmp_path):
     assert not table["method"].str.contains("#").any()
 
 
+def _auto(pruner, kinds, ppl, seed=0):
+    """A patch=auto run that chose ``kinds`` (one per cut) on held-out windows."""
+    r = _rec(pruner, 2, "auto", ppl=ppl, seed=seed, overrides=[f"seed={seed}"])
+    r["patch"]["verification"] = {"configured": "auto", "choice": [{"start": 10 + i, "kind": k}
+                                                                   for i, k in enumerate(kinds)]}
+    return r
+
+
+def test_patched_rows_are_named_after_their_kinds_method(tmp_path):
+    """rotate is the paper's LinearPatch; every other kind names its own estimator, and auto the kinds
+    it chose (distinct kinds of the row's runs joined with /): no row credits LinearPatch with the
+    numbers of another method."""
+    recs = [_rec("none", 0, ppl=9.0), _rec("shortgpt", 2, ppl=14.0)]
+    recs += [_rec("shortgpt", 2, k, ppl=v) for k, v in (("rotate", 12.0), ("lstsq", 11.0), ("diag", 13.0))]
+    recs += [_auto("shortgpt", ["lstsq", "lstsq"], 10.0), _auto("shortgpt", ["lstsq", "diag"], 11.0, seed=1),
+             _auto("sleb", ["scalar"], 12.5), _rec("angular", 2, "auto", ppl=13.5)]  # angular: recorded no choice
+    _sweep(tmp_path, recs)
+    df = agg.summarize(agg.load_results(tmp_path))
+    assert list(df["patch_chosen"].fillna("-")) == ["-"] * 5 + ["lstsq", "lstsq/diag", "scalar", "-"]
+    table = agg.ppl_table(df)
+    assert list(table["method"]) == ["Dense", "ShortGPT", "+LinearPatch", "+lstsq", "+diag", "+auto → lstsq/diag",
+                                     "SLEB +auto → scalar", "Angular (Gromov) +auto"]
+    assert not table["method"].str.contains(r"LinearPatch \(").any()
+    paths = agg.write_all(tmp_path)
+    md = paths["table_md"].read_text()
+    assert "| +lstsq | 11.00 |" in md and "| +auto → lstsq/diag | 10.50 ± 0.71 |" in md
+    assert r"+auto $\to$ lstsq/diag" in paths["table_tex"].read_text()
+    ppl_n = svg_chart(svg_charts(paths["dashboard"].read_text()), "smol: WikiText2 PPL vs. n")
+    assert {"ShortGPT +LinearPatch", "ShortGPT +lstsq", "ShortGPT +auto → lstsq/diag", "SLEB +auto → scalar"} \
+        <= set(svg_texts(ppl_n))
+    plain = agg.summarize(agg.load_results(_sweep(tmp_path / "plain", recs[:3])))
+    assert "patch_chosen" not in plain  # no run of patch=auto: no column
+
+
 def test_seeds_aggregate_to_mean_and_std_and_bases_label(tmp_path):
     recs = [_rec("none", 0, ppl=9.0)]
     for basis, vals in (("constructed", (10.0, 12.0, 14.0)), ("random", (11.0, 11.0, 11.0))):
@@ -272,6 +306,42 @@ def test_run_name_includes_non_group_settings():
     # a local model folder: its name, never the whole path (dtype and other values stay as they are)
     local = ["model.pretrained=/data/models/llama-3-8b/", "model.dtype=bfloat16"]
     assert run_name(cfg, pruner, local) == "smol/shortgpt/rotate/n4/pretrained=llama-3-8b,dtype=bfloat16"
+
+
+def test_bookkeeping_keys_are_left_out_alike_by_hash_run_name_and_summary():
+    """One definition (lp.bookkeeping): resume's config hash ignores, run names and the summary's
+    setting columns leave out the same keys; `model.name` / `pruner.n` are left out of run names only
+    (parts of the name already)."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from lp.bookkeeping import BOOKKEEPING, PROGRESS, is_bookkeeping
+    from lp.callbacks import config_hash
+    from lp.report.results import override_keys
+    from lp.run import IN_RUN_NAME, run_name
+
+    book = [f"{k}.x=1" for k in BOOKKEEPING] + [f"{k}=1" for k in BOOKKEEPING] + [f"eval.ppl.{PROGRESS}=false",
+                                                                                 f"+{PROGRESS}=false"]
+    settings = ["calib.nsamples=4", "data.source=local", "seed=1", "eval.qa.limit=2"]
+    assert all(is_bookkeeping(o.partition("=")[0]) for o in book)
+    assert not any(is_bookkeeping(o.partition("=")[0]) for o in settings + ["pruner.n=2", "paths_x.y=1"])
+    cfg = OmegaConf.create({"model": {"name": "smol"}, "patch": {"kind": "rotate"}})
+    name = run_name(cfg, SimpleNamespace(name="shortgpt", n=4), [*book, *settings, "pruner.n=4", "model.name=smol"])
+    assert name == "smol/shortgpt/rotate/n4/nsamples=4,source=local,seed=1,limit=2"
+    assert IN_RUN_NAME == ("model.name", "pruner.n")
+    keys = override_keys([{"overrides": [*book, *settings, "pruner.n=4", "pruner=sleb"], "choices": {"pruner": "sleb"}}])
+    assert keys == ["calib.nsamples", "data.source", "seed", "eval.qa.limit", "pruner.n"]
+    base = OmegaConf.create({"seed": 0, "calib": {"nsamples": 16}, "data": {"source": "auto"}, "eval": {"ppl": {"seqlen": 64}}})
+
+    def hashed(override: str) -> str:
+        c = base.copy()
+        key, _, value = override.lstrip("+").partition("=")
+        OmegaConf.update(c, key, value, force_add=True)
+        return config_hash(c)
+
+    assert all(hashed(o) == config_hash(base) for o in book)
+    assert all(hashed(o) != config_hash(base) for o in settings)
 
 
 def test_compare_counts_a_resumed_job_once_and_merges_repeated_warnings(tmp_path, capsys):

@@ -2,12 +2,13 @@
 
 Conventions
 -----------
-* QA protocol: the nine tasks of :data:`QA_TASKS`, zero-shot. The paper metric of a
-  task is :data:`PAPER_METRIC` (``acc_norm`` for ARC-e/ARC-c/HellaSwag/PIQA, ``acc``
-  otherwise). Scores are fractions in [0, 1], exactly as lm-eval reports them.
+* QA protocol: the paper's nine tasks of :data:`PAPER_QA_TASKS`, zero-shot; lp evaluates
+  the QA tasks of :data:`QA_TASKS` (the nine, or more). The paper metric of a task is
+  :data:`PAPER_METRIC` (``acc_norm`` for ARC-e/ARC-c/HellaSwag/PIQA, ``acc`` otherwise).
+  Scores are fractions in [0, 1], exactly as lm-eval reports them.
 * ``qa/avg`` is the plain mean of the paper metrics of the QA tasks *that were
-  evaluated* (``info["avg_tasks"]`` lists them; it equals the paper's Avg only when all
-  nine are present, see ``info["avg_complete"]``).
+  evaluated* (``info["avg_tasks"]`` lists them; it equals the paper's Avg only when they
+  are exactly the nine, see ``info["avg_complete"]`` and :func:`avg_complete`).
 * RP (retained performance) = mean over tasks of (pruned / dense) * 100.
 * MMLU: 5-shot (``dev`` split, lm-eval's prompt), micro-averaged over all questions
   (lm-eval's size-weighted ``mmlu`` group), reported as ``mmlu/acc`` and kept out of
@@ -44,10 +45,14 @@ from typing import Any
 
 import yaml
 
-QA_TASKS: tuple[str, ...] = (
+# The paper's QA protocol (Tables 3-4): its Avg is the mean over exactly these nine (`avg_complete`).
+PAPER_QA_TASKS: tuple[str, ...] = (
     "wsc273", "hellaswag", "piqa", "arc_easy", "arc_challenge",
     "boolq", "winogrande", "race", "copa",
 )
+# Every QA task lp evaluates (each needs an overlay in tasks/ and a PAPER_METRIC); adding one here
+# changes no run's `avg_complete`.
+QA_TASKS: tuple[str, ...] = PAPER_QA_TASKS
 PAPER_METRIC: dict[str, str] = {
     t: "acc_norm" if t in ("arc_challenge", "arc_easy", "hellaswag", "piqa") else "acc"
     for t in QA_TASKS
@@ -283,13 +288,19 @@ def evaluate_tasks(
         "limit": limit,
         "data_dir": None if data_dir is None else str(data_dir),
         "avg_tasks": qa,
-        "avg_complete": set(qa) == set(QA_TASKS),
+        "avg_complete": avg_complete(qa),
         "batch_size": {"setting": batch_size, "detected": lm.detected},  # detected: sizes lm-eval found (auto)
     }
     return metrics, info
 
 
 # ----------------------------------------------------------------- aggregates
+def avg_complete(tasks) -> bool:
+    """Whether the mean over the QA ``tasks`` is the paper's Avg: they are exactly :data:`PAPER_QA_TASKS`
+    (another supported QA task among them makes it a different average)."""
+    return set(tasks) == set(PAPER_QA_TASKS)
+
+
 def average(scores: dict[str, float]) -> float:
     """Plain mean of per-task scores (the paper's Avg when all nine QA tasks are given)."""
     if not scores:

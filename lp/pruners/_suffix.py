@@ -51,7 +51,6 @@ class SuffixPruner:
     """Settings and bookkeeping shared by `sleb` and `ppl`, which score removals with `score_removals`."""
 
     name = ""
-    label = ""
     needs_calibration = True
 
     def __init__(self, n: int = 5, cache: bool = True, cache_gb: float = 4.0, disk_cache: bool = True):

@@ -13,7 +13,6 @@ from lp.pruners.base import PruneContext, Selection, StatsPruner, block_selectio
 
 class AngularPruner(StatsPruner):
     name = "angular"
-    label = "Angular (Gromov)"
 
     def select(self, ctx: PruneContext) -> Selection:
         stats = get_stats(ctx)

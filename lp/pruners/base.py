@@ -28,11 +28,13 @@ SCORES_VERSION = 2  # bump when stored pruner scores (or the entry format) chang
 @dataclass
 class Selection:
     """Layers to remove (dense indices, sorted) plus method-specific report data for result.json
-    (e.g. `scores`: per-layer or per-candidate curve, `order`: removal order of iterative methods)."""
+    (e.g. `scores`: per-layer or per-candidate curve, `order`: removal order of iterative methods).
+    A width pruner (`lp.methods`) removes no layer and hands its plan in `width` instead: data (what
+    to cut), not a flag; the run applies it at the drop."""
 
     removed: list[int]
     info: dict = field(default_factory=dict)
-    width: object | None = None  # width pruners: a `lp.width.WidthPlan` applied at the drop (removed == [])
+    width: object | None = None  # a `lp.width.WidthPlan` (width pruners; removed == [])
 
     def __post_init__(self):
         self.removed = sorted(int(i) for i in self.removed)
@@ -82,15 +84,14 @@ class PruneContext:
 class Pruner(Protocol):
     """A layer-selection method, built by Hydra from `conf/pruner/<name>.yaml`.
 
-    `name`: the conf file's name (= `pruning.method` in result.json); `label`: its display name in
-    tables and logs; `n`: how many layers it removes (0 for `none`); `needs_calibration`: whether
-    `select` reads calibration windows (so the corpus is checked before any weights load).
-    `check(num_layers)` validates the settings against the dense layer count before loading;
-    `select(ctx)` chooses the layers to remove.
+    `name`: the conf file's name (= `pruning.method` in result.json), the key of its entry in
+    `lp.methods` (display label; whether it prunes width), which pruners do not repeat; `n`: how many
+    layers it removes (0 for `none`); `needs_calibration`: whether `select` reads calibration windows
+    (so the corpus is checked before any weights load). `check(num_layers)` validates the settings
+    against the dense layer count before loading; `select(ctx)` chooses the layers to remove.
     """
 
     name: str
-    label: str
     n: int
     needs_calibration: bool
 
@@ -135,7 +136,6 @@ class StatsPruner:
     """Base of the one-shot pruners that remove `n` layers chosen from the shared `lp.calib.CalibStats`."""
 
     name = ""
-    label = ""
     needs_calibration = True
 
     def __init__(self, n: int = 5, rerank: int = 0):

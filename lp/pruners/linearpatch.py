@@ -18,7 +18,6 @@ from lp.pruners.base import MAX_ALTERNATIVES, PruneContext, Selection, StatsPrun
 
 class LinearPatchPruner(StatsPruner):
     name = "linearpatch"
-    label = "LinearPatch block"
 
     def __init__(self, n: int = 5, variant: str = "reference", rerank: int = 0):
         if variant not in VARIANTS:

@@ -91,10 +91,8 @@ def keep_top(scores: torch.Tensor, remove: int) -> list[int]:
 
 class LLMPruner:
     name = "llm_pruner"
-    label = "LLM-Pruner"
     needs_calibration = True
     needs_weight_grads = True  # backward into the weights: not with offloaded layers (lp.devices)
-    width = True  # removes heads/channels, not layers: `patch` must be none
 
     def __init__(self, ratio="match", n: int | None = 5, keep_first: int = 4, keep_last: int = 2,
                  micro_batch: int = 1, disk_cache: bool = True, layers_per_pass: int | str | None = "auto"):

@@ -6,7 +6,6 @@ from lp.pruners.base import PruneContext, Selection
 
 class ManualPruner:
     name = "manual"
-    label = "Manual"
     needs_calibration = False
 
     def __init__(self, layers):

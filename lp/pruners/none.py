@@ -6,7 +6,6 @@ from lp.pruners.base import PruneContext, Selection
 
 class NoPruner:
     name = "none"
-    label = "Dense"
     needs_calibration = False
 
     def __init__(self, n: int = 0):

@@ -27,7 +27,6 @@ from lp.replay import Replay
 
 class PPLPruner(SuffixPruner):
     name = "ppl"
-    label = "PPL"
 
     def check(self, num_layers: int) -> None:
         check_n(self.name, self.n, num_layers - 1, f"at least one of the model's {num_layers} layers must remain")

@@ -16,7 +16,6 @@ from lp.pruners.base import MAX_ALTERNATIVES, PruneContext, Selection, StatsPrun
 
 class ShortGPTPruner(StatsPruner):
     name = "shortgpt"
-    label = "ShortGPT"
 
     def select(self, ctx: PruneContext) -> Selection:
         stats = get_stats(ctx)

@@ -39,7 +39,6 @@ from lp.replay import Replay
 
 class SLEBPruner(SuffixPruner):
     name = "sleb"
-    label = "SLEB"
 
     def check(self, num_layers: int) -> None:
         check_n(self.name, self.n, num_layers - 2,

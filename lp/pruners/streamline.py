@@ -13,7 +13,6 @@ from lp.pruners.base import PruneContext, Selection, StatsPruner, block_selectio
 
 class StreamlinePruner(StatsPruner):
     name = "streamline"
-    label = "LLM-Streamline"
 
     def select(self, ctx: PruneContext) -> Selection:
         stats = get_stats(ctx)

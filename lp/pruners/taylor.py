@@ -184,7 +184,6 @@ def loss_grads(model, windows: torch.Tensor, params: list, micro_batch: int = 1,
 
 class TaylorPruner:
     name = "taylor"
-    label = "Taylor+"
     needs_calibration = True
     needs_weight_grads = True  # backward into the weights: not with offloaded layers (lp.devices)
 

@@ -14,11 +14,13 @@ from html import escape
 
 import pandas as pd
 
+from lp.methods import label as pruner_label
 from lp.report.html import grid, html_table, page
 from lp.report.plots import PALETTE, bar_chart, heatmap, line_chart
 from lp.report.results import model_name
 from lp.report.tables import varying_keys
 from lp.report.vocab import (
+    CHOSEN,
     KEYS,
     NONE,
     NOTE,
@@ -27,19 +29,15 @@ from lp.report.vocab import (
     WARN,
     cells,
     is_dense,
+    join_kinds,
     n_of,
     num,
-    pruner_label,
     variant_label,
 )
 
 
-def _several_patches(df: pd.DataFrame) -> bool:
-    return len({p for p in df["patch"] if p not in NONE}) > 1
-
-
-def _variants(pr: pd.DataFrame, several: bool) -> list[tuple[str, str, pd.DataFrame]]:
-    """(legend name, pruner, rows) per pruned variant: pruner, patch, distill and ablation values
+def _variants(pr: pd.DataFrame) -> list[tuple[str, str, bool, pd.DataFrame]]:
+    """(legend name, pruner, patched, rows) per pruned variant: pruner, patch, distill and ablation values
     (see :func:`lp.report.tables.varying_keys`); seeds stay together (averaged by the callers)."""
     keys, _ = varying_keys(pr)
     ab = [tuple(str(r.get(k)) for k in keys) for _, r in pr.iterrows()]
@@ -47,7 +45,9 @@ def _variants(pr: pd.DataFrame, several: bool) -> list[tuple[str, str, pd.DataFr
     out = []
     for (pruner, patch, distill, v), g in pr.groupby(["pruner", "patch", "distill", "_ab"], sort=False):
         extra = ", ".join(f"{k.split('.')[-1]}={x}" for k, x in zip(keys, v, strict=True) if x not in ("None", "nan"))
-        out.append((variant_label(pruner, patch, distill, several) + (f" ({extra})" if extra else ""), pruner, g))
+        chosen = join_kinds(g[CHOSEN]) if CHOSEN in g else None
+        out.append((variant_label(pruner, patch, distill, chosen) + (f" ({extra})" if extra else ""), pruner,
+                    patch not in NONE, g))
     return out
 
 
@@ -60,16 +60,16 @@ def _ppl_plots(df: pd.DataFrame) -> list[str]:
     """Per model and PPL dataset: PPL vs. n and PPL vs. removed parameters (%), Dense at 0; a variant
     with warnings gets ⚠ in its legend entry and at the warned points."""
     ok = df[df["status"] == "ok"]
-    dense, charts, several = is_dense(ok), [], _several_patches(df)
+    dense, charts = is_dense(ok), []
     for model in dict.fromkeys(ok["model"]):
         m, pr = ok[dense & (ok["model"] == model)], ok[~dense & (ok["model"] == model)]
         pruners = list(dict.fromkeys(pr["pruner"]))
         for c in (c for c in df if c.startswith("ppl/")):
             d0 = num(m[c].iloc[0]) if len(m) else math.nan
             by_n, by_params = [], []
-            for name, pruner, g in _variants(pr, several):
+            for name, pruner, patched, g in _variants(pr):
                 warned = g["warnings"].map(_warned)
-                style = dict(name=name + (f" {WARN}" if warned.any() else ""), dash="+LinearPatch" in name,
+                style = dict(name=name + (f" {WARN}" if warned.any() else ""), dash=patched,
                              color=PALETTE[pruners.index(pruner) % len(PALETTE)])
                 for x, out in (("n", by_n), ("pruned_ratio_%", by_params)):
                     if x not in g:
@@ -149,7 +149,7 @@ def _qa_plots(qa: pd.DataFrame) -> list[str]:
 def charts(df: pd.DataFrame, results: list[dict], tables) -> dict[str, list[str]]:
     """The dashboard's charts (inline SVG) by section title; also logged to W&B at the end of a sweep."""
     qa = [t.frame for t in tables if not t.lower_is_better]
-    return {"Perplexity vs. removed layers and parameters (dashed: +LinearPatch)": _ppl_plots(df),
+    return {"Perplexity vs. removed layers and parameters (dashed: patched)": _ppl_plots(df),
             "Per-task accuracy": _qa_plots(qa[0]) if qa else [],
             "Layer similarity (calibration statistics; outlined: removed layers)": _similarity_plots(results),
             "Layer importance scores (pruning.scores; ringed: removed)": _score_plots(results)}

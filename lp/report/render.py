@@ -34,7 +34,7 @@ def markdown(tables: list[Table], failures: pd.DataFrame, title: str = "Sweep re
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
         "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "—": "--",
-        "±": r"$\pm$", "×": r"$\times$", WARN: r"$^\dagger$"}
+        "±": r"$\pm$", "×": r"$\times$", "→": r"$\to$", WARN: r"$^\dagger$"}
 
 
 def _tex_escape(s) -> str:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from lp.report.vocab import WARN_SEP, n_of, parse_overrides
+from lp.bookkeeping import PROGRESS, is_bookkeeping
+from lp.report.vocab import CHOSEN, WARN_SEP, n_of, parse_overrides
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +124,7 @@ def load_paths(paths: list) -> list[dict]:
 SETTINGS = ("seed", "calib.corpus", "calib.split", "calib.nsamples", "calib.seqlen", "patch.hadamard",
             "patch.hadamard_seed", "eval.ppl.split", "eval.ppl.seqlen", "eval.ppl.max_windows",
             "eval.qa.limit", "eval.qa.num_fewshot", "eval.mmlu.limit", "eval.mmlu.num_fewshot")
-_SKIP = ("hydra", "paths", "sweeps", "sweep_name", "resume", "force", "tracker", "runtime")  # bookkeeping overrides
-_NOT_EVAL = ("progress", "batch_size", "dense_reference", "eval_dense", "device", "device_map",
+_NOT_EVAL = (PROGRESS, "batch_size", "dense_reference", "eval_dense", "device", "device_map",
              "generate", "base_model")  # a greedy sample and card metadata do not change the numbers
 
 
@@ -168,12 +168,12 @@ def eval_signature(r: dict) -> str | None:
 
 def override_keys(results: list[dict]) -> list[str]:
     """Non-group keys set on the command line or by the sweep (e.g. ``calib.nsamples``, ``seed``),
-    in first-seen order; groups (``pruner=...``) and bookkeeping keys excluded."""
+    in first-seen order; groups (``pruner=...``) and bookkeeping keys (:mod:`lp.bookkeeping`) excluded."""
     keys = {}
     for r in results:
         groups = set(r.get("choices") or {})
         for k in parse_overrides(r.get("overrides")):
-            if k not in groups and k.split(".")[0] not in _SKIP:
+            if k not in groups and not is_bookkeeping(k):
                 keys.setdefault(k, None)
     return list(keys)
 
@@ -189,6 +189,13 @@ def _flat(prefix: str, d: dict) -> dict:
     return out
 
 
+def chosen_kinds(r: dict) -> str | None:
+    """The kinds ``patch=auto`` chose in a record (``patch.verification.choice``, one entry per cut),
+    distinct in cut order and ``"/"``-joined, e.g. ``"lstsq/diag"``; None where it recorded no choice."""
+    choice = (((r.get("patch") or {}).get("verification")) or {}).get("choice") or []
+    return "/".join(dict.fromkeys(str(c["kind"]) for c in choice if isinstance(c, dict) and c.get("kind"))) or None
+
+
 LEGACY = " [recorded without its uncertainty, before lp issue 26: may not be significant]"
 
 
@@ -202,7 +209,8 @@ def legacy_note(warning: str) -> str:
 def summarize(results: list[dict]) -> pd.DataFrame:
     """One row per job, flat columns only: status, error, every group choice, ``model`` (= model.name),
     n, removed layers, pruned ratio in percent, the :data:`SETTINGS` and every non-group override key
-    (dotted config paths), pruning stats, metrics, timing, warnings, ``eval_settings`` (signature)."""
+    (dotted config paths), pruning stats, metrics, timing, warnings, ``eval_settings`` (signature),
+    ``patch_chosen`` (:func:`chosen_kinds`; only when a run recorded one)."""
     keys = [*SETTINGS, *(k for k in override_keys(results) if k not in SETTINGS)]
     rows = []
     for r in results:
@@ -214,6 +222,7 @@ def summarize(results: list[dict]) -> pd.DataFrame:
                    dtype=(r.get("model") or {}).get("dtype") or setting(r, "model.dtype"))
         removed = p.get("removed_layers")
         row.update(n=n_of(r), removed_layers=" ".join(map(str, removed)) if removed else None)
+        row[CHOSEN] = chosen_kinds(r)
         for k in ("pruned_ratio", "pruned_ratio_with_patch"):
             if isinstance(p.get(k), (int, float)):
                 row[f"{k}_%"] = round(100 * p[k], 4)
@@ -231,5 +240,5 @@ def summarize(results: list[dict]) -> pd.DataFrame:
         rows.append(row)
     df = pd.DataFrame(rows)
     df["n"] = df["n"].astype("Int64")
-    unset = [k for k in (*keys, "dtype", "ppl_windows") if df[k].isna().all()]  # e.g. no patch.hadamard
+    unset = [k for k in (*keys, "dtype", "ppl_windows", CHOSEN) if df[k].isna().all()]  # e.g. no patch.hadamard
     return df.drop(columns=unset)

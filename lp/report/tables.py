@@ -2,8 +2,9 @@
 
 Each block starts with the ``Dense`` row of the same model *and* evaluation settings (a dense result
 evaluated differently is refused: listed, never shown beside the pruned rows), then every pruner in
-sweep order followed by its ``+LinearPatch`` row(s) (``patch != none``; the patch kind is appended
-when a pruner has several). Rows that differ in a non-group setting (``calib.nsamples=4,16``,
+sweep order followed by its patched rows (``patch != none``), each named after its kind's own method
+(:func:`lp.report.vocab.patch_label`): ``+LinearPatch`` (``rotate``, the paper's), ``+lstsq``,
+``+diag``, ..., ``+auto → lstsq`` (the kinds ``patch=auto`` chose in the row's runs). Rows that differ in a non-group setting (``calib.nsamples=4,16``,
 ``patch.hadamard=...``) are labelled with its values; rows that differ only in seed-like keys
 (:data:`lp.report.vocab.SEED_KEYS`) are one row, ``mean`` with a ``<col> std`` column.
 
@@ -20,21 +21,25 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from lp.methods import label as pruner_label
+from lp.methods import prunes_width
 from lp.report.caption import caption
 from lp.report.vocab import (
     BLOCK_KEYS,
+    CHOSEN,
     KEYS,
     NONE,
     PPL_SETS,
-    QA_TASKS,
     RATIO,
     STD,
+    TASK_NAMES,
     WARN_SEP,
     is_dense,
     is_seed_key,
+    join_kinds,
     normalize,
     num,
-    pruner_label,
+    patch_label,
 )
 
 
@@ -80,11 +85,11 @@ def _variant(r: pd.Series, keys: list[str]) -> tuple:
                  for k in keys)
 
 
-def _label(name: str, patched: bool, alone: bool, patch: str, many: bool, distill: str,
-           variant: tuple, keys: list[str]) -> str:
+def _label(name: str, patched: bool, alone: bool, patch: str, distill: str, variant: tuple, keys: list[str]) -> str:
+    """``patch``: the patch's row name (:func:`lp.report.vocab.patch_label`)."""
     label = name
     if patched:  # "+LinearPatch" reads as "the row above, patched" - else name the selection too
-        label = ("+LinearPatch" if not alone else f"{name} +LinearPatch") + (f" ({patch})" if many else "")
+        label = f"+{patch}" if not alone else f"{name} +{patch}"
     label += "" if distill in NONE else f" +{distill}"
     short = _short(keys)
     parts = [f"{short[k]}={v}" for k, v in zip(keys, variant, strict=True) if v is not None]
@@ -96,11 +101,12 @@ def _pruner_rows(g: pd.DataFrame, pruner: str, keys: list[str]) -> list[Row]:
                  _v=[_variant(r, keys) for _, r in g.iterrows()])
     order = {v: i for i, v in enumerate(dict.fromkeys(g["_v"]))}
     g = g.assign(_o=g["_v"].map(order)).sort_values(["_p", "_d", "_o"], kind="stable")
-    many, alone = g.loc[g["_p"], "patch"].nunique() > 1, not (~g["_p"]).any()
+    alone = not (~g["_p"]).any()
     rows: list[Row] = []
     for (patched, patch, distill, variant), grp in g.groupby(["_p", "patch", "distill", "_v"], sort=False):
+        chosen = join_kinds(grp[CHOSEN]) if CHOSEN in grp else None  # patch=auto: what its runs chose
         label = f"job {grp['job'].iloc[0]}" if pruner == "?" else _label(
-            pruner_label(pruner), patched, alone, patch, many, distill, variant, keys)
+            pruner_label(pruner), patched, alone, patch_label(patch, chosen), distill, variant, keys)
         ok = [r for _, r in grp.iterrows() if r["status"] == "ok"]
         if ok:
             rows.append(Row(label, "ok", ok, pruner))
@@ -159,14 +165,15 @@ def blocks(df: pd.DataFrame) -> tuple[list[Block], list[str]]:
 
 
 def _ratios_differ(df: pd.DataFrame) -> bool:
-    """Whether the tables show :data:`RATIO`: a width-pruned row is present (LLM-Pruner: the paper's
-    "Ratio" column), or pruned rows of one (model, n) remove different parameter shares."""
+    """Whether the tables show :data:`RATIO`: a width-pruned row (:mod:`lp.methods`; LLM-Pruner: the
+    paper's "Ratio" column) with a recorded ratio is present, or pruned rows of one (model, n) remove
+    different parameter shares."""
     if "pruned_ratio_%" not in df:
         return False
-    if "kv_groups_removed_per_layer" in df and df["kv_groups_removed_per_layer"].notna().any():
-        return True
     pr = normalize(df)
     pr = pr[~is_dense(pr) & pr["pruned_ratio_%"].notna()]
+    if pr["pruner"].map(prunes_width).any():
+        return True
     return bool((pr.groupby(["model", pr["n"].astype(str)])["pruned_ratio_%"].agg(
         lambda s: s.round(2).nunique()) > 1).any())
 
@@ -213,8 +220,8 @@ def ppl_table(df: pd.DataFrame) -> pd.DataFrame:
 def qa_table(df: pd.DataFrame) -> pd.DataFrame:
     """Rows = methods per block; columns = QA tasks (paper order, x100), ``Avg``, ``RP``, ``MMLU``."""
     tasks = [c for c in df if c.startswith("qa/") and c.endswith("/score")]
-    order = list(dict.fromkeys(QA_TASKS.values()))
-    tasks.sort(key=lambda c: (order.index(QA_TASKS[c[3:-6]]) if c[3:-6] in QA_TASKS else 99, c))
+    order = list(dict.fromkeys(TASK_NAMES.values()))
+    tasks.sort(key=lambda c: (order.index(TASK_NAMES[c[3:-6]]) if c[3:-6] in TASK_NAMES else 99, c))
     if not tasks and "mmlu/acc" not in df:
         return pd.DataFrame(columns=KEYS)
 
@@ -227,7 +234,7 @@ def qa_table(df: pd.DataFrame) -> pd.DataFrame:
             return 100 * avg(r, None) / avg(dense, None)
         return num(r.get("qa/rp"))
 
-    cols = {QA_TASKS.get(c[3:-6], c[3:-6]): (lambda r, _, c=c: 100 * num(r.get(c))) for c in tasks}
+    cols = {TASK_NAMES.get(c[3:-6], c[3:-6]): (lambda r, _, c=c: 100 * num(r.get(c))) for c in tasks}
     if len(tasks) > 1:
         cols["Avg"] = avg
     if tasks:

@@ -1,5 +1,7 @@
 """The reporting vocabulary, defined once: display labels, the dense/n helpers and table cells.
 
+Pruner labels come from :mod:`lp.methods` (the catalogue the pipeline reads too).
+
 Used by :mod:`lp.report.tables`, :mod:`lp.report.render` and :mod:`lp.report.dashboard` (and so by
 ``summary.csv``, ``table.md``/``.tex`` and ``dashboard.html`` alike). Nothing here reads files.
 """
@@ -10,17 +12,19 @@ import math
 
 import pandas as pd
 
-# Display name of each pruner, keyed by its `conf/pruner/<name>.yaml` (= `pruning.method` in result.json);
-# tests check that this matches the conf folder exactly. `linearpatch` without a patch is the paper's
-# block selection; its patched row reads "+LinearPatch".
-PRUNERS = {"none": "Dense", "manual": "Manual", "shortgpt": "ShortGPT", "streamline": "LLM-Streamline",
-           "sleb": "SLEB", "taylor": "Taylor+", "angular": "Angular (Gromov)", "ppl": "PPL",
-           "linearpatch": "LinearPatch block", "llm_pruner": "LLM-Pruner"}
+from lp.methods import label as pruner_label
+
 PPL_SETS = {"wikitext2": "WikiText2", "ptb": "PTB", "c4": "C4"}
-QA_TASKS = {"wsc273": "WSC", "wsc": "WSC", "hellaswag": "HellaSwag", "piqa": "PIQA", "arc_easy": "ARC-e",
-            "arc_challenge": "ARC-c", "boolq": "BoolQ", "winogrande": "WinoGrande", "race": "RACE",
-            "copa": "COPA"}
+# Display name of each QA task (lm-eval name -> table column), in the paper's column order.
+TASK_NAMES = {"wsc273": "WSC", "wsc": "WSC", "hellaswag": "HellaSwag", "piqa": "PIQA", "arc_easy": "ARC-e",
+              "arc_challenge": "ARC-c", "boolq": "BoolQ", "winogrande": "WinoGrande", "race": "RACE",
+              "copa": "COPA"}
 DENSE, NONE = {"none", "dense"}, {None, "none", "null", ""}
+# Row name of a patch kind where it is not the kind's own name: `rotate` is the paper's LinearPatch; every
+# other kind (lstsq, diag, scalar, lstsq_mlp, rotate_mlp, ...) names its own method, so no row credits
+# LinearPatch with another estimator's numbers. `auto` rows add the kinds it chose (:data:`CHOSEN`).
+PATCH_LABELS = {"rotate": "LinearPatch"}
+CHOSEN = "patch_chosen"  # summary column: the kinds patch=auto chose in a run, e.g. "lstsq/diag"
 KEYS = ("block", "method", "status", "job", "runs", "warnings")  # non-value columns of a table frame
 RATIO = "Pruned %"  # parameters removed (x100); shown when a block mixes different ratios; never bolded
 STD = " std"  # suffix of a value column's standard deviation (rows averaged over seeds)
@@ -38,14 +42,24 @@ def is_seed_key(key: str) -> bool:
     return key in SEED_KEYS or key.endswith("_seed")
 
 
-def pruner_label(pruner: str) -> str:
-    return PRUNERS.get(pruner, pruner)
+def join_kinds(values) -> str | None:
+    """The distinct patch kinds of ``"/"``-joined cells (e.g. :data:`CHOSEN` of a row's runs), first seen
+    first, ``"/"``-joined; None when there is none (NaN, None and empty cells skipped)."""
+    kinds = [k for v in values if isinstance(v, str) for k in v.split("/") if k]
+    return "/".join(dict.fromkeys(kinds)) or None
 
 
-def variant_label(pruner: str, patch: str, distill: str, several_patches: bool = False) -> str:
-    """Self-contained name of a pruned variant, e.g. "ShortGPT +LinearPatch" (kind shown if several)."""
-    return (pruner_label(pruner) + ("" if patch in NONE else " +LinearPatch")
-            + (f"({patch})" if patch not in NONE and several_patches else "")
+def patch_label(patch: str, chosen: str | None = None) -> str:
+    """Row name of a patch kind (see :data:`PATCH_LABELS`); with ``chosen`` (``patch=auto``: the kinds it
+    chose, ``"/"``-joined) the choice too, e.g. "auto → lstsq"."""
+    label = PATCH_LABELS.get(patch, patch)
+    return f"{label} → {chosen}" if chosen else label
+
+
+def variant_label(pruner: str, patch: str, distill: str, chosen: str | None = None) -> str:
+    """Self-contained name of a pruned variant, e.g. "ShortGPT +LinearPatch", "SLEB +lstsq",
+    "ShortGPT +auto → lstsq/diag" (``chosen``: see :func:`patch_label`)."""
+    return (pruner_label(pruner) + ("" if patch in NONE else f" +{patch_label(patch, chosen)}")
             + ("" if distill in NONE else f" +{distill}"))
 
 

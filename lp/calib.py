@@ -258,25 +258,22 @@ def get_stats(ctx, fallback_seed: int | None = None, progress: bool | None = Non
     Looked up, in order, on the context (same object for every caller of one run), then in the cache
     entry `<lp cache>/calib/<digest of key>/` (`lp.cache`), with key = `ctx.cache_key` + statistics
     version + rotation basis; otherwise computed in one pass and stored there. An empty
-    `ctx.cache_key` disables the disk cache. The rotated abs-means use the basis `ctx.hadamard` /
-    `ctx.hadamard_seed` (`lp.hadamard.spec`), or the seeded random orthogonal matrix `fallback_seed`
-    (default `ctx.hadamard_fallback_seed`) where that basis has no matrix for the hidden size; with
-    neither, `abs_mean_rot` is None.
+    `ctx.cache_key` disables the disk cache. The rotated abs-means use the basis `ctx.basis`
+    (`lp.hadamard.Basis`), with `fallback_seed` (default `ctx.basis.fallback_seed`) naming the seeded random
+    orthogonal matrix where that basis has no matrix for the hidden size; with neither, `abs_mean_rot` is None.
     `stats.cost` = {"seconds", "cached", "path"}.
     """
-    if fallback_seed is None:
-        fallback_seed = ctx.hadamard_fallback_seed
+    basis = ctx.basis if fallback_seed is None else ctx.basis._replace(fallback_seed=fallback_seed)
     progress = ctx.progress if progress is None else progress  # a bar over the calibration batches
     D = Decoder(ctx.model).hidden_size
-    kind, seed = ctx.hadamard, ctx.hadamard_seed
-    spec = hd.spec(D, kind, seed, fallback_seed)
+    spec = basis.spec(D)
     memo = ctx.__dict__.setdefault(_CTX_ATTR, {})
     if spec in memo:
         return memo[spec]
     t0 = time.perf_counter()
 
     def compute() -> CalibStats:
-        rotation = hd.Rotation(D, kind, seed, fallback_seed) if spec is not None else None
+        rotation = hd.Rotation(D, basis.kind, basis.seed, basis.fallback_seed) if spec is not None else None
         stats = collect(ctx.model, ctx.windows, ctx.batch_size, rotation, progress)
         stats.meta["calibration"] = ctx.calib_provenance
         stats.meta["key"] = ctx.cache_key

@@ -35,6 +35,7 @@ from lp import (
     distill,
     families,
     gpus,
+    hadamard,
     models,
     threads,
     validate,
@@ -275,9 +276,7 @@ def prune_context(cfg: DictConfig, model, tokenizer) -> PruneContext:
     """What the pruner (and the patch statistics) may read; calibration windows are built lazily (at once
     for `calib.batch_size=auto` on a GPU, whose probe is one calibration pass over the first windows)."""
     ctx = PruneContext(model, tokenizer, calib_fn=lambda: calibration(cfg, tokenizer), cache_key=stats_key(cfg),
-                       hadamard=cfg.patch.get("hadamard", "constructed"), hadamard_seed=cfg.patch.get("hadamard_seed"),
-                       hadamard_fallback_seed=cfg.patch.get("hadamard_fallback_seed"),
-                       progress=bool(cfg.get("progress", True)))
+                       basis=hadamard.Basis.of(cfg.patch), progress=bool(cfg.get("progress", True)))
     ctx.batch_size = batching.resolve(cfg.calib.batch_size, devices.input_device(model),
                                       lambda bs: calib.collect(model, ctx.windows[:bs], bs), cfg.calib.nsamples,
                                       "calibration")

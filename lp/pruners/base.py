@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lp import cache
+from lp import hadamard as hd
 from lp.calib import check_block
 from lp.devices import input_device, model_dtype
 
@@ -50,9 +51,7 @@ class PruneContext:
     calib_fn: Callable[[], tuple[torch.Tensor, dict]]
     cache_key: dict = field(default_factory=dict)  # model/data/sampler identity for on-disk caches
     batch_size: int = 1
-    hadamard: str = "constructed"  # basis of the rotated statistics (`lp.hadamard.BASES`)
-    hadamard_seed: int | None = None  # its seed (random bases only)
-    hadamard_fallback_seed: int | None = None  # rotation of the shared statistics where no Hadamard exists
+    basis: hd.Basis = hd.Basis()  # of the rotated statistics (and their stand-in where the basis has no matrix)
     cached_provenance: dict | None = None  # set by a disk cache whose entry served this run instead
     progress: bool = False  # tqdm bars for calibration and layer re-scoring (`lp.progress`)
 

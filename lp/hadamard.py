@@ -46,7 +46,7 @@ __all__ = ["BASES", "DEFAULT_BASIS", "OFFICIAL_ORDERS", "Basis", "Rotation", "ba
 
 _SHOWN_BASE_LIMIT = 256  # base orders listed in error messages
 BASES = ("constructed", "official", "random", "random_hadamard")
-DEFAULT_BASIS = "constructed"  # the basis where none is named (the user-facing default: conf/patch/*.yaml)
+DEFAULT_BASIS = "constructed"  # the basis where none is named (the user-facing default: conf/patch/_basis.yaml)
 OFFICIAL_ORDERS = (172, 156, 140, 108, 60, 52, 36, 28, 40, 20, 12)  # the order get_hadK tries them
 _TABLES = Path(__file__).with_name("hadamard_tables.txt")
 _MAX_FACTOR = 64  # largest Sylvester factor applied as one matmul by `Rotation`

@@ -68,7 +68,8 @@ def schema(choices: dict | None = None, conf: Path = CONF) -> dict[str, set]:
         chosen = (choices or {}).get(group, "*") if choices else "*"
         if chosen is None:
             continue
-        files = sorted(group_dir.glob("*.yaml")) if chosen == "*" else [group_dir / f"{chosen}.yaml"]
+        files = sorted(f for f in group_dir.glob("*.yaml") if not f.stem.startswith("_")) if chosen == "*" \
+            else [group_dir / f"{chosen}.yaml"]  # `_<part>.yaml`: shared by options (`_load_option`), not one
         for f in files:
             if not f.is_file():  # an option from another config source: its keys are not checked
                 types.setdefault(group, set()).add(ANY)

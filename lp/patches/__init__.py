@@ -4,7 +4,8 @@ A kind turns calibration data of the *dense* model into the D x D matrix W of a 
 bridging one cut [a, b) (h_a = stream entering dense layer a, h_b = entering layer b, h_L = last
 layer's output before the final norm; row vectors, the patch computes x -> x W on h_a, or, for the
 "mlp"-site kinds lstsq_mlp / rotate_mlp, on the MLP output of layer a-1: `PatchKind.site`). Adding a kind =
-one module here with a `@register`ed `PatchKind` subclass + one `conf/patch/<kind>.yaml`.
+one module here with a `@register`ed `PatchKind` subclass + one `conf/patch/<kind>.yaml` (whose `defaults`
+list the shared `conf/patch/_<part>.yaml` files: those are not kinds).
 
 `auto` is not a kind but a choice among kinds (`lp.verify`), listed in `CHOICES` beside them.
 """

@@ -26,6 +26,7 @@ Writes benchmarks/results/<NAME>.json and .md.
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -83,8 +84,8 @@ def plant(model, k: float, channels):
 
 
 planted = plant(model, args.plant, args.channels) if args.plant else None
-ctx = prune_context(cfg, model, tok)
-ctx.cache_key = {}  # time a fresh calibration pass; never reuse statistics of another (planted) model
+# no disk cache: time a fresh calibration pass; never reuse statistics of another (planted) model
+ctx = dataclasses.replace(prune_context(cfg, model, tok), cache_key={})
 t0 = time.perf_counter()
 stats = get_stats(ctx)
 calib_s = time.perf_counter() - t0

@@ -151,7 +151,7 @@ def recipe(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: l
         sel, sel_warnings = verify.check_selection(heldout, sel, getattr(pruner, "rerank", 0))
     patches, patches_info, patch_warnings = make_patches(cfg, ctx, sel.removed, heldout, stages)
     result["warnings"].extend(sel_warnings + patch_warnings)
-    result["data"] = {"calibration": ctx.provenance,  # None only if nothing needed calibration
+    result["data"] = {"calibration": ctx.calibration.provenance,  # None only if nothing needed calibration
                       "calibration_batch_size": ctx.batch_size}  # resolved (calib.batch_size=auto: lp.batching)
     teacher, skipped = None, distill.skipped(cfg.distill, cfg.patch.kind, patches)  # auto chose no patch anywhere
     if skipped:
@@ -275,12 +275,12 @@ def dense_qa_scores(cfg: DictConfig, pruner, model, tokenizer, stages: Stages) -
 def prune_context(cfg: DictConfig, model, tokenizer) -> PruneContext:
     """What the pruner (and the patch statistics) may read; calibration windows are built lazily (at once
     for `calib.batch_size=auto` on a GPU, whose probe is one calibration pass over the first windows)."""
-    ctx = PruneContext(model, tokenizer, calib_fn=lambda: calibration(cfg, tokenizer), cache_key=stats_key(cfg),
-                       basis=hadamard.Basis.of(cfg.patch), progress=bool(cfg.get("progress", True)))
-    ctx.batch_size = batching.resolve(cfg.calib.batch_size, devices.input_device(model),
-                                      lambda bs: calib.collect(model, ctx.windows[:bs], bs), cfg.calib.nsamples,
-                                      "calibration")
-    return ctx
+    source = calib.Calibration(lambda: calibration(cfg, tokenizer))
+    batch_size = batching.resolve(cfg.calib.batch_size, devices.input_device(model),
+                                  lambda bs: calib.collect(model, source.windows[:bs], bs), cfg.calib.nsamples,
+                                  "calibration")
+    return PruneContext(model, tokenizer, source, cache_key=stats_key(cfg), batch_size=batch_size,
+                        basis=hadamard.Basis.of(cfg.patch), progress=bool(cfg.get("progress", True)))
 
 
 def make_patches(cfg: DictConfig, ctx: PruneContext, removed: list[int], heldout, stages: Stages) -> tuple:

@@ -6,9 +6,9 @@ SmolLM2-135M bf16, `pruner=<--pruner>` at each n, `calib=<--calib>` (its held-ou
 reserved tail). For each n: the block is selected once; each kind is fitted alone on the dense model
 (`lp.patch.fit_patches`, timed per kind: calibration statistics come from the disk cache, so the
 seconds are the kind's own work, i.e. its activation pass for lstsq / lstsq_mlp / rotate_mlp); the
-held-out NLL is `lp.verify.Heldout` as a run records it; `auto` and `auto foldable` are
-`lp.verify.fit_and_verify` with `patch=auto` (default candidates) and `patch.foldable=true` (timed: what
-they add to a run after selection); WikiText-2 / PTB PPL on one pruned copy with the patches swapped in.
+held-out NLL is `lp.verify.Heldout` as a run records it; `auto` and `auto foldable` are what
+`lp.run.make_patches` does (`lp.candidates.fit_candidates`, `lp.verify.verify_patches`, `lp.candidates.ship`)
+with `patch=auto` (default candidates) and `patch.foldable=true` (timed: what they add to a run after selection); WikiText-2 / PTB PPL on one pruned copy with the patches swapped in.
 Fold check: `lp.export.save_pruned` of that copy (layout `plain`/`folded` = a stock checkpoint), and for
 those a stock `AutoModelForCausalLM.from_pretrained` in this process, logits compared with the
 in-memory model on 2 x 64 tokens (`equal` = bit for bit; `rel` = max |diff| / max |logit|).
@@ -33,6 +33,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lp import models, verify
+from lp.candidates import fit_candidates, ship
 from lp.export import save_pruned
 from lp.patch import fit_patches, insert_patches, runs_of, strip_patches
 from lp.run import build, eval_ppl, prune_context
@@ -93,7 +94,8 @@ for n in args.n:
         fitted[kind] = f[kind]
     for label, foldable in (("auto", False), ("auto foldable", True)):
         t0 = time.perf_counter()
-        chosen, info, _ = verify.fit_and_verify(ctx, sel.removed, OmegaConf.merge(cfg.patch, {"foldable": foldable}), held)
+        cands = fit_candidates(ctx, sel.removed, OmegaConf.merge(cfg.patch, {"foldable": foldable}))
+        chosen, info = ship(cands, *verify.verify_patches(held, cands))
         seconds[label] = time.perf_counter() - t0
         fitted[label] = {a: chosen.get(a) for a, _ in runs_of(sel.removed)}
         fitted[label + " choice"] = [c["kind"] for c in info["verification"]["choice"]]

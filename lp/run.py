@@ -29,6 +29,7 @@ from lp import (
     batching,
     cache,
     calib,
+    candidates,
     card,
     data,
     devices,
@@ -285,11 +286,15 @@ def prune_context(cfg: DictConfig, model, tokenizer) -> PruneContext:
 
 def make_patches(cfg: DictConfig, ctx: PruneContext, removed: list[int], heldout, stages: Stages) -> tuple:
     """`(patches, info, warnings)`: one LinearPatch per removed run of the configured kind (or auto's
-    choice per cut), verified on `heldout` if given. Built on the dense model, before the drop."""
+    choice per cut), verified on `heldout` if given. Built on the dense model, before the drop: the
+    candidates are fitted (`lp.candidates`), verified (`lp.verify.verify_patches`), then shipped."""
     if not removed or (cfg.patch.kind == "none" and heldout is None):
         return {}, None, []
     with stages("patch"):
-        return verify.fit_and_verify(ctx, removed, cfg.patch, heldout)
+        cands = candidates.fit_candidates(ctx, removed, cfg.patch)
+        record, warnings = verify.verify_patches(heldout, cands) if heldout is not None else (None, [])
+        patches, info = candidates.ship(cands, record, warnings)
+    return patches, info, warnings
 
 
 def attach_patches(model, patches: dict) -> int:

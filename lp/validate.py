@@ -10,8 +10,9 @@ is allowed (the `run.py` shim prints it as `error: ...` and exits 2):
   never the string "false" or `no`, so `model.trust_remote_code="false"` can never enable remote
   code); integers stay integers, floats numbers, lists lists. Then value ranges (`RULES`), the device
   (`cuda` without a GPU) and the data mirror (`data.root`, usually `LP_DATA_DIR`).
-* `against_model(cfg, pruner, mconf)`: what needs the model's config (layer count, context length,
-  hidden size): layer indices, sequence lengths, patch, datasets, tasks, distillation.
+* `against_model(cfg, pruner, num_layers, max_positions, hidden_size)`: what needs the model's config
+  (its layer count, context length and hidden size, read by `lp.run.check_model`): layer indices,
+  sequence lengths, patch, datasets, tasks, distillation.
 """
 
 from __future__ import annotations

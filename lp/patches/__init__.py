@@ -44,11 +44,7 @@ def check_name(name, key: str = "patch.kind", allow_choice: bool = True) -> None
         raise ValueError(f"{key}={name!r} is not a patch kind{hint}; choose one of {valid}")
 
 
-def names() -> list[str]:
-    return list(KINDS)
-
-
 for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "base" and not m.name.startswith("_")):
     importlib.import_module(f"{__name__}.{_mod}")
 
-__all__ = ["CHOICES", "KINDS", "Fit", "FitSource", "PatchKind", "check_name", "get", "names", "register"]
+__all__ = ["CHOICES", "KINDS", "Fit", "FitSource", "PatchKind", "check_name", "get", "register"]

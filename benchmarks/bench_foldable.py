@@ -6,8 +6,9 @@ SmolLM2-135M bf16, for each `--pruner` and each n: the block is selected once; e
 on the dense model (`lp.patch.fit_patches`, timed per kind: calibration statistics come from the disk
 cache, so the seconds are the kind's own work, i.e. its activation pass for lstsq / lstsq_mlp /
 rotate_mlp); the held-out NLL is `lp.verify.Heldout` as a run records it; `auto` and `auto foldable`
-are `lp.verify.fit_and_verify` with `patch=auto` (default candidates) and `patch.foldable=true` (timed:
-what they add to a run after selection); WikiText-2 / PTB PPL on one pruned copy with the patches
+are what `lp.run.make_patches` does (`lp.candidates.fit_candidates`, `lp.verify.verify_patches`,
+`lp.candidates.ship`) with `patch=auto` (default candidates) and `patch.foldable=true` (timed: what they
+add to a run after selection); WikiText-2 / PTB PPL on one pruned copy with the patches
 swapped in. Fold check: `lp.export.save_pruned` of that copy (layout `plain`/`folded` = a stock
 checkpoint) and, for those, a stock `AutoModelForCausalLM.from_pretrained` in this process, logits
 compared with the in-memory model on 2 x 64 tokens (`equal` = bit for bit; `rel` = max |diff| / max |logit|).
@@ -26,7 +27,6 @@ Writes benchmarks/results/<NAME>.json and .md after every row (a long run interr
 import argparse
 import copy
 import json
-import math
 import os
 import tempfile
 import time
@@ -37,6 +37,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from lp import distill, models, verify
+from lp.candidates import fit_candidates, ship
 from lp.export import save_pruned
 from lp.patch import fit_patches, insert_patches, runs_of, strip_patches
 from lp.run import build, eval_ppl, prune_context
@@ -168,8 +169,8 @@ for n in args.n:  # n outer: a long run interrupted keeps whole n blocks (the fi
             fitted[kind] = f[kind]
         for label, foldable in (("auto", False), ("auto foldable", True)):
             t0 = time.perf_counter()
-            chosen, info, _ = verify.fit_and_verify(ctx, sel.removed, OmegaConf.merge(cfg.patch, {"foldable": foldable}),
-                                                    held)
+            cands = fit_candidates(ctx, sel.removed, OmegaConf.merge(cfg.patch, {"foldable": foldable}))
+            chosen, info = ship(cands, *verify.verify_patches(held, cands))
             seconds[label] = time.perf_counter() - t0
             fitted[label] = {a: chosen.get(a) for a in cuts}
             choice[label] = [c["kind"] for c in info["verification"]["choice"]]

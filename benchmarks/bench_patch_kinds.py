@@ -10,7 +10,7 @@ comes from `lp.verify` exactly as a run records it, `auto` is the per-cut choice
 
 Costs (seconds, wall): `calibration` = one calibration pass (`lp.calib.collect`, no disk cache);
 `auto` = what `patch=auto` adds to a run after selection: fitting every candidate (incl. the
-activation pass of lstsq) + the held-out replays (`lp.verify.fit_and_verify`).
+activation pass of lstsq) + the held-out replays (`lp.candidates.fit_candidates` + `lp.verify.verify_patches`, as `lp.run.make_patches`).
 
 `--plant K` multiplies the model's massive channels (the 3 with the largest mean h^2 at the middle
 layer, or `--channels`) by K: their embedding columns and the rows of every o_proj / down_proj
@@ -26,6 +26,7 @@ Writes benchmarks/results/<NAME>.json and .md.
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from hydra import compose, initialize_config_dir
 
 from lp import models, verify
 from lp.calib import get_stats
+from lp.candidates import fit_candidates, ship
 from lp.patch import fit_patches, insert_patches, runs_of, strip_patches
 from lp.pruners.linearpatch import LinearPatchPruner
 from lp.run import eval_ppl, prune_context
@@ -83,8 +85,8 @@ def plant(model, k: float, channels):
 
 
 planted = plant(model, args.plant, args.channels) if args.plant else None
-ctx = prune_context(cfg, model, tok)
-ctx.cache_key = {}  # time a fresh calibration pass; never reuse statistics of another (planted) model
+# no disk cache: time a fresh calibration pass; never reuse statistics of another (planted) model
+ctx = dataclasses.replace(prune_context(cfg, model, tok), cache_key={})
 t0 = time.perf_counter()
 stats = get_stats(ctx)
 calib_s = time.perf_counter() - t0
@@ -96,7 +98,9 @@ kinds = [*args.candidates, *[k for k in args.extra if k not in args.candidates]]
 for n in args.n:
     sel = LinearPatchPruner(n).select(ctx)
     t0 = time.perf_counter()
-    _, info, warns = verify.fit_and_verify(ctx, sel.removed, cfg.patch, held)  # what patch=auto adds to a run
+    cands = fit_candidates(ctx, sel.removed, cfg.patch)  # what patch=auto adds to a run
+    _, info = ship(cands, *verify.verify_patches(held, cands))
+    warns = info["warnings"]
     auto_s = time.perf_counter() - t0
     fitted, _ = fit_patches(ctx, sel.removed, cfg.patch, [k for k in kinds if k != "none"])
     fitted["none"] = {a: None for a, _ in runs_of(sel.removed)}

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
 from lp import models
+from lp.calib import Calibration
 from lp.pruners import PruneContext
 from lp.pruners.sleb import SLEBPruner
 from lp.pruners.taylor import TaylorPruner
@@ -89,7 +90,7 @@ with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
 
 if args.taylor_windows:
     twin = torch.load(args.taylor_windows, weights_only=True)
-    tctx = PruneContext(model, None, calib_fn=lambda: (twin, {}))
+    tctx = PruneContext(model, None, Calibration(lambda: (twin, {})))
     sel, secs, mem = measured(lambda: TaylorPruner(n=args.n).select(tctx))
     dec = models.Decoder(model)
     acc = sum(4 * q.numel() for i in range(4, dec.num_layers - 2) for q in dec.layers[i].parameters())
@@ -99,7 +100,7 @@ if args.taylor_windows:
 
 load_start = os.getloadavg()
 _, windows = windows_for(args.nsamples)
-ctx = PruneContext(model, None, calib_fn=lambda: (windows, {}), batch_size=args.batch_size)
+ctx = PruneContext(model, None, Calibration(lambda: (windows, {})), batch_size=args.batch_size)
 
 # Unit costs (CPU seconds): one layer / one head (norm + LM head + CE) over all windows.
 runner = Replay(model, windows, args.batch_size)

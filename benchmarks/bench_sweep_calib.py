@@ -24,7 +24,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from lp import models
-from lp.calib import get_stats
+from lp.calib import Calibration, get_stats
 from lp.patch import build_patches
 from lp.pruners import PruneContext
 from lp.pruners.angular import AngularPruner
@@ -54,7 +54,7 @@ PRUNERS = (LinearPatchPruner, ShortGPTPruner, StreamlinePruner, AngularPruner)
 
 
 def context():
-    return PruneContext(model, tok, calib_fn=lambda: (windows, provenance), cache_key=key,
+    return PruneContext(model, tok, Calibration(lambda: (windows, provenance)), cache_key=key,
                         batch_size=args.batch_size)
 
 

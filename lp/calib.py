@@ -24,7 +24,8 @@ the dot products of every pair at once. The rotation H is the run's basis (`patc
 `lp.hadamard`), applied by `lp.hadamard.Rotation` (Kronecker form where H has one).
 
 `get_stats(ctx)` caches the result on disk under `<lp cache>/calib/<sha of the key>/`
-(safetensors + json) and on the `PruneContext`, so selection and patch scales share one pass.
+(safetensors + json) and in the run's `Calibration` (`ctx.calibration`, the one owner of the windows,
+the statistics and their provenance), so selection and patch scales share one pass.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +53,6 @@ log = logging.getLogger(__name__)
 STATS_VERSION = 2  # 2: similarity matrices mirrored from the upper triangle (symmetric on any CPU); bump when the meaning of a stored statistic changes (invalidates the disk cache)
 VARIANTS = ("paper", "reference")
 SCALE_KINDS = ("diag", "rotate")
-_CTX_ATTR = "_lp_calib_stats"
 
 
 # --------------------------------------------------------------------------- statistics
@@ -251,34 +252,93 @@ def _zero_diag(m):
     return m.fill_diagonal_(0.0)
 
 
+# --------------------------------------------------------------------------- the run's calibration
+class Calibration:
+    """The run's calibration data in one owner: the windows, the `CalibStats` computed from them and
+    where they came from.
+
+    `build()` returns `(windows [N, T] int64, provenance)` and runs at most once, on the first read of
+    `windows` or `windows_provenance` (`built` says whether it ran). `stats(spec, fetch)` returns the
+    statistics rotated by basis `spec`, memoised: `fetch()` runs at most once per spec. A disk-cache
+    entry that serves the run instead of a pass over the windows (statistics here, pruner scores in
+    `lp.pruners.base.ScoreCache`) hands the provenance recorded with it to `served_from_cache`.
+    `provenance`: the windows' own once built, else the latest provenance served from a cache, else None.
+    """
+
+    def __init__(self, build: Callable[[], tuple[torch.Tensor, dict]]):
+        self._build = build
+        self._built: tuple[torch.Tensor, dict] | None = None
+        self._served: dict | None = None
+        self._stats: dict[str | None, CalibStats] = {}
+
+    @property
+    def built(self) -> bool:
+        return self._built is not None
+
+    def _data(self) -> tuple[torch.Tensor, dict]:
+        if self._built is None:
+            self._built = self._build()
+        return self._built
+
+    @property
+    def windows(self) -> torch.Tensor:
+        return self._data()[0]
+
+    @property
+    def windows_provenance(self) -> dict:
+        return self._data()[1]
+
+    @property
+    def provenance(self) -> dict | None:
+        """Where this run's calibration windows came from: built now, or recorded with a cache entry."""
+        return self.windows_provenance if self.built else self._served
+
+    def served_from_cache(self, provenance: dict | None) -> None:
+        """A disk-cache entry stood in for the windows; `provenance` is what it recorded of them."""
+        self._served = provenance
+
+    def stats(self, spec: str | None, fetch: Callable[[], CalibStats]) -> CalibStats:
+        """The statistics rotated by `spec` (`lp.hadamard.spec`): memoised, else `fetch()` (`get_stats`),
+        whose `cost["cached"]` says a disk-cache entry served them."""
+        if spec not in self._stats:
+            stats = fetch()
+            if stats.cost.get("cached"):
+                self.served_from_cache(stats.meta.get("calibration"))
+            self._stats[spec] = stats
+        return self._stats[spec]
+
+    def obtained(self) -> list[CalibStats]:
+        """The statistics `stats` returned so far, first obtained first."""
+        return list(self._stats.values())
+
+
 # --------------------------------------------------------------------------- caching
 def get_stats(ctx, fallback_seed: int | None = None, progress: bool | None = None) -> CalibStats:
     """The `CalibStats` of the dense model in `ctx` on `ctx.windows`, computed at most once.
 
-    Looked up, in order, on the context (same object for every caller of one run), then in the cache
-    entry `<lp cache>/calib/<digest of key>/` (`lp.cache`), with key = `ctx.cache_key` + statistics
-    version + rotation basis; otherwise computed in one pass and stored there. An empty
-    `ctx.cache_key` disables the disk cache. The rotated abs-means use the basis `ctx.hadamard` /
-    `ctx.hadamard_seed` (`lp.hadamard.spec`), or the seeded random orthogonal matrix `fallback_seed`
-    (default `ctx.hadamard_fallback_seed`) where that basis has no matrix for the hidden size; with
-    neither, `abs_mean_rot` is None.
+    Looked up, in order, in the run's `ctx.calibration` (the same object for every caller of one run),
+    then in the cache entry `<lp cache>/calib/<digest of key>/` (`lp.cache`), with key = `ctx.cache_key` +
+    statistics version + rotation basis; otherwise computed in one pass and stored there. An empty
+    `ctx.cache_key` disables the disk cache. The rotated abs-means use the basis `ctx.basis`
+    (`lp.hadamard.Basis`), with `fallback_seed` (default `ctx.basis.fallback_seed`) naming the seeded random
+    orthogonal matrix where that basis has no matrix for the hidden size; with neither, `abs_mean_rot` is None.
     `stats.cost` = {"seconds", "cached", "path"}.
     """
-    if fallback_seed is None:
-        fallback_seed = ctx.hadamard_fallback_seed
+    basis = ctx.basis if fallback_seed is None else ctx.basis._replace(fallback_seed=fallback_seed)
     progress = ctx.progress if progress is None else progress  # a bar over the calibration batches
     D = Decoder(ctx.model).hidden_size
-    kind, seed = ctx.hadamard, ctx.hadamard_seed
-    spec = hd.spec(D, kind, seed, fallback_seed)
-    memo = ctx.__dict__.setdefault(_CTX_ATTR, {})
-    if spec in memo:
-        return memo[spec]
+    spec = basis.spec(D)
+    return ctx.calibration.stats(spec, lambda: _fetch(ctx, basis, spec, D, progress))
+
+
+def _fetch(ctx, basis: hd.Basis, spec: str | None, D: int, progress: bool) -> CalibStats:
+    """The statistics from the disk cache, else computed (and stored), with their `cost`."""
     t0 = time.perf_counter()
 
     def compute() -> CalibStats:
-        rotation = hd.Rotation(D, kind, seed, fallback_seed) if spec is not None else None
+        rotation = hd.Rotation(D, basis.kind, basis.seed, basis.fallback_seed) if spec is not None else None
         stats = collect(ctx.model, ctx.windows, ctx.batch_size, rotation, progress)
-        stats.meta["calibration"] = ctx.calib_provenance
+        stats.meta["calibration"] = ctx.calibration.windows_provenance
         stats.meta["key"] = ctx.cache_key
         return stats
 
@@ -291,17 +351,14 @@ def get_stats(ctx, fallback_seed: int | None = None, progress: bool | None = Non
     stats.cost = {"seconds": round(time.perf_counter() - t0, 3), "cached": hit, "path": path}
     if hit:
         log.info("calibration statistics loaded from %s in %.2fs", path, stats.cost["seconds"])
-        ctx.cached_provenance = stats.meta.get("calibration")
     else:
         log.info("calibration statistics computed in %.2fs (%d windows x %d tokens)%s", stats.cost["seconds"],
                  *ctx.windows.shape, f", saved to {path}" if path else "")
-    memo[spec] = stats
     return stats
 
 
 def similarity(ctx) -> list[list[float]] | None:
-    """`cos_token` ([L+1, L+1], 4 decimals) of the statistics this run's pruner or patch computed or
+    """`cos_token` ([L+1, L+1], 4 decimals) of the first statistics this run's pruner or patch computed or
     loaded through `get_stats(ctx)`, for the report's similarity heatmap; None if none were."""
-    memo = ctx.__dict__.get(_CTX_ATTR) or {}
-    stats = next(iter(memo.values()), None)
+    stats = next(iter(ctx.calibration.obtained()), None)
     return None if stats is None else [[round(float(v), 4) for v in row] for row in stats.cos_token.tolist()]

@@ -1,8 +1,9 @@
 """Orthonormal bases for the LinearPatch rotation, and `Rotation` (x -> x H, fast).
 
 Row vectors throughout: the rotation maps x [..., D] to x H, H orthonormal (H H^T = I).
-`patch.hadamard` (one of `BASES`) picks H; `basis(dim, kind, seed)` returns it, `spec(...)` names
-it (the name goes into calibration cache keys and result.json):
+`patch.hadamard` (one of `BASES`, `DEFAULT_BASIS` where a config leaves it out) picks H, read with its
+seeds by `Basis.of(patch_cfg)`; `basis(dim, kind, seed)` returns H, `spec(...)` names it (the name goes into
+calibration cache keys and result.json):
 
 * ``constructed`` (lp's own): ``D = 2^k · m``, ``H = (S_{2^k} ⊗ B_m) / sqrt(D)`` where ``S`` is
   the Sylvester matrix (``S_1 = [1]``, ``S_{2n} = [[S_n, S_n], [S_n, -S_n]]``) and ``B_m`` an
@@ -36,14 +37,16 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["BASES", "OFFICIAL_ORDERS", "Rotation", "base_orders", "basis", "factorize", "hadamard",
-           "official_factorize", "official_table", "paley", "spec", "supported"]
+__all__ = ["BASES", "DEFAULT_BASIS", "OFFICIAL_ORDERS", "Basis", "Rotation", "base_orders", "basis", "factorize",
+           "hadamard", "official_factorize", "official_table", "paley", "spec", "supported"]
 
 _SHOWN_BASE_LIMIT = 256  # base orders listed in error messages
 BASES = ("constructed", "official", "random", "random_hadamard")
+DEFAULT_BASIS = "constructed"  # the basis where none is named (the user-facing default: conf/patch/_basis.yaml)
 OFFICIAL_ORDERS = (172, 156, 140, 108, 60, 52, 36, 28, 40, 20, 12)  # the order get_hadK tries them
 _TABLES = Path(__file__).with_name("hadamard_tables.txt")
 _MAX_FACTOR = 64  # largest Sylvester factor applied as one matmul by `Rotation`
@@ -237,7 +240,28 @@ def _check(kind: str, seed) -> None:
                          f"(random, random_hadamard), not by patch.hadamard={kind}; set it to null")
 
 
-def spec(dim: int, kind: str = "constructed", seed: int | None = None,
+class Basis(NamedTuple):
+    """The run's choice of basis: `kind` (one of `BASES`), `seed` (random bases only) and
+    `fallback_seed` (the seeded random orthogonal matrix standing in where `kind` has no matrix for
+    the hidden size; None: no stand-in)."""
+
+    kind: str = DEFAULT_BASIS
+    seed: int | None = None
+    fallback_seed: int | None = None
+
+    @classmethod
+    def of(cls, patch_cfg) -> Basis:
+        """`patch.hadamard` / `patch.hadamard_seed` / `patch.hadamard_fallback_seed` of a `patch` config
+        (the only reader of these keys; a key the config leaves out takes the default above)."""
+        return cls(patch_cfg.get("hadamard", DEFAULT_BASIS), patch_cfg.get("hadamard_seed"),
+                   patch_cfg.get("hadamard_fallback_seed"))
+
+    def spec(self, dim: int) -> str | None:
+        """`spec(dim, kind, seed, fallback_seed)`: the name of this basis at hidden size `dim`, or None."""
+        return spec(dim, self.kind, self.seed, self.fallback_seed)
+
+
+def spec(dim: int, kind: str = DEFAULT_BASIS, seed: int | None = None,
          fallback_seed: int | None = None) -> str | None:
     """Name of the basis `basis` returns: "constructed", "official", "random:<seed>",
     "random_hadamard:<seed>", "random_orthogonal:<fallback_seed>"; None if there is none."""
@@ -267,7 +291,7 @@ def _random_signs(dim: int, seed: int) -> torch.Tensor:
     return (torch.randint(0, 2, (dim,), generator=g) * 2 - 1).to(torch.float64)
 
 
-def basis(dim: int, kind: str = "constructed", seed: int | None = None, *, fallback_seed: int | None = None,
+def basis(dim: int, kind: str = DEFAULT_BASIS, seed: int | None = None, *, fallback_seed: int | None = None,
           dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
     """The orthonormal D×D matrix H of basis `kind` (module docstring), row-vector convention x -> x H."""
     name = spec(dim, kind, seed, fallback_seed)
@@ -291,7 +315,7 @@ class Rotation:
     cost D * (d1 + d2 + ...) per row instead of D^2. Random orthogonal bases multiply densely.
     """
 
-    def __init__(self, dim: int, kind: str = "constructed", seed: int | None = None,
+    def __init__(self, dim: int, kind: str = DEFAULT_BASIS, seed: int | None = None,
                  fallback_seed: int | None = None):
         self.dim, self.kind, self.seed, self.fallback_seed = dim, kind, seed, fallback_seed
         self.spec = spec(dim, kind, seed, fallback_seed)

@@ -146,11 +146,12 @@ def check_patch(patch_cfg, hidden_size: int) -> None:
             raise ValueError(f"patch.{key}={value!r} must be a list of patch kinds, e.g. [none, diag, rotate]")
         for k in value:
             patches.check_name(k, f"patch.{key} entry", allow_choice=False)
-    seed = patch_cfg.get("hadamard_fallback_seed")
+    basis = hd.Basis.of(patch_cfg)
+    seed = basis.fallback_seed
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"patch.hadamard_fallback_seed={seed!r} must be null or an integer")
     if kind != "none":  # checks the basis name and its seed
-        hd.spec(hidden_size, patch_cfg.get("hadamard", "constructed"), patch_cfg.get("hadamard_seed"), seed)
+        basis.spec(hidden_size)
     if kind == "auto" and not patch_cfg.get("candidates"):
         raise ValueError("patch=auto needs patch.candidates, a non-empty list of kinds to choose from")
     foldable = patch_cfg.get("foldable", False)
@@ -268,7 +269,7 @@ def fit_patches(ctx, removed, patch_cfg, kinds: list[str]) -> tuple[dict, dict]:
     cost = {"calibration": source._stats.cost if source._stats is not None else None,
             "activation_pass_seconds": round(source.collect_seconds, 3)}
     return fitted, {"cuts": infos, "cost": cost, "rotation": source.rotation_spec(),
-                    "hadamard": source.basis["kind"], "hadamard_seed": source.basis["seed"]}
+                    "hadamard": source.basis.kind, "hadamard_seed": source.basis.seed}
 
 
 def build_patches(ctx, removed, patch_cfg) -> tuple[dict[int, LinearPatch], dict]:

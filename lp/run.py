@@ -29,12 +29,14 @@ from lp import (
     batching,
     cache,
     calib,
+    candidates,
     card,
     data,
     devices,
     distill,
     families,
     gpus,
+    hadamard,
     methods,
     models,
     threads,
@@ -148,7 +150,7 @@ def recipe(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: l
         sel, sel_warnings = verify.check_selection(heldout, sel, getattr(pruner, "rerank", 0))
     patches, patches_info, patch_warnings = make_patches(cfg, ctx, sel.removed, heldout, stages)
     result["warnings"].extend(sel_warnings + patch_warnings)
-    result["data"] = {"calibration": ctx.provenance,  # None only if nothing needed calibration
+    result["data"] = {"calibration": ctx.calibration.provenance,  # None only if nothing needed calibration
                       "calibration_batch_size": ctx.batch_size}  # resolved (calib.batch_size=auto: lp.batching)
     teacher, skipped = None, distill.skipped(cfg.distill, cfg.patch.kind, patches)  # auto chose no patch anywhere
     if skipped:
@@ -288,23 +290,25 @@ def dense_qa_scores(cfg: DictConfig, pruner, model, tokenizer, stages: Stages) -
 def prune_context(cfg: DictConfig, model, tokenizer) -> PruneContext:
     """What the pruner (and the patch statistics) may read; calibration windows are built lazily (at once
     for `calib.batch_size=auto` on a GPU, whose probe is one calibration pass over the first windows)."""
-    ctx = PruneContext(model, tokenizer, calib_fn=lambda: calibration(cfg, tokenizer), cache_key=stats_key(cfg),
-                       hadamard=cfg.patch.get("hadamard", "constructed"), hadamard_seed=cfg.patch.get("hadamard_seed"),
-                       hadamard_fallback_seed=cfg.patch.get("hadamard_fallback_seed"),
-                       progress=bool(cfg.get("progress", True)))
-    ctx.batch_size = batching.resolve(cfg.calib.batch_size, devices.input_device(model),
-                                      lambda bs: calib.collect(model, ctx.windows[:bs], bs), cfg.calib.nsamples,
-                                      "calibration")
-    return ctx
+    source = calib.Calibration(lambda: calibration(cfg, tokenizer))
+    batch_size = batching.resolve(cfg.calib.batch_size, devices.input_device(model),
+                                  lambda bs: calib.collect(model, source.windows[:bs], bs), cfg.calib.nsamples,
+                                  "calibration")
+    return PruneContext(model, tokenizer, source, cache_key=stats_key(cfg), batch_size=batch_size,
+                        basis=hadamard.Basis.of(cfg.patch), progress=bool(cfg.get("progress", True)))
 
 
 def make_patches(cfg: DictConfig, ctx: PruneContext, removed: list[int], heldout, stages: Stages) -> tuple:
     """`(patches, info, warnings)`: one LinearPatch per removed run of the configured kind (or auto's
-    choice per cut), verified on `heldout` if given. Built on the dense model, before the drop."""
+    choice per cut), verified on `heldout` if given. Built on the dense model, before the drop: the
+    candidates are fitted (`lp.candidates`), verified (`lp.verify.verify_patches`), then shipped."""
     if not removed or (cfg.patch.kind == "none" and heldout is None):
         return {}, None, []
     with stages("patch"):
-        return verify.fit_and_verify(ctx, removed, cfg.patch, heldout)
+        cands = candidates.fit_candidates(ctx, removed, cfg.patch)
+        record, warnings = verify.verify_patches(heldout, cands) if heldout is not None else (None, [])
+        patches, info = candidates.ship(cands, record, warnings)
+    return patches, info, warnings
 
 
 def attach_patches(model, patches: dict) -> int:

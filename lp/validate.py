@@ -10,8 +10,9 @@ is allowed (the `run.py` shim prints it as `error: ...` and exits 2):
   never the string "false" or `no`, so `model.trust_remote_code="false"` can never enable remote
   code); integers stay integers, floats numbers, lists lists. Then value ranges (`RULES`), the device
   (`cuda` without a GPU) and the data mirror (`data.root`, usually `LP_DATA_DIR`).
-* `against_model(cfg, pruner, mconf)`: what needs the model's config (layer count, context length,
-  hidden size): layer indices, sequence lengths, patch, datasets, tasks, distillation.
+* `against_model(cfg, pruner, num_layers, max_positions, hidden_size)`: what needs the model's config
+  (its layer count, context length and hidden size, read by `lp.run.check_model`): layer indices,
+  sequence lengths, patch, datasets, tasks, distillation.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def _schema(choices: dict | None, conf: Path) -> dict[str, set]:
         chosen = (choices or {}).get(group, "*") if choices else "*"
         if chosen is None:
             continue
-        files = sorted(group_dir.glob("*.yaml")) if chosen == "*" else [group_dir / f"{chosen}.yaml"]
+        files = sorted(f for f in group_dir.glob("*.yaml") if not f.stem.startswith("_")) if chosen == "*" \
+            else [group_dir / f"{chosen}.yaml"]  # `_<part>.yaml`: shared by options (`_load_option`), not one
         for f in files:
             if not f.is_file():  # an option from another config source: its keys are not checked
                 types.setdefault(group, set()).add(ANY)

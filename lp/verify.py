@@ -20,8 +20,8 @@ the stream entering the first layer a candidate removes is computed once (the la
 kept); each candidate (a set of removed layers, a patch or None per cut) then costs only the
 layers after that point, the final norm and the LM head.
 
-  * `verify_patches`: held-out NLL with no patch and with every fitted kind at every cut, each kind
-    against none (`vs_none`); for `patch=auto` the choice per cut (the best uniform kind, then one
+  * `verify_patches`: held-out NLL with no patch and with every kind at every cut, of the candidates
+    `lp.candidates.fit_candidates` fitted (verification fits nothing), each kind against none (`vs_none`); for `patch=auto` the choice per cut (the best uniform kind, then one
     pass over the cuts trying each kind at that cut, the others fixed; none unless significantly
     beaten); a warning when the configured kind is significantly worse than none by > `PATCH_MARGIN`.
   * `check_selection`: held-out NLL (unpatched) of the chosen layers and of the pruner's next
@@ -39,9 +39,9 @@ from contextlib import contextmanager
 import torch
 
 from lp import data
-from lp.models import Decoder
+from lp.candidates import Candidates
 from lp.paired import RULE, SIGNIFICANCE, better, beyond, describe, flip, paired  # noqa: F401 (SIGNIFICANCE: API)
-from lp.patch import LinearPatch, OutputPatched, fit_patches, kinds_to_fit, own_kinds, patch_info, runs_of
+from lp.patch import LinearPatch, OutputPatched, runs_of
 from lp.patches._mlp import site
 from lp.pruners.base import Selection
 from lp.replay import Replay, StreamCache
@@ -173,48 +173,17 @@ def mlp_patched(layer, patch: LinearPatch | None):
 
 
 # --------------------------------------------------------------------------- patches
-def fit_and_verify(ctx, removed, patch_cfg, heldout: Heldout | None) -> tuple[dict, dict, list[str]]:
-    """Fit the run's patches, verify them on `heldout` (None: verification off) and, for
-    `patch=auto`, choose per cut. Returns `(patches to insert {a: LinearPatch}, result["patch"], warnings)`."""
-    kind = patch_cfg.kind
-    t0 = time.perf_counter()
-    kinds = kinds_to_fit(patch_cfg, Decoder(ctx.model).hidden_size, ctx.model, runs_of(removed))
-    fitted, fit_info = fit_patches(ctx, removed, patch_cfg, kinds) if kinds else ({}, None)
-    fit_seconds = time.perf_counter() - t0
-    runs = runs_of(removed)
-    fitted["none"] = {a: None for a, _ in runs}
-    record, warnings = None, []
-    if heldout is not None:
-        t1 = time.perf_counter()
-        own = [k for k in own_kinds(patch_cfg) if k in fitted]  # foldable / bridgeable candidates only
-        record, warnings = verify_patches(heldout, removed, fitted, kind, own)
-        record["seconds"] = {"fit": round(fit_seconds, 3), "verify": round(time.perf_counter() - t1, 3)}
-    if kind == "auto":
-        chosen = {c["start"]: fitted[c["kind"]][c["start"]] for c in record["choice"]}
-    else:
-        chosen = fitted[kind]
-    chosen = {a: p for a, p in chosen.items() if p is not None}
-    cuts = [] if fit_info is None else [
-        _cut_info(fit_info, p.kind, a) for a, p in sorted(chosen.items())]
-    info = patch_info(kind, chosen, cuts, fit_info) if fit_info else {"kind": kind, "num_patches": 0, "params": 0}
-    info["verification"] = record
-    info["warnings"] = warnings
-    return chosen, info, warnings
-
-
-def _cut_info(fit_info: dict, kind: str, a: int) -> dict:
-    return next(c for c in fit_info["cuts"][kind] if c["start"] == a)
-
-
 def _where(heldout: Heldout) -> str:
     s = heldout.source
     return "the calibration holdout" if s.get("on") == "calib" else s.get("on", "given windows")
 
 
-def verify_patches(heldout: Heldout, removed, fitted: dict, kind: str, own: list[str]) -> tuple[dict, list[str]]:
-    """Held-out NLL with each fitted kind at every cut (`nll`, and `vs_none`: each kind's paired
-    difference to no patch), the per-cut choice among `own` (the configured kind, or auto's
-    candidates) and the warnings."""
+def verify_patches(heldout: Heldout, cands: Candidates) -> tuple[dict, list[str]]:
+    """Verify the fitted candidates `cands` (`lp.candidates.fit_candidates`): held-out NLL with each kind
+    at every cut (`nll`, and `vs_none`: each kind's paired difference to no patch), for `patch=auto` the
+    per-cut choice among `cands.own` (`choice`), `seconds` (fit, verify) and the warnings."""
+    t0 = time.perf_counter()
+    removed, fitted, kind = cands.removed, cands.patches, cands.kind
     vectors = {k: heldout.window_nll(removed, fitted[k]) for k in ["none", *[k for k in fitted if k != "none"]]}
     uniform = {k: v.mean().item() for k, v in vectors.items()}
     vs_none = {k: paired(v, vectors["none"]) for k, v in vectors.items() if k != "none"}
@@ -222,7 +191,7 @@ def verify_patches(heldout: Heldout, removed, fitted: dict, kind: str, own: list
               "nll": uniform, "vs_none": vs_none, "configured": kind}
     warnings = []
     if kind == "auto":
-        choice = choose_per_cut(heldout, removed, fitted, own, vectors)
+        choice = choose_per_cut(heldout, removed, fitted, cands.own, vectors)
         record["choice"] = choice
         record["chosen_nll"] = choice[-1]["nll"] if choice else uniform["none"]
         record["significant"] = any(c["significant"] for c in choice)
@@ -242,6 +211,7 @@ def verify_patches(heldout: Heldout, removed, fitted: dict, kind: str, own: list
                  describe(vs_none[kind]))
     for w in warnings:
         log.warning("!!! %s", w)
+    record["seconds"] = {"fit": round(cands.seconds, 3), "verify": round(time.perf_counter() - t0, 3)}
     return record, warnings
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lp import calib
-from lp.calib import CalibStats, _symmetric, check_block, collect, get_stats
+from lp.calib import Calibration, CalibStats, _symmetric, check_block, collect, get_stats
 from lp.hadamard import Rotation, hadamard
 from lp.models import Decoder, tiny_model
 from lp.pruners.base import PruneContext
@@ -151,7 +151,7 @@ def test_save_load_roundtrip(setup, tmp_path):
 
 
 def make_ctx(model, windows, key, batch_size=2):
-    return PruneContext(model, None, calib_fn=lambda: (windows, {"windows": len(windows)}), cache_key=key,
+    return PruneContext(model, None, Calibration(lambda: (windows, {"windows": len(windows)})), cache_key=key,
                         batch_size=batch_size)
 
 
@@ -164,11 +164,11 @@ def test_get_stats_caches_on_disk_and_recomputes_on_new_key(setup, tmp_path, mon
     key = {"model": "tiny", "calib": {"seed": 0}}
     ctx = make_ctx(model, windows, key)
     first = get_stats(ctx)
-    assert len(calls) == 1 and first.cost["cached"] is False and ctx.calib_used
-    assert get_stats(ctx) is first  # one pass per run: memoised on the context
+    assert len(calls) == 1 and first.cost["cached"] is False and ctx.calibration.built
+    assert get_stats(ctx) is first  # one pass per run: memoised by the run's Calibration
     again_ctx = make_ctx(model, windows, key)
     again = get_stats(again_ctx)
-    assert len(calls) == 1 and again.cost["cached"] is True and not again_ctx.calib_used
+    assert len(calls) == 1 and again.cost["cached"] is True and not again_ctx.calibration.built
     assert torch.equal(again.cos_token, first.cos_token) and torch.equal(again.abs_mean_rot, first.abs_mean_rot)
     assert again.meta["calibration"] == {"windows": 5}
     other = get_stats(make_ctx(model, windows[:3], {"model": "tiny", "calib": {"seed": 1}}))

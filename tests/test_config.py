@@ -22,7 +22,8 @@ from lp.sweeper import with_dense_jobs, without_width_patches
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
-OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
+OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))
+           if not f.stem.startswith("_")]  # `_<part>.yaml`: shared by options (their defaults lists), not one
 PRESETS = sorted(f.stem for f in (REPO / "sweeps").glob("*.yaml"))
 SUBMITIT = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is not None
 JOBLIB = importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is not None

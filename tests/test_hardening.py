@@ -21,6 +21,7 @@ from conftest import CALIB, ENV, REPO, TINY, cli
 from omegaconf import OmegaConf
 
 from lp import cache, calib, models
+from lp.calib import Calibration
 from lp.callbacks import find_finished
 from lp.pruners.base import PruneContext
 from lp.run import preflight, run
@@ -117,7 +118,7 @@ def test_damaged_converted_model_is_rebuilt(tmp_path, monkeypatch, caplog, damag
 
 
 def calib_ctx(model, windows, key):
-    return PruneContext(model, None, calib_fn=lambda: (windows, {"windows": len(windows)}), cache_key=key,
+    return PruneContext(model, None, Calibration(lambda: (windows, {"windows": len(windows)})), cache_key=key,
                         batch_size=2)
 
 

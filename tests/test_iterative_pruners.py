@@ -9,6 +9,7 @@ import torch
 from conftest import DATA
 from hydra import compose, initialize_config_dir
 
+from lp.calib import Calibration
 from lp.evaluate.ppl import window_nll
 from lp.models import drop_layers, tiny_model
 from lp.pruners import PruneContext
@@ -28,7 +29,7 @@ def windows(n=6, t=24, seed=0):
 
 
 def context(model, w, batch_size=4):
-    return PruneContext(model, None, calib_fn=lambda: (w, {"test": True}), batch_size=batch_size)
+    return PruneContext(model, None, Calibration(lambda: (w, {"test": True})), batch_size=batch_size)
 
 
 def naive_nll(model, w, removed) -> float:
@@ -174,28 +175,28 @@ def test_disk_cache_reuses_scores_across_n(tmp_path, monkeypatch):
     model, w = tiny_model("llama", num_layers=8), windows()
 
     def ctx(key=1):
-        return PruneContext(model, None, calib_fn=lambda: (w, {"src": "test"}), cache_key={"k": key}, batch_size=4)
+        return PruneContext(model, None, Calibration(lambda: (w, {"src": "test"})), cache_key={"k": key}, batch_size=4)
 
     fresh = SLEBPruner(n=4, disk_cache=False).select(ctx())
     SLEBPruner(n=2).select(ctx())  # stores 2 steps
     c4 = ctx()
     longer = SLEBPruner(n=4).select(c4)  # reuses 2, continues from the model without them
-    assert longer.info["steps"] == fresh.info["steps"] and c4.calib_used
+    assert longer.info["steps"] == fresh.info["steps"] and c4.calibration.built
     assert longer.info["disk_cache"]["reused_steps"] == 2
     assert 0 < longer.info["layer_calls"] < fresh.info["layer_calls"]
     c3 = ctx()
     shorter = SLEBPruner(n=3).select(c3)  # entirely from disk: calibration never built
     assert shorter.info["steps"] == fresh.info["steps"][:3] and shorter.removed == sorted(fresh.info["order"][:3])
-    assert shorter.info["layer_calls"] == 0 and not c3.calib_used
-    assert c3.provenance == {"src": "test"}  # recorded with the cache entry
+    assert shorter.info["layer_calls"] == 0 and not c3.calibration.built
+    assert c3.calibration.provenance == {"src": "test"}  # recorded with the cache entry
     assert SLEBPruner(n=1).select(ctx(key=2)).info["disk_cache"]["reused_steps"] == 0  # other calibration
 
     for cls in (PPLPruner, TaylorPruner):
         first = cls(n=1).select(ctx())
         c = ctx()
         again = cls(n=2).select(c)
-        assert again.info["disk_cache"]["hit"] and not first.info["disk_cache"]["hit"] and not c.calib_used
-        assert c.provenance == {"src": "test"} and again.info["time_s"] == 0 and first.info["time_s"] > 0
+        assert again.info["disk_cache"]["hit"] and not first.info["disk_cache"]["hit"] and not c.calibration.built
+        assert c.calibration.provenance == {"src": "test"} and again.info["time_s"] == 0 and first.info["time_s"] > 0
         assert again.info["scores"] == first.info["scores"]
         assert again.removed == sorted(cls(n=2, disk_cache=False).select(ctx()).info["order"])
 

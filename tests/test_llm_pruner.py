@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import TINY
 
+from lp.calib import Calibration
 from lp.models import Decoder, count_params, load_model, tiny_model
 from lp.pruners.base import PruneContext
 from lp.pruners.llm_pruner import LLMPruner, unit_counts, unit_importance
@@ -57,7 +58,7 @@ def test_importance_matches_naive_loop_with_micro_batches():
 
 def prune(model, **kw):
     w = windows()
-    sel = LLMPruner(**kw).select(PruneContext(model, None, calib_fn=lambda: (w, {"corpus": "test"})))
+    sel = LLMPruner(**kw).select(PruneContext(model, None, Calibration(lambda: (w, {"corpus": "test"}))))
     return sel, w
 
 
@@ -165,7 +166,7 @@ def test_real_smollm2_width_pruning(cfg_factory):
     model, tok = load_model(cfg_factory("model=smollm2_135m").model)
     ids = tok("The quick brown fox jumps over the lazy dog. " * 8, return_tensors="pt").input_ids[:, :64]
     w = torch.cat([ids, ids.flip(1)])
-    sel = LLMPruner(n=5).select(PruneContext(model, tok, calib_fn=lambda: (w, {})))
+    sel = LLMPruner(n=5).select(PruneContext(model, tok, Calibration(lambda: (w, {}))))
     dense = count_params(model)
     sel.width.apply(model)
     assert sel.info["kv_groups_removed_per_layer"] == 1  # of 3 GQA groups (3 query heads each)

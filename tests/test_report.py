@@ -261,7 +261,7 @@ def test_progress_bars_for_calibration_and_selection(capsys):
     when the context asks for it, and nothing when it does not."""
     import torch
 
-    from lp.calib import get_stats
+    from lp.calib import Calibration, get_stats
     from lp.models import tiny_model
     from lp.pruners import PruneContext
     from lp.pruners.llm_pruner import LLMPruner
@@ -273,7 +273,7 @@ def test_progress_bars_for_calibration_and_selection(capsys):
     windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
 
     def ctx(progress):
-        return PruneContext(model, None, calib_fn=lambda: (windows, {"windows": 4}), cache_key={}, progress=progress)
+        return PruneContext(model, None, Calibration(lambda: (windows, {"windows": 4})), cache_key={}, progress=progress)
 
     for progress in (False, True):
         get_stats(ctx(progress))

@@ -29,13 +29,14 @@ def _real_patch_record() -> dict:
     import torch
     from omegaconf import OmegaConf
 
+    from lp.calib import Calibration
     from lp.models import tiny_model
     from lp.patch import build_patches
     from lp.pruners import PruneContext
 
     model = tiny_model("llama", num_layers=6, hidden_size=64, seed=1)
     windows = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    ctx = PruneContext(model, None, calib_fn=lambda: (windows, {"windows": 2}), cache_key={})
+    ctx = PruneContext(model, None, Calibration(lambda: (windows, {"windows": 2})), cache_key={})
     cfg = OmegaConf.create({"kind": "rotate", "hadamard": "constructed", "hadamard_seed": None,
                             "hadamard_fallback_seed": None})
     return build_patches(ctx, [1, 2, 4], cfg)[1]

@@ -14,6 +14,7 @@ from test_report import _rec, _sweep
 
 from lp import aggregate as agg
 from lp import verify
+from lp.candidates import Candidates, fit_candidates, ship
 from lp.evaluate.ppl import window_nll
 from lp.models import drop_layers, tiny_model
 from lp.patch import LinearPatch, insert_patches, runs_of
@@ -45,6 +46,13 @@ def test_heldout_nll_is_the_nll_of_the_pruned_patched_model(removed):
     assert held.nll(removed) == pytest.approx(window_nll(unpatched, windows, 2, progress=False).mean().item(), abs=1e-5)
 
 
+def fit_and_verify(ctx, removed, cfg, held):
+    """What `lp.run.make_patches` does: fit the candidates, verify them, ship."""
+    cands = fit_candidates(ctx, removed, cfg)
+    record, warnings = verify.verify_patches(held, cands)
+    return (*ship(cands, record, warnings), warnings)
+
+
 @pytest.fixture(scope="module")
 def planted():
     model = planted_model()
@@ -53,7 +61,7 @@ def planted():
 
 def test_planted_massive_channels_rotate_worse_than_none_and_warned(planted):
     model, ctx, held = planted
-    chosen, info, warnings = verify.fit_and_verify(ctx, [3, 4, 5], patch_cfg("rotate"), held)
+    chosen, info, warnings = fit_and_verify(ctx, [3, 4, 5], patch_cfg("rotate"), held)
     nll = info["verification"]["nll"]
     assert set(nll) == {"none", "scalar", "diag", "rotate"}
     assert nll["rotate"] > nll["none"] + 0.5  # the failure of lp issue 14, reproduced
@@ -66,7 +74,7 @@ def test_planted_massive_channels_rotate_worse_than_none_and_warned(planted):
 def test_planted_auto_picks_the_better_kind_and_records_all_candidates(planted):
     model, ctx, held = planted
     cfg = patch_cfg("auto", candidates=KINDS, verify=[])
-    chosen, info, warnings = verify.fit_and_verify(ctx, [3, 4, 5], cfg, held)
+    chosen, info, warnings = fit_and_verify(ctx, [3, 4, 5], cfg, held)
     v = info["verification"]
     (choice,) = v["choice"]
     assert set(choice["candidates"]) == set(KINDS) == set(v["nll"])
@@ -80,7 +88,7 @@ def test_planted_auto_picks_the_better_kind_and_records_all_candidates(planted):
 def test_auto_chooses_per_cut_and_may_choose_no_patch(planted):
     model, ctx, held = planted
     cfg = patch_cfg("auto", candidates=["none", "rotate"], verify=[])
-    chosen, info, _ = verify.fit_and_verify(ctx, [1, 4, 5], cfg, held)
+    chosen, info, _ = fit_and_verify(ctx, [1, 4, 5], cfg, held)
     choice = info["verification"]["choice"]
     assert [(c["start"], c["end"]) for c in choice] == [(1, 2), (4, 6)]
     for c in choice:  # each cut's pick is the best of its candidates, the other cut fixed
@@ -186,7 +194,7 @@ def verify_on_windows(pool, idx, kind, own):
     dense, windows, patch, _ = pool
     held = verify.Heldout(dense, windows[idx], 4)
     fitted = {"none": {2: None}, "rotate": {2: patch}}  # P stands in for a fitted kind
-    return verify.verify_patches(held, [2, 3], fitted, kind, own)
+    return verify.verify_patches(held, Candidates(kind, [2, 3], fitted, own))
 
 
 def test_warning_needs_a_significant_difference_beyond_the_margin(pool):

@@ -4,7 +4,8 @@ A kind turns calibration data of the *dense* model into the D x D matrix W of a 
 bridging one cut [a, b) (h_a = stream entering dense layer a, h_b = entering layer b, h_L = last
 layer's output before the final norm; row vectors, the patch computes x -> x W on h_a, or, for the
 "mlp"-site kinds lstsq_mlp / rotate_mlp, on the MLP output of layer a-1: `PatchKind.site`). Adding a kind =
-one module here with a `@register`ed `PatchKind` subclass + one `conf/patch/<kind>.yaml`.
+one module here with a `@register`ed `PatchKind` subclass + one `conf/patch/<kind>.yaml` (whose `defaults`
+list the shared `conf/patch/_<part>.yaml` files: those are not kinds).
 
 `auto` is not a kind but a choice among kinds (`lp.verify`), listed in `CHOICES` beside them.
 """
@@ -43,11 +44,7 @@ def check_name(name, key: str = "patch.kind", allow_choice: bool = True) -> None
         raise ValueError(f"{key}={name!r} is not a patch kind{hint}; choose one of {valid}")
 
 
-def names() -> list[str]:
-    return list(KINDS)
-
-
 for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name != "base" and not m.name.startswith("_")):
     importlib.import_module(f"{__name__}.{_mod}")
 
-__all__ = ["CHOICES", "KINDS", "Fit", "FitSource", "PatchKind", "check_name", "get", "names", "register"]
+__all__ = ["CHOICES", "KINDS", "Fit", "FitSource", "PatchKind", "check_name", "get", "register"]

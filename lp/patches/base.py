@@ -75,8 +75,7 @@ class FitSource:
         self.ctx, self.cfg = ctx, patch_cfg
         dec = Decoder(ctx.model)
         self.num_layers, self.hidden_size = dec.num_layers, dec.hidden_size
-        self.seed = patch_cfg.get("hadamard_fallback_seed")
-        self.basis = {"kind": patch_cfg.get("hadamard", "constructed"), "seed": patch_cfg.get("hadamard_seed")}
+        self.basis = hd.Basis.of(patch_cfg)
         self._stats = None
         self._rotation = None
         self._acc: dict = {}
@@ -87,18 +86,18 @@ class FitSource:
         if self._stats is None:
             from lp.calib import get_stats  # noqa: PLC0415
 
-            self._stats = get_stats(self.ctx, fallback_seed=self.seed)
+            self._stats = get_stats(self.ctx, fallback_seed=self.basis.fallback_seed)
         return self._stats
 
     def rotation(self) -> torch.Tensor:
         """H of `patch.hadamard` / `patch.hadamard_seed` (`lp.hadamard.basis`), float64."""
         if self._rotation is None:
-            self._rotation = hd.basis(self.hidden_size, self.basis["kind"], self.basis["seed"],
-                                      fallback_seed=self.seed)
+            self._rotation = hd.basis(self.hidden_size, self.basis.kind, self.basis.seed,
+                                      fallback_seed=self.basis.fallback_seed)
         return self._rotation
 
     def rotation_spec(self) -> str | None:
-        return hd.spec(self.hidden_size, self.basis["kind"], self.basis["seed"], self.seed)
+        return self.basis.spec(self.hidden_size)
 
     def rotated_stats(self):
         """`stats`, checked to be rotated in the patch's basis (the scales must be measured in H)."""

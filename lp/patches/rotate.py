@@ -46,9 +46,9 @@ class RotatePatch(PatchKind):
 
     def check(self, patch_cfg, hidden_size):
         """The basis `patch.hadamard` needs a matrix for the hidden size, or `patch.hadamard_fallback_seed` (an int)."""
-        basis = patch_cfg.get("hadamard", "constructed")
-        if hd.spec(hidden_size, basis, patch_cfg.get("hadamard_seed"), patch_cfg.get("hadamard_fallback_seed")) is None:
-            raise ValueError(f"patch={self.name}: {hd.unsupported(hidden_size, basis)} "
+        basis = hd.Basis.of(patch_cfg)
+        if basis.spec(hidden_size) is None:
+            raise ValueError(f"patch={self.name}: {hd.unsupported(hidden_size, basis.kind)} "
                              "(set patch.hadamard_fallback_seed=<int> to opt in)")
 
     def fit(self, source, a, b) -> Fit:

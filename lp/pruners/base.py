@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -18,7 +16,8 @@ import torch
 from torch import nn
 
 from lp import cache
-from lp.calib import check_block
+from lp import hadamard as hd
+from lp.calib import Calibration, check_block
 from lp.devices import input_device, model_dtype
 
 log = logging.getLogger(__name__)
@@ -40,44 +39,27 @@ class Selection:
         self.removed = sorted(int(i) for i in self.removed)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PruneContext:
-    """What a pruner may use. Calibration windows are built lazily on first access.
+    """What a pruner (and the patch fitting) may use; fixed once built (`lp.run.prune_context`).
 
-    `model` is the dense model (eval mode); `calib_fn()` returns `(windows [N, T] int64, provenance)`.
+    `model` is the dense model (eval mode); `calibration` the run's `lp.calib.Calibration`, the one owner
+    of the calibration windows (built on first use), the statistics computed from them (`lp.calib.get_stats`)
+    and their provenance; `batch_size` the resolved calibration batch size.
     """
 
     model: nn.Module
     tokenizer: object
-    calib_fn: Callable[[], tuple[torch.Tensor, dict]]
+    calibration: Calibration
     cache_key: dict = field(default_factory=dict)  # model/data/sampler identity for on-disk caches
     batch_size: int = 1
-    hadamard: str = "constructed"  # basis of the rotated statistics (`lp.hadamard.BASES`)
-    hadamard_seed: int | None = None  # its seed (random bases only)
-    hadamard_fallback_seed: int | None = None  # rotation of the shared statistics where no Hadamard exists
-    cached_provenance: dict | None = None  # set by a disk cache whose entry served this run instead
+    basis: hd.Basis = hd.Basis()  # of the rotated statistics (and their stand-in where the basis has no matrix)
     progress: bool = False  # tqdm bars for calibration and layer re-scoring (`lp.progress`)
 
     @property
-    def provenance(self) -> dict | None:
-        """Where this run's calibration windows came from: built now, or recorded with a cache entry."""
-        return self.calib_provenance if self.calib_used else self.cached_provenance
-
-    @cached_property
-    def _calib(self):
-        return self.calib_fn()
-
-    @property
     def windows(self) -> torch.Tensor:
-        return self._calib[0]
-
-    @property
-    def calib_provenance(self) -> dict:
-        return self._calib[1]
-
-    @property
-    def calib_used(self) -> bool:
-        return "_calib" in self.__dict__
+        """The calibration windows [N, T] int64 (`calibration.windows`: built on first read)."""
+        return self.calibration.windows
 
 
 @runtime_checkable
@@ -183,7 +165,7 @@ class ScoreCache:
     for n are the first n steps for any larger n. Key = `ctx.cache_key` (model config, data source,
     calibration settings) + method + `settings` that change the values + batch size, device type,
     dtype and `SCORES_VERSION` (kept in the entry's manifest; an entry with another key is rebuilt).
-    It also records the calibration provenance, which `load` hands to `ctx.cached_provenance`.
+    It also records the calibration provenance, which `load` hands to `ctx.calibration.served_from_cache`.
     Disabled (`path` None) when `enabled` is false or `ctx.cache_key` is empty (tests, benchmarks).
     Reading and writing happen only in `load` / `save`.
     """
@@ -203,13 +185,13 @@ class ScoreCache:
         entry = cache.read("select", self.key, _read_scores, name=self.name)
         if entry is None:
             return None
-        self.ctx.cached_provenance = entry.get("calibration")
+        self.ctx.calibration.served_from_cache(entry.get("calibration"))
         return entry["value"]
 
     def save(self, value: dict) -> None:
         if self.path is None:
             return
-        entry = {"calibration": self.ctx.calib_provenance, "value": value}
+        entry = {"calibration": self.ctx.calibration.windows_provenance, "value": value}
         cache.store("select", self.key, lambda tmp: (tmp / "value.json").write_text(json.dumps(entry, default=str)),
                     name=self.name)
 

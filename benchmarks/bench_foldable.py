@@ -20,7 +20,8 @@ whose patches equal (bit for bit) those of a kind already distilled reuses that 
 (`distilled_from` says which), since training is deterministic from the same start.
 
 Usage: OMP_NUM_THREADS=1 python benchmarks/bench_foldable.py [--n 5 3 7] [--pruner linearpatch shortgpt]
-         [--calib quick] [--ppl-windows 8] [--distill quick|none] [--distill-at 5] [--out foldable]
+         [--calib quick] [--ppl-windows 8] [--distill quick|none] [--distill-at 5]
+         [--distill-pruner linearpatch] [--distill-kinds rotate lstsq lstsq_mlp] [--out foldable]
 Writes benchmarks/results/<NAME>.json and .md after every row (a long run interrupted keeps its rows).
 """
 
@@ -48,6 +49,8 @@ p.add_argument("--pruner", nargs="+", default=["linearpatch", "shortgpt"])
 p.add_argument("--calib", default="quick")
 p.add_argument("--distill", default="quick", choices=["quick", "none"])
 p.add_argument("--distill-at", type=int, nargs="*", default=None, help="n values with distilled rows (default: all)")
+p.add_argument("--distill-pruner", nargs="*", default=None, help="selections with distilled rows (default: all)")
+p.add_argument("--distill-kinds", nargs="*", default=None, help="kinds with distilled rows (default: all)")
 p.add_argument("--ppl-windows", type=int, default=8)
 p.add_argument("--ppl-seqlen", type=int, default=512)
 p.add_argument("--kinds", nargs="+", default=["none", "scalar", "diag", "rotate", "lstsq", "lstsq_mlp", "rotate_mlp"])
@@ -118,7 +121,8 @@ def write() -> None:
     d = out["dense"]
     cmd = (f"OMP_NUM_THREADS=1 python benchmarks/bench_foldable.py --n {' '.join(map(str, args.n))} --pruner "
            f"{' '.join(args.pruner)} --calib {args.calib} --ppl-windows {args.ppl_windows} --distill {args.distill}"
-           + (f" --distill-at {' '.join(map(str, args.distill_at))}" if args.distill_at is not None else ""))
+           + "".join(f" --{k.replace('_', '-')} {' '.join(map(str, v))}" for k, v in vars(args).items()
+                     if k.startswith("distill_") and v is not None))
     lines = [f"Foldable patches (issue 24 item 5): SmolLM2-135M {out['dtype']}, one 2-core CPU with runtime.threads=1; "
              f"calib={args.calib} (held-out NLL on its reserved tail); WikiText-2 / PTB PPL on {args.ppl_windows} x "
              f"{args.ppl_seqlen} tokens; distilled columns: distill={args.distill}.",
@@ -184,17 +188,17 @@ for n in args.n:  # n outer: a long run interrupted keeps whole n blocks (the fi
                    "fit_seconds": round(seconds[kind], 2), **measure(pruned, sel.removed, fitted[kind])}
             if kind in choice:
                 row["choice"] = choice[kind]
-            if teacher is not None and ps and (args.distill_at is None or n in args.distill_at):
-                twin = next((k for k, (s, _) in distilled.items() if same_patches(s, start)), None)
-                if twin is not None:
-                    row["distilled"] = {**distilled[twin][1], "distilled_from": twin}
-                else:
-                    info = distill.distill(pruned, teacher, cfg.distill, progress=False)
-                    dd = {**measure(pruned, sel.removed, fitted[kind]), "distill_seconds": round(info["wall_s"]["total"], 1),
-                          "distill_val_ppl": [info["val_ppl_before"], info["val_ppl_after"]],
-                          "patch_rel_change": info["patch_rel_change"]}
-                    distilled[kind] = (start, dd)
-                    row["distilled"] = dd
+            twin = next((k for k, (s, _) in distilled.items() if same_patches(s, start)), None) if ps else None
+            if twin is not None:  # the same patches were distilled already (auto's choice): the same numbers
+                row["distilled"] = {**distilled[twin][1], "distilled_from": twin}
+            elif teacher is not None and ps and all(v is None or x in v for x, v in (
+                    (n, args.distill_at), (pruner, args.distill_pruner), (kind, args.distill_kinds))):
+                info = distill.distill(pruned, teacher, cfg.distill, progress=False)
+                dd = {**measure(pruned, sel.removed, fitted[kind]), "distill_seconds": round(info["wall_s"]["total"], 1),
+                      "distill_val_ppl": [info["val_ppl_before"], info["val_ppl_after"]],
+                      "patch_rel_change": info["patch_rel_change"]}
+                distilled[kind] = (start, dd)
+                row["distilled"] = dd
             strip_patches(pruned)
             out["rows"].append(row)
             print(json.dumps(row), flush=True)

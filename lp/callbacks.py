@@ -216,7 +216,7 @@ def resume_job(cfg: DictConfig, job_dir: str | Path, sweep_dir: str | Path,
     """If an identical job already finished ok (see :func:`find_finished`), write its result into
     ``job_dir/result.json`` with ``resumed_from`` (the copied file) and this job's ``choices`` and
     ``overrides``, and return it; else None (the job must run)."""
-    from lp.run import write_json_atomic
+    from lp.record import write_json_atomic
 
     job_dir = Path(job_dir)
     prev = find_finished(cfg, sweep_dir)

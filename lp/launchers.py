@@ -64,7 +64,7 @@ class Collecting:
         except (OSError, ValueError):
             current = None
         if not isinstance(current, dict) or current.get("status") in (None, "running"):
-            from lp.run import write_json_atomic
+            from lp.record import write_json_atomic
 
             write_json_atomic(path, {"status": "failed", "error": f"lost: submitit job {job.job_id} ended without a "
                                      f"result ({type(error).__name__}: {why})", "overrides": overrides,

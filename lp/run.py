@@ -9,18 +9,11 @@ when the run fails (then with `status: "failed"` and the error), so a reader nev
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
-import os
-import platform
-import subprocess
 from pathlib import Path
 
-import hydra
 import torch
-import transformers
-from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -50,47 +43,12 @@ from lp.evaluate.lm_eval_tasks import paper_scores, retained_performance
 from lp.evaluate.ppl import perplexity, window_nll
 from lp.patch import insert_patches
 from lp.pruners import PruneContext
+from lp.record import environment, hydra_runtime, write_json_atomic
 from lp.report.messages import summary_line
 from lp.stages import Stages
 from lp.tracking import finish_tracker, start_tracker
 
 log = logging.getLogger(__name__)
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write `obj` as JSON to `path` via a temporary file and `os.replace` (never half-written)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
-def environment() -> dict:
-    """Library versions and the git commit (and dirty flag) of the lp checkout, for result.json."""
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "transformers": transformers.__version__, "hydra": hydra.__version__}
-    try:
-        versions["lm_eval"] = importlib.metadata.version("lm_eval")  # without importing lm-eval (slow)
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                                timeout=5).stdout.strip() or None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                                    capture_output=True, text=True, timeout=5).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
-    return {"versions": versions, "git_commit": commit, "git_dirty": dirty}
-
-
-def hydra_runtime() -> tuple[dict, list[str]]:
-    """(group -> chosen option, task overrides) of the running Hydra job; empty outside Hydra."""
-    if not HydraConfig.initialized():
-        return {}, []
-    hc = HydraConfig.get()
-    choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra/")}
-    return choices, list(hc.overrides.task)
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -163,9 +121,9 @@ def recipe(cfg: DictConfig, out: Path, stages: Stages, result: dict, trackers: l
         models.drop_layers(model, sel.removed)
         if sel.width is not None:  # width pruners: heads/channels instead of layers
             sel.width.apply(model)
-    params_patch = attach_patches(model, patches)
+    params_patch, params_folded = attach_patches(model, patches)
     result["pruning"] = pruning_info(pruner, sel, num_layers, params_dense, models.count_params(model) - params_patch,
-                                     params_patch)
+                                     params_patch, params_folded)
     if (sim := calib.similarity(ctx)) is not None:  # pairwise cosines for the dashboard's heatmap
         result["pruning"]["similarity"] = sim
     result["patch"] = {"kind": cfg.patch.kind, **(patches_info or {})}
@@ -311,22 +269,33 @@ def make_patches(cfg: DictConfig, ctx: PruneContext, removed: list[int], heldout
     return patches, info, warnings
 
 
-def attach_patches(model, patches: dict) -> int:
-    """Insert `patches` into the pruned `model`; returns their parameter count."""
+def attach_patches(model, patches: dict) -> tuple[int, int]:
+    """Insert `patches` into the pruned `model`. Returns `(their parameter count, how many of those fold
+    exactly into the kept weights by construction)`: mlp-site patches (lstsq_mlp, rotate_mlp) that
+    `lp.fold.mlp_fold_refusal` accepts become the `down_proj` of the layer before their cut in any saved
+    checkpoint, so they add no parameters there. (A scalar patch may fold too, but only within the
+    export's tolerance, decided at save time: `result["export"]["mode"]`.)"""
     if not patches:
-        return 0
+        return 0, 0
+    from lp.fold import mlp_fold_refusal
+
+    numel = {a: sum(p.numel() for p in patch.parameters()) for a, patch in patches.items()}
+    folded = sum(numel[a] for a, p in patches.items() if p.site == "mlp" and mlp_fold_refusal(model, p, patches) is None)
     insert_patches(model, patches)
-    return sum(p.numel() for patch in patches.values() for p in patch.parameters())
+    return sum(numel.values()), folded
 
 
-def pruning_info(pruner, sel, num_layers: int, params_dense: int, params_pruned: int, params_patch: int) -> dict:
-    """`result["pruning"]`: what was removed and the parameter accounting (the patch counted apart)."""
+def pruning_info(pruner, sel, num_layers: int, params_dense: int, params_pruned: int, params_patch: int,
+                 params_folded: int = 0) -> dict:
+    """`result["pruning"]`: what was removed and the parameter accounting: `params_patch` the patches'
+    parameters in memory, `params_patch_folded` those of them a save folds into the kept weights
+    (`attach_patches`); `pruned_ratio_with_patch` counts the patch parameters that stay separate."""
     return {
         "method": pruner.name, "label": methods.label(pruner.name), "n": len(sel.removed), "removed_layers": sel.removed,
         "num_layers_after": num_layers - len(sel.removed), "params_dense": params_dense,
-        "params_pruned": params_pruned, "params_patch": params_patch,
+        "params_pruned": params_pruned, "params_patch": params_patch, "params_patch_folded": params_folded,
         "pruned_ratio": 1 - params_pruned / params_dense,
-        "pruned_ratio_with_patch": 1 - (params_pruned + params_patch) / params_dense, **sel.info,
+        "pruned_ratio_with_patch": 1 - (params_pruned + params_patch - params_folded) / params_dense, **sel.info,
     }
 
 

@@ -13,6 +13,14 @@ is allowed (the `run.py` shim prints it as `error: ...` and exits 2):
 * `against_model(cfg, pruner, num_layers, max_positions, hidden_size)`: what needs the model's config
   (its layer count, context length and hidden size, read by `lp.run.check_model`): layer indices,
   sequence lengths, patch, datasets, tasks, distillation.
+
+One entry point runs every check before any weights load: `lp.run.preflight` (settings, the pruner's
+constructor, `check_model` -> `against_model`, the dense QA reference). A rule about a setting of one
+component (a pruner's `n`, a patch kind's basis, distillation's optimizer, lm-eval task names) is defined
+once, next to that component (`check_*` there), and called from here or from the component's constructor;
+this module keeps only what is generic (types from the defaults, `RULES` for plain value ranges, device,
+data mirror). Checks that need weights or data (non-finite activations, a cut a kind cannot bridge) are
+the components' own, at use.
 """
 
 from __future__ import annotations

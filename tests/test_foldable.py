@@ -19,7 +19,7 @@ from lp import verify
 from lp.evaluate.ppl import window_nll
 from lp.export import VERIFY_TOL, fold_refusal, save_pruned
 from lp.hadamard import hadamard
-from lp.models import Decoder, byte_tokenizer, drop_layers, load_model, tiny_model
+from lp.models import Decoder, byte_tokenizer, count_params, drop_layers, load_model, tiny_model
 from lp.patch import (
     LinearPatch,
     OutputPatched,
@@ -269,6 +269,13 @@ def test_run_auto_foldable_always_saves_a_plain_checkpoint(cfg_factory, tmp_path
     windows = verify.heldout_windows(c, load_model(c.model)[1])
     assert len(windows) == ver["windows"]
     nll = window_nll(back, windows, c.calib.batch_size, progress=False).mean().item()
+    # the parameter accounting: a plain checkpoint holds the pruned model's own parameters only, and the
+    # mlp-site patches (D x D each) are counted as folded, so they do not lower the pruned ratio
+    pr, D = res["pruning"], res["model"]["hidden_size"]
+    assert count_params(back) == pr["params_pruned"]
+    assert pr["params_patch_folded"] == D * D * sum(c["kind"] in ("lstsq_mlp", "rotate_mlp") for c in ver["choice"])
+    if chosen <= {"none", "lstsq_mlp", "rotate_mlp"}:
+        assert pr["pruned_ratio_with_patch"] == pytest.approx(pr["pruned_ratio"], abs=1e-12)
     # exact for mlp-site folds; a scalar fold moves logits by the RMSNorm eps effect (recorded, small here)
     assert res["export"].get("fold_deviation", 0.0) <= 1e-3
     assert nll == pytest.approx(ver["chosen_nll"], abs=1e-3)

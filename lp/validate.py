@@ -280,7 +280,7 @@ def against_model(cfg: DictConfig, pruner, num_layers: int, max_positions: int |
     kind = cfg.patch.kind
     patch_kinds.check_name(kind)
     reported = data.ppl_sets(cfg.eval.ppl.datasets, cfg.eval.ppl.split) if cfg.eval.get("ppl") else []
-    verify_on = cfg.patch.get("verify_on", "calib")
+    verify_on = cfg.patch.get("verify_on")  # None (a config without it) reads as calib: lp.verify.verify_on
     verify.check_settings(cfg.calib, kind, getattr(pruner, "rerank", 0), verify_on, reported)
     if kind != "none" and pruner.name == "none":
         raise ValueError(f"patch={kind} needs layers to remove, but pruner=none removes nothing")

@@ -86,7 +86,7 @@ def heldout_set(cfg, tokenizer) -> tuple[torch.Tensor, dict]:
     of `calib.nval` of the split's non-overlapping windows of T = `eval.ppl.seqlen` (`calib.seqlen`
     without PPL evaluation); all of them when the split has fewer (logged, recorded)."""
     c = cfg.calib
-    target = verify_on(cfg.patch.get("verify_on", "calib"))
+    target = verify_on(cfg.patch.get("verify_on"))
     if target is None:
         _, val, prov = data.sample_windows(tokenizer, c.corpus, c.split, c.nsamples, c.seqlen, c.seed, c.holdout,
                                            cfg.data.root, cfg.data.source, nval=c.nval)
@@ -314,7 +314,7 @@ def check_selection(heldout: Heldout | None, sel: Selection, rerank: int = 0) ->
 SAME_TEXT = {"wikitext2_tok": "wikitext2"}
 
 
-def check_settings(calib_cfg, kind: str, rerank: int, verify_on_value: str | None = "calib",
+def check_settings(calib_cfg, kind: str, rerank: int, verify_on_value: str | None = None,
                    reported: list[tuple[str, str]] = ()) -> None:
     """`calib.nval` is 0 (off) or a count >= 2 (a standard error needs two windows); `patch=auto` and
     `pruner.rerank` need held-out windows; `patch.verify_on` is `calib` or `<corpus>:<split>` of a

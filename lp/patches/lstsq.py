@@ -13,6 +13,8 @@ import torch
 from lp.patches import register
 from lp.patches.base import Fit, PatchKind
 
+DEFAULT_RIDGE = 1e-4  # patch.ridge where a config leaves it out (conf/patch/lstsq.yaml sets it for users)
+
 
 class GramSums:
     """Running X^T X, X^T Y (float64 [D, D]) and the token count over calibration batches. The sums
@@ -53,8 +55,8 @@ def ridge_solve(xtx: torch.Tensor, xty: torch.Tensor, ridge: float) -> torch.Ten
 
 
 def check_ridge(patch_cfg) -> None:
-    """`patch.ridge` (default 1e-4) is a number >= 0."""
-    ridge = patch_cfg.get("ridge", 1e-4)
+    """`patch.ridge` (default `DEFAULT_RIDGE`) is a number >= 0."""
+    ridge = patch_cfg.get("ridge", DEFAULT_RIDGE)
     if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or ridge < 0:
         raise ValueError(f"patch.ridge={ridge!r} must be a number >= 0 (relative to tr(X^T X)/D)")
 
@@ -72,6 +74,6 @@ class LstsqPatch(PatchKind):
 
     def fit(self, source, a, b) -> Fit:
         acc = source.accumulated(self, a, b)
-        ridge = float(source.cfg.get("ridge", 1e-4))
+        ridge = float(source.cfg.get("ridge", DEFAULT_RIDGE))
         W = ridge_solve(acc.xtx, acc.xty, ridge)
         return Fit(W, None, {"ridge": ridge, "tokens": acc.tokens})

@@ -12,7 +12,7 @@ the MLP output ("mlp" site, `lp.patches._mlp`) and folds exactly into that layer
 from lp.patches import register
 from lp.patches._mlp import MlpSite
 from lp.patches.base import Fit, PatchKind
-from lp.patches.lstsq import check_ridge, ridge_solve
+from lp.patches.lstsq import DEFAULT_RIDGE, check_ridge, ridge_solve
 
 
 @register
@@ -26,5 +26,5 @@ class LstsqMlpPatch(MlpSite, PatchKind):
 
     def fit(self, source, a, b) -> Fit:
         acc = source.accumulated(self, a, b)
-        ridge = float(source.cfg.get("ridge", 1e-4))
+        ridge = float(source.cfg.get("ridge", DEFAULT_RIDGE))
         return Fit(ridge_solve(acc.xtx, acc.xty, ridge), None, {"ridge": ridge, "tokens": acc.tokens})

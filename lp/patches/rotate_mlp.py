@@ -15,7 +15,7 @@ import torch
 from lp.patches import register
 from lp.patches._mlp import MlpSite
 from lp.patches.base import Fit
-from lp.patches.lstsq import check_ridge
+from lp.patches.lstsq import DEFAULT_RIDGE, check_ridge
 from lp.patches.rotate import RotatePatch, rotation_fit
 
 
@@ -40,7 +40,7 @@ class RotateMlpPatch(MlpSite, RotatePatch):
 
     def fit(self, source, a, b) -> Fit:
         acc = source.accumulated(self, a, b)
-        ridge = float(source.cfg.get("ridge", 1e-4))
+        ridge = float(source.cfg.get("ridge", DEFAULT_RIDGE))
         fit = rotation_fit(source.rotation(), direction_scales(acc.xtx, acc.xty, source.rotation(), ridge))
         fit.info.update(ridge=ridge, tokens=acc.tokens)
         return fit

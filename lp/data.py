@@ -11,6 +11,7 @@ returned as provenance and recorded in `result.json`; nothing is substituted sil
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import random
@@ -122,16 +123,29 @@ def _hub_rows(c: Corpus, name: str, split: str, root: str | None) -> list[str]:
     return list(ds[c.field])
 
 
-@functools.lru_cache(maxsize=8)
-def _tokenize(tokenizer, name: str, split: str, root: str | None, source: str) -> tuple[torch.Tensor, dict]:
-    rows, prov = load_rows(name, split, root, source)
-    ids = tokenizer(CORPORA[name].join.join(rows), return_tensors="pt").input_ids
-    return ids, {**prov, "tokens": ids.shape[1]}
+_TOKENIZED: dict[tuple, tuple[torch.Tensor, dict]] = {}  # (tokenizer fingerprint, corpus, split, root, source)
+
+
+def fingerprint(tokenizer) -> str:
+    """What a tokenizer does to text, as a digest: its class and, for a fast tokenizer, the whole
+    serialized pipeline (normalizer, pre-tokenizer, model, post-processor); for a slow one its source
+    (`name_or_path`) and vocabulary size. Two loads of the same tokenizer (every run loads its own) agree."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else f"{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}"
+    return hashlib.sha256(f"{type(tokenizer).__qualname__}|{text}".encode()).hexdigest()
 
 
 def tokenized(tokenizer, name: str, split: str, root: str | None = None, source: str = "auto"):
-    """Whole split joined with the corpus separator (`"\\n\\n"`), tokenized once: `([1, N] ids, provenance)`."""
-    ids, prov = _tokenize(tokenizer, name, split, root, source)
+    """Whole split joined with the corpus separator (`"\\n\\n"`), tokenized once per process for the same
+    tokenizer (by `fingerprint`, so the runs of one process share it): `([1, N] ids, provenance)`."""
+    key = (fingerprint(tokenizer), name, split, root, source)
+    if key not in _TOKENIZED:
+        rows, prov = load_rows(name, split, root, source)
+        ids = tokenizer(CORPORA[name].join.join(rows), return_tensors="pt").input_ids
+        if len(_TOKENIZED) >= 8:  # a few corpora per process; never grows without bound
+            _TOKENIZED.pop(next(iter(_TOKENIZED)))
+        _TOKENIZED[key] = ids, {**prov, "tokens": ids.shape[1]}
+    ids, prov = _TOKENIZED[key]
     return ids, dict(prov)
 
 

@@ -209,3 +209,23 @@ def test_distill_and_heldout_windows_use_the_document_sampler(cfg_factory, tmp_p
     assert run.stats_key(cfg)["calib"]["sampler"] == data.DOCUMENT_PROTOCOL  # c4 entries of the old sampler: no match
     with pytest.raises(ValueError, match="corpus has 40 documents: none held out for 2 validation windows"):
         data.document_windows(tok.tok, texts, 1, 16, seed=0, holdout=0.0, nval=2)
+
+
+def test_a_split_is_tokenized_once_per_tokenizer_not_per_load(monkeypatch):
+    """Every run loads its own tokenizer; the runs of one process share one tokenization of a split
+    (by what the tokenizer does, `data.fingerprint`), and a tokenizer that splits text otherwise gets its own."""
+    from tokenizers import pre_tokenizers
+
+    from lp.models import byte_tokenizer
+
+    a, b, other = byte_tokenizer(), byte_tokenizer(), byte_tokenizer()
+    other.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    calls, real = [], data.load_rows
+    monkeypatch.setattr(data, "load_rows", lambda *x, **k: calls.append(x) or real(*x, **k))
+    monkeypatch.setattr(data, "_TOKENIZED", {})
+    ids_a, prov = data.tokenized(a, "ptb", "test", str(DATA))
+    ids_b, _ = data.tokenized(b, "ptb", "test", str(DATA))
+    assert len(calls) == 1 and torch.equal(ids_a, ids_b) and prov["tokens"] == ids_a.shape[1]
+    assert data.fingerprint(a) == data.fingerprint(b) != data.fingerprint(other)
+    ids_o, _ = data.tokenized(other, "ptb", "test", str(DATA))
+    assert len(calls) == 2 and not torch.equal(ids_o[:, :100], ids_a[:, :100])

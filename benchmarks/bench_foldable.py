@@ -22,6 +22,8 @@ whose patches equal (bit for bit) those of a kind already distilled reuses that 
 Usage: OMP_NUM_THREADS=1 python benchmarks/bench_foldable.py [--n 5 3 7] [--pruner linearpatch shortgpt]
          [--calib quick] [--ppl-windows 8] [--distill quick|none] [--distill-at 5]
          [--distill-pruner linearpatch] [--distill-kinds rotate lstsq lstsq_mlp] [--out foldable]
+         [--set model.dtype=float32 distill.autocast=none]
+(threads: OMP_NUM_THREADS; on a CPU without native bf16, e.g. AMD EPYC Zen 2/3, float32 is several times faster.)
 Writes benchmarks/results/<NAME>.json and .md after every row (a long run interrupted keeps its rows).
 """
 
@@ -55,23 +57,39 @@ p.add_argument("--ppl-windows", type=int, default=8)
 p.add_argument("--ppl-seqlen", type=int, default=512)
 p.add_argument("--kinds", nargs="+", default=["none", "scalar", "diag", "rotate", "lstsq", "lstsq_mlp", "rotate_mlp"])
 p.add_argument("--out", default="foldable")
+p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+               help="more config overrides, e.g. model.dtype=float32 distill.autocast=none")
+p.add_argument("--resume", action="store_true",
+               help="keep the complete (n, selection) blocks of the results file and measure the others; the "
+                    "measurement settings must match (the --distill-* limits may differ)")
 args = p.parse_args()
 
 REPO = Path(__file__).resolve().parents[1]
 RES = REPO / "benchmarks" / "results"
+MEASURED = ("calib", "distill", "ppl_windows", "ppl_seqlen", "kinds", "set")  # what makes two runs' rows comparable
+prev = json.loads((RES / f"{args.out}.json").read_text()) if args.resume and (RES / f"{args.out}.json").exists() else None
+runs = [vars(args)]
+if prev is not None:  # checked before any model work
+    runs = [*(prev["settings"] if isinstance(prev["settings"], list) else [prev["settings"]]), vars(args)]
+    diff = {k: (runs[0].get(k, []), vars(args)[k]) for k in MEASURED if runs[0].get(k, []) != vars(args)[k]}
+    if diff:
+        raise SystemExit(f"--resume: {RES / args.out}.json was measured with other settings {diff}; "
+                         f"use another --out or the same settings")
 root = os.environ.get("LP_DATA_DIR", str(REPO.parent / "shared" / "data"))
 with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
     cfg = compose("config", overrides=[
         "model=smollm2_135m", f"calib={args.calib}", "patch=auto", f"data.root={root}", "eval=quick",
         f"distill={args.distill}", "eval.ppl.datasets=[wikitext2,ptb]", f"eval.ppl.max_windows={args.ppl_windows}",
-        f"eval.ppl.seqlen={args.ppl_seqlen}", "eval.ppl.progress=false", "runtime.threads=1"])
+        f"eval.ppl.seqlen={args.ppl_seqlen}", "eval.ppl.progress=false", *args.set])
 model, tok = models.load_model(cfg.model)
 ctx = prune_context(cfg, model, tok)
 held = verify.Heldout(model, verify.heldout_windows(cfg, tok), cfg.calib.batch_size)
 ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
 dense_ppl, _ = eval_ppl(cfg, model, tok)
 teacher = distill.prepare_teacher(cfg, model, tok)[0] if args.distill != "none" else None
-out = {"settings": vars(args), "dtype": str(next(model.parameters()).dtype),
+cpu = next((x.split(":", 1)[1].strip() for x in Path("/proc/cpuinfo").read_text().splitlines()
+            if x.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
+out = {"settings": runs, "host": {"cpu": cpu, "threads": torch.get_num_threads()}, "dtype": str(next(model.parameters()).dtype),
        "dense": {"nll": held.nll([]), **dense_ppl}, "rows": []}
 
 
@@ -119,14 +137,18 @@ def same_patches(a: dict, b: dict) -> bool:
 def write() -> None:
     (RES / f"{args.out}.json").write_text(json.dumps(out, indent=2))
     d = out["dense"]
-    cmd = (f"OMP_NUM_THREADS=1 python benchmarks/bench_foldable.py --n {' '.join(map(str, args.n))} --pruner "
-           f"{' '.join(args.pruner)} --calib {args.calib} --ppl-windows {args.ppl_windows} --distill {args.distill}"
-           + "".join(f" --{k.replace('_', '-')} {' '.join(map(str, v))}" for k, v in vars(args).items()
-                     if k.startswith("distill_") and v is not None))
-    lines = [f"Foldable patches (issue 24 item 5): SmolLM2-135M {out['dtype']}, one 2-core CPU with runtime.threads=1; "
+
+    def command(a: dict) -> str:
+        return (f"OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/bench_foldable.py --n {' '.join(map(str, a['n']))}"
+                f" --pruner {' '.join(a['pruner'])} --calib {a['calib']} --ppl-windows {a['ppl_windows']} --distill {a['distill']}"
+                + "".join(f" --{k.replace('_', '-')} {' '.join(map(str, v))}" for k, v in a.items()
+                          if k.startswith("distill_") and v is not None)
+                + (f" --set {' '.join(a['set'])}" if a.get("set") else "") + (" --resume" if a.get("resume") else ""))
+    lines = [f"Foldable patches (issue 24 item 5): SmolLM2-135M {out['dtype']}, {cpu}, {torch.get_num_threads()} thread(s); "
              f"calib={args.calib} (held-out NLL on its reserved tail); WikiText-2 / PTB PPL on {args.ppl_windows} x "
              f"{args.ppl_seqlen} tokens; distilled columns: distill={args.distill}.",
-             f"Command: `{cmd}`", "",
+             "Command" + ("s, in order (a later one keeps the blocks measured before): " if len(runs) > 1 else ": ")
+             + "; ".join(f"`{command(a)}`" for a in runs), "",
              f"dense: held-out NLL {d['nll']:.3f}, WikiText-2 {d['ppl/wikitext2']:.2f}, PTB {d['ppl/ptb']:.2f}", "",
              "fit (s): the kind's own fitting work after selection; distill (s): the training of its patches. "
              "`saved as`: `plain`/`folded` = a stock checkpoint of the base architecture (no remote code); "
@@ -159,8 +181,15 @@ def write() -> None:
     (RES / f"{args.out}.md").write_text("\n".join(lines) + "\n")
 
 
+BLOCK = len(args.kinds) + 2  # rows per (n, selection): every kind, auto, auto foldable
+if prev is not None:  # keep the complete blocks (an interrupted block is measured again)
+    count = {}
+    for r in prev["rows"]:
+        count[r["n"], r["pruner"]] = count.get((r["n"], r["pruner"]), 0) + 1
+    out["rows"] = [r for r in prev["rows"] if count[r["n"], r["pruner"]] == BLOCK]
+done = {(r["n"], r["pruner"]) for r in out["rows"]}
 for n in args.n:  # n outer: a long run interrupted keeps whole n blocks (the first n given first)
-    for pruner in args.pruner:
+    for pruner in [x for x in args.pruner if (n, x) not in done]:
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
             pcfg = compose("config", overrides=[f"pruner={pruner}"]).pruner
         sel = build(OmegaConf.merge(pcfg, {"n": n})).select(ctx)

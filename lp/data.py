@@ -123,29 +123,33 @@ def _hub_rows(c: Corpus, name: str, split: str, root: str | None) -> list[str]:
     return list(ds[c.field])
 
 
-_TOKENIZED: dict[tuple, tuple[torch.Tensor, dict]] = {}  # (tokenizer fingerprint, corpus, split, root, source)
+_TOKENIZED: dict[tuple, tuple[torch.Tensor, dict, object]] = {}  # (fingerprint, corpus, split, root, source)
 
 
-def fingerprint(tokenizer) -> str:
-    """What a tokenizer does to text, as a digest: its class and, for a fast tokenizer, the whole
-    serialized pipeline (normalizer, pre-tokenizer, model, post-processor); for a slow one its source
-    (`name_or_path`) and vocabulary size. Two loads of the same tokenizer (every run loads its own) agree."""
+def fingerprint(tokenizer) -> str | None:
+    """What a fast tokenizer does to text, as a digest of its class and its whole serialized pipeline
+    (normalizer, pre-tokenizer, model, post-processor, added tokens): two loads of the same tokenizer
+    (every run loads its own) agree. None for a tokenizer without a serialized pipeline (a slow one):
+    what it does cannot be read off, so it is never taken for another."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else f"{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}"
-    return hashlib.sha256(f"{type(tokenizer).__qualname__}|{text}".encode()).hexdigest()
+    if backend is None:
+        return None
+    return hashlib.sha256(f"{type(tokenizer).__qualname__}|{backend.to_str()}".encode()).hexdigest()
 
 
 def tokenized(tokenizer, name: str, split: str, root: str | None = None, source: str = "auto"):
     """Whole split joined with the corpus separator (`"\\n\\n"`), tokenized once per process for the same
-    tokenizer (by `fingerprint`, so the runs of one process share it): `([1, N] ids, provenance)`."""
-    key = (fingerprint(tokenizer), name, split, root, source)
+    tokenizer (by `fingerprint`, so the runs of one process share it; a tokenizer without one is cached
+    for that object only, held by the cache so its id is not reused): `([1, N] ids, provenance)`."""
+    fp = fingerprint(tokenizer)
+    key = (fp or f"object {id(tokenizer)}", name, split, root, source)
     if key not in _TOKENIZED:
         rows, prov = load_rows(name, split, root, source)
         ids = tokenizer(CORPORA[name].join.join(rows), return_tensors="pt").input_ids
         if len(_TOKENIZED) >= 8:  # a few corpora per process; never grows without bound
             _TOKENIZED.pop(next(iter(_TOKENIZED)))
-        _TOKENIZED[key] = ids, {**prov, "tokens": ids.shape[1]}
-    ids, prov = _TOKENIZED[key]
+        _TOKENIZED[key] = ids, {**prov, "tokens": ids.shape[1]}, tokenizer if fp is None else None
+    ids, prov, _ = _TOKENIZED[key]
     return ids, dict(prov)
 
 

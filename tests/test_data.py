@@ -229,3 +229,26 @@ def test_a_split_is_tokenized_once_per_tokenizer_not_per_load(monkeypatch):
     assert data.fingerprint(a) == data.fingerprint(b) != data.fingerprint(other)
     ids_o, _ = data.tokenized(other, "ptb", "test", str(DATA))
     assert len(calls) == 2 and not torch.equal(ids_o[:, :100], ids_a[:, :100])
+
+
+def test_a_tokenizer_without_a_serialized_pipeline_is_never_taken_for_another(monkeypatch):
+    """A slow tokenizer (no `backend_tokenizer`) has no fingerprint: its tokenization is reused for that
+    object only, never for another object, even one of the same kind."""
+    from lp.models import byte_tokenizer
+
+    class Slow:  # what a slow tokenizer offers lp: __call__, no serialized pipeline
+        def __init__(self):
+            self.inner = byte_tokenizer()
+
+        def __call__(self, text, **kw):
+            return self.inner(text, **kw)
+
+    a, b = Slow(), Slow()
+    calls, real = [], data.load_rows
+    monkeypatch.setattr(data, "load_rows", lambda *x, **k: calls.append(x) or real(*x, **k))
+    monkeypatch.setattr(data, "_TOKENIZED", {})
+    assert data.fingerprint(a) is None
+    ids_a, _ = data.tokenized(a, "ptb", "test", str(DATA))
+    assert torch.equal(data.tokenized(a, "ptb", "test", str(DATA))[0], ids_a) and len(calls) == 1
+    data.tokenized(b, "ptb", "test", str(DATA))
+    assert len(calls) == 2
